@@ -1,0 +1,149 @@
+"""Shared fixtures: tiny SD1-architecture models built from configs in code, generated images and
+dataset folders. Nothing here downloads anything; everything is seeded so tests are repeatable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny models (SD1 topology, ~1 M UNet params; see ../shared/spec/environment-notes.md)
+
+TINY_UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+TINY_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(32, 32, 64, 64),
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=32,
+    sample_size=64,
+)
+TINY_TEXT_CONFIG = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=49408,
+    max_position_embeddings=77,
+    bos_token_id=512,
+    eos_token_id=513,
+    pad_token_id=513,
+)
+
+
+def make_tiny_tokenizer():
+    """A CLIP tokenizer with a 514-entry byte-level vocabulary (no merges): fast, and the same class and
+    special-token ids layout as the real one."""
+    from trainer.models.tokenizer import BOS, EOS, build_clip_tokenizer, bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + [BOS, EOS]
+    return build_clip_tokenizer({t: i for i, t in enumerate(tokens)}, [])
+
+
+def make_tiny_sd1(seed: int = 0) -> dict:
+    """Fresh tiny SD1 components: unet, vae, text_encoder, tokenizer, scheduler (sd-scripts' betas)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=make_tiny_tokenizer(),
+                scheduler=scheduler)
+
+
+@pytest.fixture
+def tiny_sd1() -> dict:
+    return make_tiny_sd1()
+
+
+def save_tiny_sd1_diffusers(root: Path, seed: int = 0) -> Path:
+    """Write the tiny model as a diffusers folder (model_index.json + subfolders), as a user's would be."""
+    parts = make_tiny_sd1(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    parts["unet"].save_pretrained(root / "unet")
+    parts["vae"].save_pretrained(root / "vae")
+    parts["text_encoder"].save_pretrained(root / "text_encoder")
+    parts["tokenizer"].save_pretrained(root / "tokenizer")
+    parts["scheduler"].save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_dir(tmp_path_factory) -> Path:
+    """A tiny SD1 diffusers folder under a path with a space and Japanese characters."""
+    return save_tiny_sd1_diffusers(tmp_path_factory.mktemp("models") / "tiny sd1 モデル")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Images and dataset folders
+
+
+def make_image(path: Path, size=(64, 64), seed: int = 0, mode: str = "RGB") -> Path:
+    """A simple seeded picture (a coloured square on a gradient) saved at `path`."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    ys, xs = np.mgrid[0:h, 0:w]
+    base = rng.integers(0, 255, size=3)
+    img = np.stack([(xs * 255 // max(w - 1, 1) + base[0]) % 256,
+                    (ys * 255 // max(h - 1, 1) + base[1]) % 256,
+                    np.full_like(xs, base[2])], axis=-1).astype(np.uint8)
+    x0, y0 = rng.integers(0, max(w // 2, 1)), rng.integers(0, max(h // 2, 1))
+    img[y0:y0 + h // 3, x0:x0 + w // 3] = rng.integers(0, 255, size=3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).convert(mode).save(path)
+    return path
+
+
+def make_dreambooth_folder(parent: Path, folder: str = "10_sks shape", n: int = 4, size=(64, 64),
+                           caption_ext: str = ".txt", captions: bool = True, seed: int = 0) -> Path:
+    """`parent/folder` with `n` images and (optionally) caption files `img_i<caption_ext>`."""
+    sub = parent / folder
+    for i in range(n):
+        make_image(sub / f"img_{i}.png", size=size, seed=seed + i)
+        if captions:
+            (sub / f"img_{i}{caption_ext}").write_text(f"sks shape, red square, picture {i}", encoding="utf-8")
+    return sub
+
+
+@pytest.fixture
+def train_data_dir(tmp_path) -> Path:
+    """A DreamBooth-style train_data_dir (parent of `10_sks shape`) under a path with a space and Japanese."""
+    parent = tmp_path / "データ set" / "train"
+    make_dreambooth_folder(parent)
+    return parent

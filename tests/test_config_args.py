@@ -1,0 +1,168 @@
+"""The argument table: sd-scripts names and defaults, --config_file merging, status handling, errors."""
+
+import logging
+
+import pytest
+
+from trainer.config.args import (ARGUMENTS, REFUSE, TrainConfig, non_default_values, parse_network_args,
+                                 parse_train_args, write_output_config)
+from trainer.config.compat import compatibility_markdown
+from trainer.errors import ConfigError
+
+BASE = ["--pretrained_model_name_or_path", "model.safetensors", "--train_data_dir", "data"]
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_sd_scripts_defaults_are_kept():
+    cfg = parse_train_args(BASE)
+    assert cfg.learning_rate == 2e-6 and cfg.max_train_steps == 1600 and cfg.train_batch_size == 1
+    assert cfg.caption_extension == ".caption" and cfg.min_bucket_reso == 256 and cfg.max_bucket_reso == 1024
+    assert cfg.lr_scheduler == "constant" and cfg.mixed_precision == "no" and cfg.save_model_as == "safetensors"
+    # argparse does not convert defaults: the default alpha is the int 1 (saved as int64 by sd-scripts)
+    assert cfg.network_alpha == 1 and isinstance(cfg.network_alpha, int)
+    assert isinstance(parse_train_args(BASE + ["--network_alpha", "1"]).network_alpha, float)
+
+
+def test_cli_values_are_typed():
+    cfg = parse_train_args(BASE + ["--resolution", "512,768", "--text_encoder_lr", "5e-5", "--network_args",
+                                   "conv_dim=4", "conv_alpha=1", "--lr_warmup_steps", "10%"])
+    assert cfg.resolution == (512, 768)
+    assert cfg.text_encoder_lr == [5e-5] and cfg.text_encoder_lr_value == 5e-5
+    assert cfg.network_args == ["conv_dim=4", "conv_alpha=1"]
+    assert cfg.lr_warmup_steps == 0.1
+    assert parse_train_args(BASE + ["--lr_warmup_steps", "100"]).lr_warmup_steps == 100
+    assert parse_train_args(BASE + ["--resolution", "512"]).resolution == (512, 512)
+
+
+def test_config_file_sections_are_flattened_and_cli_wins(tmp_path):
+    toml = write(tmp_path / "my config 設定.toml", """
+[model]
+pretrained_model_name_or_path = 'C:\\models\\v1-5 pruned.safetensors'  # a literal string: backslashes as typed
+[dataset]
+train_data_dir = "D:/training/data"
+resolution = "512,512"
+[training]
+learning_rate = 1e-4
+network_args = ["conv_dim=8"]
+text_encoder_lr = 5e-5
+lr_warmup_steps = 0.05
+""")
+    cfg = parse_train_args(["--config_file", str(toml), "--learning_rate", "3e-4"])
+    assert cfg.pretrained_model_name_or_path == "C:\\models\\v1-5 pruned.safetensors"
+    assert cfg.train_data_dir == "D:/training/data" and cfg.resolution == (512, 512)
+    assert cfg.learning_rate == 3e-4  # explicit CLI value beats the file
+    assert cfg.network_args == ["conv_dim=8"] and cfg.text_encoder_lr == [5e-5]  # scalar accepted like sd-scripts
+    assert cfg.lr_warmup_steps == 0.05
+
+
+def test_config_file_without_extension_gets_toml_appended(tmp_path):
+    write(tmp_path / "run.toml", 'pretrained_model_name_or_path = "m"\ntrain_data_dir = "d"\n')
+    assert parse_train_args(["--config_file", str(tmp_path / "run")]).train_data_dir == "d"
+
+
+def test_typo_in_config_file_names_key_file_and_suggestion(tmp_path):
+    toml = write(tmp_path / "bad.toml", '[training]\nlearning_rat = 1e-4\nmax_train_steps = "many"\n')
+    with pytest.raises(ConfigError) as e:
+        parse_train_args(BASE + ["--config_file", str(toml)])
+    message = str(e.value)
+    assert "learning_rat" in message and 'did you mean "learning_rate"' in message and "bad.toml" in message
+    assert "max_train_steps" in message and "whole number" in message
+
+
+def test_toml_syntax_error_names_line(tmp_path):
+    toml = write(tmp_path / "broken.toml", 'learning_rate = 1e-4\nresolution = 512,512\n')
+    with pytest.raises(ConfigError, match=r"broken.toml: TOML syntax error at line 2"):
+        parse_train_args(["--config_file", str(toml)])
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        parse_train_args(["--config_file", str(tmp_path / "nope.toml")])
+
+
+def test_unknown_cli_argument_fails_like_argparse(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_train_args(BASE + ["--learning_rat", "1"])
+    assert e.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_every_refused_argument_stops_with_not_supported_message():
+    refused = [f for f in ARGUMENTS if f.metadata["status"] == REFUSE]
+    assert refused, "the table must mark what is not supported"
+    with pytest.raises(ConfigError) as e:
+        parse_train_args(BASE + ["--save_state", "--resume", "state_dir", "--deepspeed"])
+    assert len(e.value.problems) == 3
+    assert all("not supported yet" in p for p in e.value.problems)
+
+
+def test_warned_arguments_are_accepted_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        cfg = parse_train_args(BASE + ["--logging_dir", "logs"])
+    assert cfg.logging_dir == "logs"
+    assert any("--logging_dir is ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_cross_argument_rules_are_gathered():
+    with pytest.raises(ConfigError) as e:
+        parse_train_args(BASE + ["--adaptive_noise_scale", "0.1", "--scale_v_pred_loss_like_noise_pred",
+                                 "--network_train_unet_only", "--network_train_text_encoder_only"])
+    assert len(e.value.problems) == 3
+
+
+def test_required_inputs_are_named():
+    with pytest.raises(ConfigError) as e:
+        parse_train_args([])
+    text = str(e.value)
+    assert "--pretrained_model_name_or_path" in text and "--train_data_dir" in text
+
+
+def test_legacy_aliases():
+    assert parse_train_args(BASE + ["--use_8bit_adam"]).optimizer_type == "AdamW8bit"
+    assert parse_train_args(BASE + ["--caption_extention", ".txt"]).caption_extension == ".txt"
+    assert parse_train_args(BASE + ["--cache_latents_to_disk"]).cache_latents is True
+    with pytest.raises(ConfigError):
+        parse_train_args(BASE + ["--use_8bit_adam", "--optimizer_type", "Lion"])
+
+
+def test_network_args_parsing():
+    assert parse_network_args(["conv_dim=8", "conv_alpha=1"]) == {"conv_dim": "8", "conv_alpha": "1"}
+    with pytest.raises(ConfigError, match='did you mean "conv_dim"'):
+        parse_network_args(["conv_dims=8"])
+    with pytest.raises(ConfigError, match="not supported yet"):
+        parse_network_args(["block_dims=2,2,2"])
+
+
+def test_other_network_modules_are_refused():
+    with pytest.raises(ConfigError, match="networks.lora"):
+        parse_train_args(BASE + ["--network_module", "lycoris.kohya"])
+
+
+def test_output_config_writes_non_defaults_and_never_overwrites(tmp_path):
+    target = tmp_path / "out.toml"
+    cfg = parse_train_args(BASE + ["--learning_rate", "1e-4", "--resolution", "512,768", "--config_file",
+                                   str(target), "--output_config"])
+    written = write_output_config(cfg)
+    text = written.read_text(encoding="utf-8")
+    assert "learning_rate = 0.0001" in text and 'resolution = "512,768"' in text
+    assert "max_train_steps" not in text  # defaults are left out
+    again = parse_train_args(["--config_file", str(target)])
+    assert again.learning_rate == 1e-4 and again.resolution == (512, 768)
+    with pytest.raises(ConfigError, match="already exists"):
+        write_output_config(cfg)
+
+
+def test_non_default_values_round_trip():
+    cfg = parse_train_args(BASE + ["--network_dim", "16"])
+    assert non_default_values(cfg)["network_dim"] == 16
+    assert isinstance(cfg, TrainConfig)
+
+
+def test_compatibility_table_lists_every_argument():
+    table = compatibility_markdown()
+    for f in ARGUMENTS:
+        assert f"`--{f.name}`" in table

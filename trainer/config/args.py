@@ -1,0 +1,649 @@
+"""The one table of training arguments, and how CLI + `--config_file` TOML become a frozen `TrainConfig`.
+
+Every sd-scripts argument is declared once below, as a field of `TrainConfig`: its name, type, default
+(sd-scripts' own), help text, section and status. The argparse parser, the `--config_file` merge,
+`--output_config` and the compatibility table in docs/ are all generated from these fields, so none of
+them can drift from the others.
+
+Status of an argument here:
+  done   - implemented with sd-scripts' meaning.
+  warn   - accepted and ignored with a warning, because ignoring it cannot change the trained LoRA.
+  refuse - recognised, but not supported yet: a non-default value stops before training with a message.
+"""
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from trainer.errors import ConfigError, did_you_mean
+
+log = logging.getLogger(__name__)
+
+DONE, WARN, REFUSE = "done", "warn", "refuse"
+
+MODEL, NETWORK, OPTIMIZER, TRAINING, SAVING, DATASET, LOSS, NOISE, MEMORY, LOGGING, SAMPLING, METADATA, \
+    VALIDATION, DISTRIBUTED, SDXL = ("model", "network", "optimizer", "training", "saving", "dataset", "loss",
+                                     "noise", "memory", "logging", "sampling", "metadata", "validation",
+                                     "distributed", "sdxl")
+
+
+def arg(default: Any, help: str, section: str, status: str = DONE, *, choices: Sequence | None = None,
+        kind: str | None = None, note: str = "") -> Any:
+    """Declare one argument. `kind` overrides the parser kind derived from the annotation.
+
+    `note` says why an argument warns or is refused; it is shown to the user."""
+    return field(default=default, metadata=dict(help=help, section=section, status=status, choices=choices,
+                                                kind=kind, note=note))
+
+
+def flag(help: str, section: str, status: str = DONE, note: str = "") -> Any:
+    return arg(False, help, section, status, note=note)
+
+
+NOT_YET = "not supported yet"
+LOGGING_NOTE = "experiment trackers are not wired up yet; progress is in the console and in <output_dir>/<name>.events.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # ------------------------------------------------------------------ model
+    pretrained_model_name_or_path: str | None = arg(
+        None, "base model: a .safetensors/.ckpt file, a diffusers folder, a hub id, or builtin:tiny-sd1", MODEL)
+    v2: bool = flag("the base model is Stable Diffusion 2.x", MODEL)
+    v_parameterization: bool = flag("train with the v-prediction target (SD2 768-v models)", MODEL)
+    sdxl: bool = flag("the base model is SDXL (what sdxl_train_network.py sets)", SDXL, REFUSE,
+                      note="SDXL training is not supported yet")
+    tokenizer_cache_dir: str | None = arg(None, "folder to read/write CLIP tokenizers for offline use", MODEL)
+    vae: str | None = arg(None, "replacement VAE (file or diffusers folder)", MODEL)
+    no_half_vae: bool = flag("keep the VAE in fp32 under mixed precision", MODEL)
+    lowram: bool = flag("load models straight to the GPU", MEMORY, WARN, note="models are always loaded lazily here")
+    highvram: bool = flag("skip CUDA cache clears during latent caching", MEMORY, WARN,
+                          note="has no effect on the result")
+    lowvram: bool = flag("low-VRAM loading (sd-scripts model-dependent)", MEMORY, WARN, note="has no effect here")
+    fp8_base: bool = flag("store the frozen base model in float8", MEMORY, REFUSE)
+    fp8_base_unet: bool = flag("store the frozen UNet in float8", MEMORY, REFUSE)
+    disable_mmap_load_safetensors: bool = flag("read safetensors without mmap", MEMORY, WARN,
+                                               note="has no effect on the result")
+
+    # ------------------------------------------------------------------ network
+    network_module: str | None = arg("networks.lora", "network module; networks.lora means this trainer's LoRA",
+                                     NETWORK)
+    network_dim: int | None = arg(None, "LoRA rank (default 4)", NETWORK)
+    # sd-scripts' default is the int 1 (argparse does not convert defaults): the saved alpha is then int64.
+    network_alpha: float = arg(1, "LoRA alpha; scale = alpha / dim; 0 means alpha = dim", NETWORK)
+    network_dropout: float | None = arg(None, "dropout on the LoRA down projection's output", NETWORK)
+    network_args: list[str] | None = arg(None, "key=value network options (conv_dim, conv_alpha, rank_dropout, "
+                                               "module_dropout)", NETWORK)
+    network_weights: str | None = arg(None, "LoRA file to start from (ours or sd-scripts')", NETWORK)
+    dim_from_weights: bool = flag("take the network shape from --network_weights", NETWORK, REFUSE)
+    network_train_unet_only: bool = flag("train only the UNet LoRA", NETWORK)
+    network_train_text_encoder_only: bool = flag("train only the text-encoder LoRA", NETWORK)
+    unet_lr: float | None = arg(None, "learning rate of the UNet LoRA (default: --learning_rate)", NETWORK)
+    text_encoder_lr: list[float] | None = arg(None, "learning rate of the text-encoder LoRA (first value used)",
+                                              NETWORK)
+    scale_weight_norms: float | None = arg(None, "max-norm regularisation of each LoRA delta", NETWORK)
+    base_weights: list[str] | None = arg(None, "LoRA files merged into the base model before training", NETWORK,
+                                         REFUSE)
+    base_weights_multiplier: list[float] | None = arg(None, "multipliers for --base_weights", NETWORK, REFUSE)
+    training_comment: str | None = arg(None, "stored as ss_training_comment", METADATA)
+    no_metadata: bool = flag("save only the minimum metadata", METADATA)
+    save_model_as: str = arg("safetensors", "file format of the LoRA", SAVING,
+                             choices=("safetensors", "ckpt", "pt"))
+    cpu_offload_checkpointing: bool = flag("offload activations while checkpointing (SDXL)", MEMORY, WARN,
+                                           note="only meaningful for SDXL")
+    skip_until_initial_step: bool = flag("skip batches up to the initial step", TRAINING, REFUSE)
+    initial_epoch: int | None = arg(None, "start epoch (1-based)", TRAINING, REFUSE)
+    initial_step: int | None = arg(None, "start global step", TRAINING, REFUSE)
+
+    # ------------------------------------------------------------------ validation
+    validation_seed: int | None = arg(None, "seed for the validation split", VALIDATION, REFUSE)
+    validation_split: float = arg(0.0, "fraction of each subset held out for validation", VALIDATION, REFUSE)
+    validate_every_n_steps: int | None = arg(None, "validation cadence in steps", VALIDATION, REFUSE)
+    validate_every_n_epochs: int | None = arg(None, "validation cadence in epochs", VALIDATION, REFUSE)
+    max_validation_steps: int | None = arg(None, "cap on validation batches", VALIDATION, REFUSE)
+
+    # ------------------------------------------------------------------ optimizer and schedule
+    optimizer_type: str = arg("", "optimizer name (AdamW by default) or module.Class", OPTIMIZER)
+    use_8bit_adam: bool = flag("legacy alias of --optimizer_type AdamW8bit", OPTIMIZER)
+    use_lion_optimizer: bool = flag("legacy alias of --optimizer_type Lion", OPTIMIZER)
+    learning_rate: float = arg(2e-6, "base learning rate", OPTIMIZER)
+    max_grad_norm: float = arg(1.0, "gradient clipping norm; 0 disables", OPTIMIZER)
+    optimizer_args: list[str] | None = arg(None, "key=value optimizer options (values as Python literals)",
+                                           OPTIMIZER)
+    lr_scheduler: str = arg("constant", "learning-rate schedule", OPTIMIZER,
+                            choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                                     "polynomial", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+                                     "piecewise_constant", "adafactor"))
+    lr_scheduler_type: str = arg("", "custom scheduler class", OPTIMIZER, REFUSE)
+    lr_scheduler_args: list[str] | None = arg(None, "custom scheduler arguments", OPTIMIZER, REFUSE)
+    lr_warmup_steps: float = arg(0, "warmup steps (int), or a ratio of total steps (float < 1, or '10%')",
+                                 OPTIMIZER, kind="int_or_float")
+    lr_decay_steps: float = arg(0, "decay steps for warmup_stable_decay (int or ratio)", OPTIMIZER,
+                                kind="int_or_float")
+    lr_scheduler_num_cycles: int = arg(1, "restarts for cosine_with_restarts", OPTIMIZER)
+    lr_scheduler_power: float = arg(1.0, "power for polynomial", OPTIMIZER)
+    lr_scheduler_timescale: int | None = arg(None, "timescale for inverse_sqrt", OPTIMIZER)
+    lr_scheduler_min_lr_ratio: float | None = arg(None, "floor for cosine_with_min_lr / warmup_stable_decay",
+                                                  OPTIMIZER)
+    fused_backward_pass: bool = flag("fused Adafactor backward (full fine-tuning only)", MEMORY, WARN,
+                                     note="sd-scripts' LoRA trainer does not use it either")
+
+    # ------------------------------------------------------------------ training
+    output_dir: str | None = arg(None, "folder for the LoRA files", SAVING)
+    output_name: str | None = arg(None, "file name of the LoRA, without extension", SAVING)
+    save_precision: str | None = arg(None, "dtype of the saved LoRA", SAVING, choices=(None, "float", "fp16", "bf16"))
+    save_every_n_epochs: int | None = arg(None, "also save every N epochs", SAVING)
+    save_every_n_steps: int | None = arg(None, "also save every N steps", SAVING)
+    save_n_epoch_ratio: int | None = arg(None, "save about N times over the run", SAVING)
+    save_last_n_epochs: int | None = arg(None, "keep only the last N epoch files", SAVING)
+    save_last_n_steps: int | None = arg(None, "keep only step files of the last N steps", SAVING)
+    save_last_n_epochs_state: int | None = arg(None, "retention of epoch states", SAVING, REFUSE)
+    save_last_n_steps_state: int | None = arg(None, "retention of step states", SAVING, REFUSE)
+    save_state: bool = flag("also save optimizer state for --resume", SAVING, REFUSE)
+    save_state_on_train_end: bool = flag("save optimizer state at the end", SAVING, REFUSE)
+    resume: str | None = arg(None, "state folder to resume from", SAVING, REFUSE)
+    train_batch_size: int = arg(1, "images per step", TRAINING)
+    max_train_steps: int = arg(1600, "number of optimizer steps", TRAINING)
+    max_train_epochs: int | None = arg(None, "number of epochs (overrides --max_train_steps)", TRAINING)
+    max_data_loader_n_workers: int = arg(8, "data loader worker processes (capped at the CPU count)", TRAINING)
+    persistent_data_loader_workers: bool = flag("keep data loader workers between epochs", TRAINING)
+    seed: int | None = arg(None, "random seed (random when not given)", TRAINING)
+    gradient_checkpointing: bool = flag("trade compute for memory", MEMORY)
+    gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step", TRAINING)
+    mixed_precision: str = arg("no", "autocast precision", TRAINING, choices=("no", "fp16", "bf16"))
+    full_fp16: bool = flag("LoRA weights in fp16", MEMORY, REFUSE)
+    full_bf16: bool = flag("LoRA weights in bf16", MEMORY, REFUSE)
+    max_token_length: int | None = arg(None, "caption tokens: 75 (default), 150 or 225", TRAINING,
+                                       choices=(None, 75, 150, 225))
+    clip_skip: int | None = arg(None, "use the output of the k-th last text-encoder layer", TRAINING)
+    xformers: bool = flag("xformers attention (falls back to SDPA with a warning when unavailable)", MEMORY)
+    sdpa: bool = flag("PyTorch scaled-dot-product attention", MEMORY)
+    mem_eff_attn: bool = flag("memory-efficient attention", MEMORY)
+    torch_compile: bool = flag("torch.compile the UNet", MEMORY, REFUSE)
+    dynamo_backend: str = arg("inductor", "torch.compile backend", MEMORY, REFUSE)
+    ddp_timeout: int | None = arg(None, "DDP timeout in minutes", DISTRIBUTED, WARN, note="single process only")
+    ddp_gradient_as_bucket_view: bool = flag("DDP option", DISTRIBUTED, WARN, note="single process only")
+    ddp_static_graph: bool = flag("DDP option", DISTRIBUTED, WARN, note="single process only")
+
+    # ------------------------------------------------------------------ logging
+    logging_dir: str | None = arg(None, "TensorBoard log folder", LOGGING, WARN, note=LOGGING_NOTE)
+    log_with: str | None = arg(None, "tensorboard/wandb/all", LOGGING, WARN, note=LOGGING_NOTE)
+    log_prefix: str | None = arg(None, "prefix of the log run name", LOGGING, WARN, note=LOGGING_NOTE)
+    log_tracker_name: str | None = arg(None, "tracker name", LOGGING, WARN, note=LOGGING_NOTE)
+    wandb_run_name: str | None = arg(None, "wandb run name", LOGGING, WARN, note=LOGGING_NOTE)
+    log_tracker_config: str | None = arg(None, "tracker config file", LOGGING, WARN, note=LOGGING_NOTE)
+    wandb_api_key: str | None = arg(None, "wandb API key", LOGGING, WARN, note=LOGGING_NOTE)
+    log_config: bool = flag("log the arguments to the tracker", LOGGING, WARN, note=LOGGING_NOTE)
+    console_log_level: str | None = arg(None, "console log level", LOGGING,
+                                        choices=(None, "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+    console_log_file: str | None = arg(None, "also write the log to this file", LOGGING)
+    console_log_simple: bool = flag("plain console log", LOGGING)
+
+    # ------------------------------------------------------------------ noise and loss
+    noise_offset: float | None = arg(None, "noise offset (e.g. 0.05-0.1)", NOISE)
+    noise_offset_random_strength: bool = flag("scale the noise offset by U(0,1)", NOISE)
+    adaptive_noise_scale: float | None = arg(None, "add latent-mean-proportional offset", NOISE)
+    multires_noise_iterations: int | None = arg(None, "pyramid noise iterations", NOISE)
+    multires_noise_discount: float = arg(0.3, "pyramid noise discount", NOISE)
+    ip_noise_gamma: float | None = arg(None, "input perturbation noise", NOISE)
+    ip_noise_gamma_random_strength: bool = flag("scale ip_noise_gamma by U(0,1)", NOISE)
+    zero_terminal_snr: bool = flag("rescale betas to zero terminal SNR", NOISE)
+    min_timestep: int | None = arg(None, "lowest timestep sampled (default 0)", NOISE)
+    max_timestep: int | None = arg(None, "timestep bound, exclusive (default 1000)", NOISE)
+    loss_type: str = arg("l2", "loss", LOSS, choices=("l1", "l2", "huber", "smooth_l1"))
+    huber_schedule: str = arg("snr", "huber c schedule", LOSS, choices=("constant", "exponential", "snr"))
+    huber_c: float = arg(0.1, "huber c", LOSS)
+    huber_scale: float = arg(1.0, "huber scale", LOSS)
+    prior_loss_weight: float = arg(1.0, "loss weight of regularisation images", LOSS)
+    min_snr_gamma: float | None = arg(None, "Min-SNR weighting gamma (5 is common)", LOSS)
+    scale_v_pred_loss_like_noise_pred: bool = flag("scale v-prediction loss like noise prediction", LOSS)
+    v_pred_like_loss: float | None = arg(None, "add a v-prediction-like loss", LOSS)
+    debiased_estimation_loss: bool = flag("debiased estimation loss weighting", LOSS)
+    weighted_captions: bool = flag("(word:1.2) attention syntax in captions", TRAINING, REFUSE)
+    masked_loss: bool = flag("masked loss with conditioning images", LOSS, REFUSE)
+    conditioning_data_dir: str | None = arg(None, "mask images folder", LOSS, REFUSE)
+
+    # ------------------------------------------------------------------ samples
+    sample_prompts: str | None = arg(None, "prompt file for sample images", SAMPLING, WARN,
+                                     note="sample images are not generated yet; the trained LoRA is unaffected")
+    sample_every_n_steps: int | None = arg(None, "sample every N steps", SAMPLING, WARN,
+                                           note="sample images are not generated yet")
+    sample_every_n_epochs: int | None = arg(None, "sample every N epochs", SAMPLING, WARN,
+                                            note="sample images are not generated yet")
+    sample_at_first: bool = flag("sample before training", SAMPLING, WARN, note="sample images are not generated yet")
+    sample_sampler: str = arg("ddim", "sampler for samples", SAMPLING, WARN, note="sample images are not generated yet")
+
+    # ------------------------------------------------------------------ dataset
+    dataset_config: str | None = arg(None, "dataset TOML/JSON ([general], [[datasets]], [[datasets.subsets]])",
+                                     DATASET)
+    train_data_dir: str | None = arg(None, "parent folder of N_token image folders", DATASET)
+    reg_data_dir: str | None = arg(None, "parent folder of N_token regularisation folders", DATASET)
+    in_json: str | None = arg(None, "fine-tuning metadata JSON", DATASET)
+    dataset_repeats: int = arg(1, "repeats in fine-tuning mode", DATASET)
+    resolution: tuple[int, int] | None = arg(None, "training resolution: '512' or 'W,H'", DATASET,
+                                             kind="resolution")
+    enable_bucket: bool = flag("aspect-ratio buckets", DATASET)
+    min_bucket_reso: int = arg(256, "smallest bucket side", DATASET)
+    max_bucket_reso: int = arg(1024, "largest bucket side", DATASET)
+    bucket_reso_steps: int = arg(64, "bucket side step", DATASET)
+    bucket_no_upscale: bool = flag("never upscale images into buckets", DATASET)
+    resize_interpolation: str | None = arg(None, "resize filter", DATASET,
+                                           choices=(None, "lanczos", "nearest", "bilinear", "linear", "bicubic",
+                                                    "cubic", "area"))
+    caption_extension: str = arg(".caption", "caption file extension (GUIs usually use .txt)", DATASET)
+    caption_extention: str | None = arg(None, "misspelled legacy alias of --caption_extension", DATASET)
+    shuffle_caption: bool = flag("shuffle comma-separated tags", DATASET)
+    caption_separator: str = arg(",", "tag separator", DATASET)
+    keep_tokens: int = arg(0, "leading tags kept in place when shuffling", DATASET)
+    keep_tokens_separator: str = arg("", "separator ending the fixed part of a caption", DATASET)
+    secondary_separator: str | None = arg(None, "separator treated as one tag", DATASET)
+    enable_wildcard: bool = flag("{a|b} wildcards and multi-line captions", DATASET)
+    caption_prefix: str | None = arg(None, "text put before every caption", DATASET)
+    caption_suffix: str | None = arg(None, "text put after every caption", DATASET)
+    caption_dropout_rate: float = arg(0.0, "probability of an empty caption", DATASET)
+    caption_dropout_every_n_epochs: int = arg(0, "empty captions every N epochs", DATASET)
+    caption_tag_dropout_rate: float = arg(0.0, "probability of dropping each tag", DATASET)
+    token_warmup_min: int = arg(1, "tags at the start of token warmup", DATASET)
+    token_warmup_step: float = arg(0, "steps (or ratio) of token warmup", DATASET)
+    color_aug: bool = flag("random hue/gamma changes", DATASET)
+    flip_aug: bool = flag("random horizontal flips", DATASET)
+    random_crop: bool = flag("random crop offsets", DATASET)
+    face_crop_aug_range: str | None = arg(None, "face crop range '2.0,4.0'", DATASET)
+    cache_latents: bool = flag("encode images once before training", MEMORY)
+    cache_latents_to_disk: bool = flag("cache latents in .npz files next to the images", MEMORY)
+    vae_batch_size: int = arg(1, "batch size of the VAE when caching", MEMORY)
+    skip_cache_check: bool = flag("trust existing cache files", MEMORY)
+    cache_info: bool = flag("cache image sizes and captions in metadata_cache.json", DATASET)
+    alpha_mask: bool = flag("use PNG alpha as loss mask", LOSS, REFUSE)
+    debug_dataset: bool = flag("show dataset samples instead of training", DATASET, REFUSE)
+    dataset_class: str | None = arg(None, "custom dataset class", DATASET, REFUSE)
+
+    # ------------------------------------------------------------------ SDXL script only
+    cache_text_encoder_outputs: bool = flag("cache text-encoder outputs (SDXL)", SDXL, REFUSE,
+                                            note="SDXL training is not supported yet")
+    cache_text_encoder_outputs_to_disk: bool = flag("cache text-encoder outputs on disk (SDXL)", SDXL, REFUSE,
+                                                    note="SDXL training is not supported yet")
+
+    # ------------------------------------------------------------------ modelspec metadata
+    metadata_title: str | None = arg(None, "modelspec title", METADATA)
+    metadata_author: str | None = arg(None, "modelspec author", METADATA)
+    metadata_description: str | None = arg(None, "modelspec description", METADATA)
+    metadata_license: str | None = arg(None, "modelspec license", METADATA)
+    metadata_tags: str | None = arg(None, "modelspec tags", METADATA)
+    metadata_usage_hint: str | None = arg(None, "modelspec usage hint", METADATA)
+    metadata_thumbnail: str | None = arg(None, "modelspec thumbnail (file or data URL)", METADATA)
+    metadata_merged_from: str | None = arg(None, "modelspec merged_from", METADATA)
+    metadata_trigger_phrase: str | None = arg(None, "modelspec trigger phrase", METADATA)
+    metadata_preprocessor: str | None = arg(None, "modelspec preprocessor", METADATA)
+    metadata_is_negative_embedding: str | None = arg(None, "modelspec is_negative_embedding", METADATA)
+
+    # ------------------------------------------------------------------ hub and DeepSpeed (sd-scripts extras)
+    huggingface_repo_id: str | None = arg(None, "upload to this hub repo", SAVING, REFUSE)
+    huggingface_repo_type: str | None = arg(None, "hub repo type", SAVING, REFUSE)
+    huggingface_path_in_repo: str | None = arg(None, "path in the hub repo", SAVING, REFUSE)
+    huggingface_token: str | None = arg(None, "hub token", SAVING, REFUSE)
+    huggingface_repo_visibility: str | None = arg(None, "hub repo visibility", SAVING, REFUSE)
+    save_state_to_huggingface: bool = flag("upload states", SAVING, REFUSE)
+    resume_from_huggingface: bool = flag("resume from the hub", SAVING, REFUSE)
+    async_upload: bool = flag("upload asynchronously", SAVING, REFUSE)
+    deepspeed: bool = flag("DeepSpeed", DISTRIBUTED, REFUSE)
+    zero_stage: int = arg(2, "DeepSpeed ZeRO stage", DISTRIBUTED, REFUSE)
+    offload_optimizer_device: str | None = arg(None, "DeepSpeed option", DISTRIBUTED, REFUSE)
+    offload_optimizer_nvme_path: str | None = arg(None, "DeepSpeed option", DISTRIBUTED, REFUSE)
+    offload_param_device: str | None = arg(None, "DeepSpeed option", DISTRIBUTED, REFUSE)
+    offload_param_nvme_path: str | None = arg(None, "DeepSpeed option", DISTRIBUTED, REFUSE)
+    zero3_init_flag: bool = flag("DeepSpeed option", DISTRIBUTED, REFUSE)
+    zero3_save_16bit_model: bool = flag("DeepSpeed option", DISTRIBUTED, REFUSE)
+    fp16_master_weights_and_gradients: bool = flag("DeepSpeed option", DISTRIBUTED, REFUSE)
+
+    # ------------------------------------------------------------------ the config files themselves
+    config_file: str | None = arg(None, "TOML of arguments (CLI values win)", TRAINING)
+    output_config: bool = flag("write the resolved arguments to --config_file and exit", TRAINING)
+
+    # -- derived views (not arguments) ---------------------------------------------------------------
+    @property
+    def text_encoder_lr_value(self) -> float | None:
+        """sd-scripts' networks.lora uses only the first --text_encoder_lr value."""
+        return self.text_encoder_lr[0] if self.text_encoder_lr else None
+
+    @property
+    def train_text_encoder(self) -> bool:
+        return not self.network_train_unet_only
+
+    @property
+    def train_unet(self) -> bool:
+        return not self.network_train_text_encoder_only
+
+
+ARGUMENTS: tuple[dataclasses.Field, ...] = tuple(dataclasses.fields(TrainConfig))
+ARGUMENT_NAMES = frozenset(f.name for f in ARGUMENTS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kinds: how a field is parsed from the command line and checked when it comes from a TOML file.
+
+
+def kind_of(f: dataclasses.Field) -> str:
+    if f.metadata["kind"]:
+        return f.metadata["kind"]
+    base = [t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None)][0]
+    if base is bool:
+        return "flag"
+    if getattr(base, "__origin__", None) is list:
+        return f"{base.__args__[0].__name__}_list"
+    return base.__name__
+
+
+def parse_int_or_float(text: str) -> int | float:
+    """sd-scripts' `int_or_float`: '100' -> 100 steps, '0.1' -> ratio, '10%' -> 0.1."""
+    text = str(text).strip()
+    if text.endswith("%"):
+        return float(text[:-1]) / 100
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+
+
+def parse_resolution(text: str | int | Sequence) -> tuple[int, int]:
+    """'512' -> (512, 512); '512,768' -> (512, 768) as (width, height); TOML ints and [w, h] lists too."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return (text, text)
+    parts = list(text) if isinstance(text, (list, tuple)) else [p for p in str(text).split(",")]
+    try:
+        sizes = [int(str(p).strip()) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) <= 0:
+        raise ValueError(f"expected '512' or 'W,H' such as '512,768', got {text!r}")
+    return (sizes[0], sizes[1])
+
+
+_CLI_TYPES = {"str": str, "int": int, "float": float, "int_or_float": parse_int_or_float,
+              "resolution": parse_resolution, "str_list": str, "float_list": float}
+
+
+def convert_value(f: dataclasses.Field, value: Any) -> Any:
+    """Check and convert a value from a TOML file (or a default) to the field's type; ValueError says why."""
+    kind = kind_of(f)
+    if value is None:
+        return None
+    if kind == "flag":
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    if kind in ("str_list", "float_list"):
+        items = value if isinstance(value, list) else [value]  # sd-scripts accepts a scalar from TOML too
+        return [_convert_scalar(kind[:-5], item) for item in items]
+    return _convert_scalar(kind, value)
+
+
+def _convert_scalar(kind: str, value: Any) -> Any:
+    if kind == "resolution":
+        return parse_resolution(value)
+    if kind == "int_or_float":
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        return value if isinstance(value, (int, float)) else parse_int_or_float(value)
+    if kind == "int":
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        return int(value)
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ValueError(f"expected a number, got {value!r}")
+        return value  # keep an int as int: sd-scripts records `network_alpha = 16` as "16" in metadata
+    if kind == "str":
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"expected a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"unknown argument kind {kind}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The parser
+
+
+def build_parser(prog: str = "python -m trainer train") -> argparse.ArgumentParser:
+    """An argparse parser with every argument of the table. Defaults are SUPPRESSed so that the result holds
+    only what the command line gave; the merge with TOML values and defaults happens in `parse_train_args`."""
+    parser = argparse.ArgumentParser(prog=prog, description="Train a LoRA with sd-scripts' arguments.",
+                                     argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in ARGUMENTS:
+        meta = f.metadata
+        group = groups.get(meta["section"]) or groups.setdefault(
+            meta["section"], parser.add_argument_group(meta["section"]))
+        help_text = meta["help"] + ("" if meta["status"] == DONE else f" [{meta['status']}: {meta['note'] or NOT_YET}]")
+        kind = kind_of(f)
+        option = f"--{f.name}"
+        if kind == "flag":
+            group.add_argument(option, action="store_true", help=help_text)
+        elif kind.endswith("_list"):
+            group.add_argument(option, nargs="*", type=_CLI_TYPES[kind], help=help_text)
+        else:
+            choices = meta["choices"]
+            cli_choices = [c for c in choices if c is not None] if choices else None
+            if cli_choices and kind == "int":
+                cli_choices = [int(c) for c in cli_choices]
+            group.add_argument(option, type=_CLI_TYPES[kind], choices=cli_choices, help=help_text,
+                               metavar=f.name.upper() if cli_choices else None)
+    return parser
+
+
+def flatten_config_toml(data: dict) -> dict[str, Any]:
+    """sd-scripts' rule: top-level tables are sections whose keys are hoisted; the section names are ignored."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def read_config_file(path: str) -> tuple[Path, dict[str, Any]]:
+    """Load an arguments TOML (`.toml` appended when missing, as sd-scripts does) into a flat dict."""
+    import toml
+
+    file = Path(path if path.lower().endswith(".toml") else path + ".toml")
+    if not file.is_file():
+        raise ConfigError(f"--config_file {path}: no such file ({file.resolve()}). Check the path; relative "
+                          f"paths are taken from the current folder ({Path.cwd()}).")
+    try:
+        data = toml.loads(file.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: not UTF-8 text. Save it as UTF-8 (in Notepad: Save as -> Encoding UTF-8).")
+    except toml.TomlDecodeError as e:
+        raise ConfigError(f"{file}: TOML syntax error at line {e.lineno}, column {e.colno}: {e.msg}. "
+                          "Strings need quotes (resolution = \"512,512\"), paths may use '\\\\' or '/'.")
+    return file, flatten_config_toml(data)
+
+
+def _check_toml_values(file: Path, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    by_name = {f.name: f for f in ARGUMENTS}
+    converted, problems = {}, []
+    for key, value in values.items():
+        if key not in by_name:
+            problems.append(f"{file}: unknown key '{key}'{did_you_mean(key, ARGUMENT_NAMES)}. "
+                            "Keys are sd-scripts argument names without the leading '--'.")
+            continue
+        try:
+            converted[key] = convert_value(by_name[key], value)
+        except ValueError as e:
+            problems.append(f"{file}: key '{key}': {e}.")
+    return converted, problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# network_args: the keys networks.lora understands (spec §7.5)
+
+NETWORK_ARGS_DONE = ("conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout")
+NETWORK_ARGS_NOT_YET = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+                        "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
+                        "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+SUPPORTED_NETWORK_MODULES = ("networks.lora", "trainer.network.lora")
+
+
+def parse_network_args(items: Iterable[str] | None) -> dict[str, str]:
+    """`["conv_dim=8", "conv_alpha=1"]` -> {"conv_dim": "8", "conv_alpha": "1"}; values stay strings (sd-scripts)."""
+    parsed, problems = {}, []
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            problems.append(f"--network_args '{item}': expected key=value, e.g. conv_dim=8")
+        elif key in NETWORK_ARGS_NOT_YET:
+            problems.append(f"--network_args {key}: {NOT_YET} by this trainer (supported: "
+                            f"{', '.join(NETWORK_ARGS_DONE)}); remove it to train.")
+        elif key not in NETWORK_ARGS_DONE:
+            problems.append(f"--network_args {key}: unknown key{did_you_mean(key, NETWORK_ARGS_DONE + NETWORK_ARGS_NOT_YET)}"
+                            f"; networks.lora understands {', '.join(NETWORK_ARGS_DONE)}.")
+        else:
+            parsed[key] = value.strip()
+    if problems:
+        raise ConfigError(problems)
+    return parsed
+
+
+# ---------------------------------------------------------------------------------------------------
+# From argv to TrainConfig
+
+
+def default_values() -> dict[str, Any]:
+    return {f.name: f.default for f in ARGUMENTS}
+
+
+def parse_train_args(argv: Sequence[str], *, prog: str = "python -m trainer train") -> TrainConfig:
+    """Command line (+ `--config_file` TOML; explicit CLI values win) -> a checked, frozen TrainConfig.
+
+    Unknown command-line options fail like argparse does (exit status 2). Every other problem is gathered
+    and raised as one ConfigError, so a user can fix the whole config in one pass."""
+    cli = vars(build_parser(prog).parse_args(list(argv)))
+    values = default_values()
+    problems: list[str] = []
+    if cli.get("config_file") and not cli.get("output_config"):  # with --output_config it is the target
+        file, raw = read_config_file(cli["config_file"])
+        from_file, problems = _check_toml_values(file, raw)
+        values.update(from_file)
+    values.update(cli)
+    if values.get("caption_extention") and "caption_extension" not in cli:
+        values["caption_extension"] = values["caption_extention"]
+    problems += _apply_aliases(values)
+    problems += _check_statuses(values)
+    problems += check_combinations(values)
+    if problems:
+        raise ConfigError(problems)
+    return TrainConfig(**values)
+
+
+def _apply_aliases(values: dict[str, Any]) -> list[str]:
+    problems = []
+    for legacy, name in (("use_8bit_adam", "AdamW8bit"), ("use_lion_optimizer", "Lion")):
+        if values[legacy]:
+            if values["optimizer_type"]:
+                problems.append(f"--{legacy} and --optimizer_type {values['optimizer_type']} contradict each other;"
+                                f" keep only --optimizer_type.")
+            values["optimizer_type"] = values["optimizer_type"] or name
+    if values["cache_latents_to_disk"]:
+        values["cache_latents"] = True
+    return problems
+
+
+def _check_statuses(values: dict[str, Any]) -> list[str]:
+    problems = []
+    for f in ARGUMENTS:
+        status, value = f.metadata["status"], values[f.name]
+        if status == DONE or value == f.default or value in (None, [], ()):
+            continue
+        reason = f.metadata["note"] or NOT_YET
+        if status == WARN:
+            log.warning("--%s is ignored: %s.", f.name, reason)
+        else:
+            problems.append(f"--{f.name}: {reason} by this trainer. Remove it from the command line or config "
+                            "file (see docs/compatibility.md for what is supported).")
+    return problems
+
+
+def check_combinations(v: dict[str, Any]) -> list[str]:
+    """sd-scripts' cross-argument rules (spec §1.11) and a few of ours; returns the problems found."""
+    problems = []
+    if not v["pretrained_model_name_or_path"] and not v["output_config"]:
+        problems.append("--pretrained_model_name_or_path is required: a .safetensors/.ckpt file, a diffusers folder "
+                        "or builtin:tiny-sd1 (the demo model).")
+    if not (v["train_data_dir"] or v["dataset_config"] or v["in_json"]) and not v["output_config"]:
+        problems.append("No training images given: set --train_data_dir (the parent of folders like '10_mychar') "
+                        "or --dataset_config.")
+    if v["network_module"] not in SUPPORTED_NETWORK_MODULES:
+        problems.append(f"--network_module {v['network_module']}: only networks.lora (LoRA, and LoCon with "
+                        "conv_dim) is supported by this trainer.")
+    if v["network_train_unet_only"] and v["network_train_text_encoder_only"]:
+        problems.append("--network_train_unet_only and --network_train_text_encoder_only together train nothing; "
+                        "keep one.")
+    if v["adaptive_noise_scale"] is not None and v["noise_offset"] is None:
+        problems.append("--adaptive_noise_scale needs --noise_offset.")
+    if v["scale_v_pred_loss_like_noise_pred"] and not v["v_parameterization"]:
+        problems.append("--scale_v_pred_loss_like_noise_pred needs --v_parameterization.")
+    if v["v_pred_like_loss"] and v["v_parameterization"]:
+        problems.append("--v_pred_like_loss cannot be used with --v_parameterization.")
+    if v["v2"] and v["clip_skip"] is not None:
+        log.warning("--clip_skip with --v2: SD2 was trained on the penultimate layer already; this is usually "
+                    "not what you want.")
+    if v["cache_latents"] and (v["color_aug"] or v["random_crop"]):
+        problems.append("--cache_latents cannot be used with --color_aug or --random_crop (cached latents cannot "
+                        "be augmented); drop one of them.")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "vae_batch_size"):
+        if v[name] is not None and v[name] < 1:
+            problems.append(f"--{name} must be at least 1 (got {v[name]}).")
+    if v["network_dim"] is not None and v["network_dim"] < 1:
+        problems.append(f"--network_dim must be at least 1 (got {v['network_dim']}).")
+    if v["max_train_epochs"] is not None and v["max_train_epochs"] < 1:
+        problems.append(f"--max_train_epochs must be at least 1 (got {v['max_train_epochs']}).")
+    try:
+        parse_network_args(v["network_args"])
+    except ConfigError as e:
+        problems += e.problems
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing configs back
+
+
+def non_default_values(cfg: TrainConfig) -> dict[str, Any]:
+    """The arguments whose value differs from the default, as TOML-ready values (sd-scripts' --output_config)."""
+    out = {}
+    for f in ARGUMENTS:
+        value = getattr(cfg, f.name)
+        if f.name in ("config_file", "output_config", "wandb_api_key") or value == f.default:
+            continue
+        if kind_of(f) == "resolution" and value is not None:
+            value = f"{value[0]},{value[1]}"
+        out[f.name] = value
+    return out
+
+
+def write_output_config(cfg: TrainConfig) -> Path:
+    """`--output_config`: write the non-default arguments as a flat TOML to --config_file; never overwrite."""
+    import toml
+
+    from trainer.files import atomic_write_text
+
+    if not cfg.config_file:
+        raise ConfigError("--output_config needs --config_file: the path of the TOML to write.")
+    target = Path(cfg.config_file if cfg.config_file.lower().endswith(".toml") else cfg.config_file + ".toml")
+    if target.exists():
+        raise ConfigError(f"--output_config: {target} already exists; choose a new --config_file name "
+                          "(nothing was overwritten).")
+    atomic_write_text(target, toml.dumps(non_default_values(cfg)))
+    return target

@@ -1,0 +1,297 @@
+"""Small `build_*` functions that turn a TrainConfig into the finished parts the loop takes.
+
+Order matters and is kept in `prepare_training`: seed -> output folder check -> dataset (fails fast on bad
+images before any model loads) -> models -> precision and attention -> latent cache -> LoRA network ->
+optimizer/scheduler -> saver."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config.args import TrainConfig, parse_network_args
+from trainer.errors import ConfigError
+from trainer.train.checkpoint import SavePolicy, Saver, check_output_dir
+from trainer.train.events import Reporter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Values derived once from the config and the dataset size, printed before training starts."""
+    num_batches_per_epoch: int
+    steps_per_epoch: int       # optimizer steps per epoch
+    max_train_steps: int
+    num_epochs: int
+    total_batch_size: int
+    seed: int
+
+
+def plan_run(num_batches: int, *, max_train_steps: int, max_train_epochs: int | None, batch_size: int,
+             gradient_accumulation_steps: int, seed: int, num_processes: int = 1) -> RunPlan:
+    """sd-scripts' arithmetic: epochs override steps; the loop stops at max_train_steps."""
+    steps_per_epoch = math.ceil(num_batches / num_processes / gradient_accumulation_steps)
+    if max_train_epochs:
+        max_train_steps = max_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    return RunPlan(num_batches, steps_per_epoch, max_train_steps, num_epochs,
+                   batch_size * gradient_accumulation_steps * num_processes, seed)
+
+
+@dataclass(frozen=True)
+class DiffusionSettings:
+    """Everything the noise and loss functions need, taken from the config once."""
+    v_parameterization: bool
+    latent_scale: float
+    clip_skip: int | None
+    max_token_length: int | None
+    min_timestep: int | None
+    max_timestep: int | None
+    noise_offset: float | None
+    noise_offset_random_strength: bool
+    adaptive_noise_scale: float | None
+    multires_noise_iterations: int | None
+    multires_noise_discount: float
+    ip_noise_gamma: float | None
+    ip_noise_gamma_random_strength: bool
+    loss_type: str
+    huber_schedule: str
+    huber_c: float
+    huber_scale: float
+    min_snr_gamma: float | None
+    scale_v_pred_loss_like_noise_pred: bool
+    v_pred_like_loss: float | None
+    debiased_estimation_loss: bool
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, *, v_parameterization: bool, latent_scale: float) -> "DiffusionSettings":
+        names = [f for f in cls.__dataclass_fields__ if f not in ("v_parameterization", "latent_scale")]
+        return cls(v_parameterization=v_parameterization, latent_scale=latent_scale,
+                   **{n: getattr(cfg, n) for n in names})
+
+
+@dataclass
+class TrainingSetup:
+    """The finished parts handed to the loop."""
+    accelerator: Any
+    models: Any
+    network: Any
+    dataset: Any
+    dataloader: Any
+    optimizer: Any
+    lr_scheduler: Any
+    plan: RunPlan
+    saver: Saver
+    settings: DiffusionSettings
+    train_text_encoder: bool
+    max_grad_norm: float
+    scale_weight_norms: float | None
+    weight_dtype: torch.dtype
+
+
+def resolve_seed(seed: int | None) -> int:
+    return seed if seed is not None else random.randint(0, 2**32 - 1)
+
+
+def build_dataset(cfg: TrainConfig, seed: int):
+    from trainer.config.dataset import load_dataset_config, resolve_datasets
+    from trainer.data.dataset import build_train_dataset
+
+    if cfg.dataset_config and (cfg.train_data_dir or cfg.reg_data_dir or cfg.in_json):
+        log.warning("--train_data_dir/--reg_data_dir/--in_json are ignored because --dataset_config is given.")
+    user_config = load_dataset_config(cfg.dataset_config) if cfg.dataset_config else None
+    specs = resolve_datasets(cfg, user_config)
+    return build_train_dataset(specs, seed=seed, prior_loss_weight=cfg.prior_loss_weight,
+                               max_train_steps_hint=cfg.max_train_steps)
+
+
+def select_mixed_precision(requested: str, device_type: str) -> str:
+    """fp16 autocast needs a GPU; on CPU fall back to fp32 with a warning rather than failing."""
+    if requested == "fp16" and device_type == "cpu":
+        log.warning("--mixed_precision fp16 needs a CUDA GPU; training in fp32 on the CPU instead.")
+        return "no"
+    return requested
+
+
+def weight_dtype_for(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def save_dtype_for(save_precision: str | None) -> torch.dtype | None:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(save_precision or "")
+
+
+def build_network(cfg: TrainConfig, models):
+    from trainer.network.lora import LoRANetwork
+
+    options = parse_network_args(cfg.network_args)
+    conv_rank = int(options["conv_dim"]) if "conv_dim" in options else None
+    conv_alpha = float(options.get("conv_alpha", 1.0)) if conv_rank else None
+    network = LoRANetwork(
+        models.text_encoders, models.unet, sdxl=models.family == "sdxl", rank=cfg.network_dim or 4,
+        alpha=cfg.network_alpha, conv_rank=conv_rank, conv_alpha=conv_alpha, dropout=cfg.network_dropout,
+        rank_dropout=_float_or_none(options.get("rank_dropout")),
+        module_dropout=_float_or_none(options.get("module_dropout")),
+        train_unet=cfg.train_unet, train_text_encoder=cfg.train_text_encoder)
+    network.apply_to()
+    if cfg.network_weights:
+        network.load_weights(cfg.network_weights)
+        log.info("Starting from the LoRA weights in %s", cfg.network_weights)
+    return network
+
+
+def _float_or_none(value: str | None) -> float | None:
+    return float(value) if value not in (None, "", "None") else None
+
+
+def freeze_models(models, weight_dtype: torch.dtype, *, no_half_vae: bool, device) -> None:
+    """Frozen base weights in the training dtype on the device; only LoRA parameters get gradients."""
+    for module in (models.unet, *models.text_encoders):
+        module.requires_grad_(False)
+        module.to(device=device, dtype=weight_dtype)
+    models.vae.requires_grad_(False)
+    models.vae.to(device=device, dtype=torch.float32 if no_half_vae else weight_dtype)
+    models.vae.eval()
+
+
+def build_optimizer_and_scheduler(cfg: TrainConfig, network, plan: RunPlan, num_processes: int):
+    from trainer.train.optim import build_optimizer, build_scheduler
+
+    groups, _ = network.prepare_optimizer_params(cfg.text_encoder_lr_value, cfg.unet_lr, cfg.learning_rate)
+    if not groups:
+        raise ConfigError("Nothing to train: every learning rate is 0 (--unet_lr / --text_encoder_lr / "
+                          "--learning_rate).")
+    optimizer, name = build_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, cfg.optimizer_args)
+    scheduler_name = cfg.lr_scheduler
+    if name.endswith("Adafactor") and getattr(optimizer, "defaults", {}).get("relative_step") and \
+            scheduler_name != "adafactor":
+        log.warning("Adafactor with relative_step sets its own learning rate; using the adafactor schedule.")
+        scheduler_name = "adafactor"
+    scheduler = build_scheduler(
+        scheduler_name, optimizer, total_steps=plan.max_train_steps * num_processes,
+        warmup=cfg.lr_warmup_steps, decay=cfg.lr_decay_steps, num_cycles=cfg.lr_scheduler_num_cycles,
+        power=cfg.lr_scheduler_power, timescale=cfg.lr_scheduler_timescale,
+        min_lr_ratio=cfg.lr_scheduler_min_lr_ratio)
+    return optimizer, scheduler, name
+
+
+def build_saver(cfg: TrainConfig, network, metadata: dict[str, str], reporter: Reporter,
+                is_main_process: bool) -> Saver:
+    from trainer.train.metadata import with_progress
+
+    policy = SavePolicy(output_dir=Path(cfg.output_dir or "output"), output_name=cfg.output_name,
+                        extension=cfg.save_model_as, every_n_epochs=cfg.save_every_n_epochs,
+                        every_n_steps=cfg.save_every_n_steps, keep_last_n_epochs=cfg.save_last_n_epochs,
+                        keep_last_n_steps=cfg.save_last_n_steps)
+    dtype = save_dtype_for(cfg.save_precision)
+
+    def save(path: Path, meta: dict[str, str]) -> None:
+        if is_main_process:
+            network.save_weights(path, dtype, meta if cfg.save_model_as == "safetensors" else None)
+
+    return Saver(policy, save,
+                 metadata=lambda step, epoch: with_progress(metadata, step, epoch, minimal=cfg.no_metadata),
+                 on_saved=lambda path: reporter.emit("saved", path=str(path)))
+
+
+def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
+    """Build every part the loop needs, failing on user mistakes before anything slow happens."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from trainer.models.attention import select_attention
+    from trainer.models.load import load_models
+    from trainer.train.metadata import training_metadata
+
+    started_at = time.time()
+    seed = resolve_seed(cfg.seed)
+    set_seed(seed)
+    check_output_dir(Path(cfg.output_dir or "output"))
+    dataset = build_dataset(cfg, seed)
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    mixed_precision = select_mixed_precision(cfg.mixed_precision, device_type)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              mixed_precision=mixed_precision, cpu=device_type == "cpu")
+    weight_dtype = weight_dtype_for(mixed_precision)
+    models = load_models(cfg.pretrained_model_name_or_path, v2=cfg.v2, v_parameterization=cfg.v_parameterization,
+                         sdxl=cfg.sdxl, vae=cfg.vae, tokenizer_cache_dir=cfg.tokenizer_cache_dir,
+                         dtype=weight_dtype)
+    if cfg.zero_terminal_snr:
+        models.noise_scheduler = type(models.noise_scheduler).from_config(
+            models.noise_scheduler.config, rescale_betas_zero_snr=True)
+    attention = select_attention(models.unet, models.vae, xformers=cfg.xformers, sdpa=cfg.sdpa,
+                                 mem_eff_attn=cfg.mem_eff_attn)
+    freeze_models(models, weight_dtype, no_half_vae=cfg.no_half_vae, device=accelerator.device)
+
+    if cfg.cache_latents:
+        cache_latents(dataset, models.vae, cfg, accelerator.device, models.family)
+    network = build_network(cfg, models)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(models, cfg.train_text_encoder)
+
+    from trainer.data.dataset import make_dataloader
+
+    dataloader = make_dataloader(dataset, num_workers=cfg.max_data_loader_n_workers,
+                                 persistent_workers=cfg.persistent_data_loader_workers, seed=seed)
+    plan = plan_run(len(dataloader), max_train_steps=cfg.max_train_steps, max_train_epochs=cfg.max_train_epochs,
+                    batch_size=cfg.train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                    seed=seed, num_processes=accelerator.num_processes)
+    dataset.set_max_train_steps(plan.max_train_steps)
+    optimizer, lr_scheduler, optimizer_name = build_optimizer_and_scheduler(cfg, network, plan,
+                                                                            accelerator.num_processes)
+    network, optimizer, dataloader, lr_scheduler = accelerator.prepare(network, optimizer, dataloader, lr_scheduler)
+
+    metadata = training_metadata(
+        cfg, family=models.family, plan=plan, dataset=dataset, optimizer_name=optimizer_name,
+        model_name=models.name, model_file=models.source_file, seed=seed, mixed_precision=mixed_precision,
+        started_at=started_at, used_dataset_config=bool(cfg.dataset_config))
+    if cfg.save_n_epoch_ratio and not cfg.save_every_n_epochs:
+        import dataclasses
+        cfg = dataclasses.replace(cfg, save_every_n_epochs=max(1, plan.num_epochs // cfg.save_n_epoch_ratio))
+    saver = build_saver(cfg, accelerator.unwrap_model(network), metadata, reporter, accelerator.is_main_process)
+    reporter.emit("info", message=f"attention: {attention}; device: {accelerator.device}; "
+                                  f"precision: {mixed_precision}; optimizer: {optimizer_name}")
+    return TrainingSetup(
+        accelerator=accelerator, models=models, network=network, dataset=dataset, dataloader=dataloader,
+        optimizer=optimizer, lr_scheduler=lr_scheduler, plan=plan, saver=saver,
+        settings=DiffusionSettings.from_config(cfg, v_parameterization=models.v_parameterization,
+                                               latent_scale=models.latent_scale),
+        train_text_encoder=cfg.train_text_encoder and network_has_text_encoder(network, accelerator),
+        max_grad_norm=cfg.max_grad_norm, scale_weight_norms=cfg.scale_weight_norms, weight_dtype=weight_dtype)
+
+
+def network_has_text_encoder(network, accelerator) -> bool:
+    return any(name.startswith("lora_te") for name in accelerator.unwrap_model(network).module_names())
+
+
+def cache_latents(dataset, vae, cfg: TrainConfig, device, family: str) -> None:
+    """Encode every image once; the VAE then leaves the GPU, which frees its memory for training."""
+    vae_dtype = next(vae.parameters()).dtype
+
+    @torch.no_grad()
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        return vae.encode(images.to(device, vae_dtype)).latent_dist.sample().float().cpu()
+
+    dataset.cache_latents(encode, vae_batch_size=cfg.vae_batch_size, to_disk=cfg.cache_latents_to_disk,
+                          family=family)
+    vae.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def enable_gradient_checkpointing(models, train_text_encoder: bool) -> None:
+    models.unet.enable_gradient_checkpointing()
+    models.unet.train()  # diffusers checkpoints only in training mode
+    if train_text_encoder:
+        for encoder in models.text_encoders:
+            encoder.gradient_checkpointing_enable()
+            encoder.train()

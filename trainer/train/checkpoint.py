@@ -1,0 +1,104 @@
+"""Where and when LoRA files are written (spec §8.4): sd-scripts' file names, cadence and retention.
+
+Files are always written to a temporary name and renamed (the network's save does that), so a crash or
+Ctrl-C never leaves a half-written `.safetensors` under a real name."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from trainer.errors import UserError
+
+
+@dataclass(frozen=True)
+class SavePolicy:
+    output_dir: Path
+    output_name: str | None
+    extension: str = "safetensors"
+    every_n_epochs: int | None = None
+    every_n_steps: int | None = None
+    keep_last_n_epochs: int | None = None
+    keep_last_n_steps: int | None = None
+
+    def final_file(self) -> Path:
+        return self.output_dir / f"{self.output_name or 'last'}.{self.extension}"
+
+    def epoch_file(self, epoch: int) -> Path:
+        return self.output_dir / f"{self.output_name or 'epoch'}-{epoch:06d}.{self.extension}"
+
+    def step_file(self, step: int) -> Path:
+        return self.output_dir / f"{self.output_name or 'at'}-step{step:08d}.{self.extension}"
+
+    def saves_at_epoch_end(self, epoch: int, num_epochs: int) -> bool:
+        """`epoch` is 1-based; the last epoch is saved as the final file instead."""
+        return bool(self.every_n_epochs) and epoch % self.every_n_epochs == 0 and epoch < num_epochs
+
+    def saves_at_step(self, step: int, max_steps: int) -> bool:
+        return bool(self.every_n_steps) and step % self.every_n_steps == 0 and step < max_steps
+
+    def epoch_file_to_remove(self, epoch: int) -> Path | None:
+        if not (self.keep_last_n_epochs and self.every_n_epochs):
+            return None
+        old = epoch - self.every_n_epochs * self.keep_last_n_epochs
+        return self.epoch_file(old) if old > 0 else None
+
+    def step_file_to_remove(self, step: int) -> Path | None:
+        if not (self.keep_last_n_steps and self.every_n_steps):
+            return None
+        old = step - self.keep_last_n_steps - 1
+        old -= old % self.every_n_steps
+        return self.step_file(old) if old > 0 else None
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Fail before training, not after an hour, when the output folder cannot be written."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{time.time_ns()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"Cannot write to the output folder {output_dir}: {e.strerror or e}.\n"
+                        "Fix: choose another --output_dir, or check the folder's permissions "
+                        "(and that it is not a file).") from None
+
+
+class Saver:
+    """Writes LoRA files with fresh metadata; the caller decides when (SavePolicy says which name)."""
+
+    def __init__(self, policy: SavePolicy, save: Callable[[Path, dict[str, str]], None],
+                 metadata: Callable[[int, int], dict[str, str]], on_saved: Callable[[Path], None]):
+        self.policy = policy
+        self._save = save
+        self._metadata = metadata
+        self._on_saved = on_saved
+
+    def save(self, path: Path, step: int, epoch: int) -> Path:
+        self._save(path, self._metadata(step, epoch))
+        self._on_saved(path)
+        return path
+
+    def at_epoch_end(self, epoch: int, num_epochs: int, step: int) -> None:
+        if self.policy.saves_at_epoch_end(epoch, num_epochs):
+            self.save(self.policy.epoch_file(epoch), step, epoch)
+            _remove(self.policy.epoch_file_to_remove(epoch))
+
+    def at_step(self, step: int, max_steps: int, epoch: int) -> None:
+        if self.policy.saves_at_step(step, max_steps):
+            self.save(self.policy.step_file(step), step, epoch)
+            _remove(self.policy.step_file_to_remove(step))
+
+    def final(self, step: int, epoch: int) -> Path:
+        return self.save(self.policy.final_file(), step, epoch)
+
+    def interrupted(self, step: int, epoch: int) -> Path:
+        """What a Ctrl-C leaves: the weights so far, under the step-file name (never the final name)."""
+        return self.save(self.policy.step_file(step), step, epoch)
+
+
+def _remove(path: Path | None) -> None:
+    if path is not None and path.exists():
+        path.unlink()

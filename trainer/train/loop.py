@@ -1,0 +1,160 @@
+"""The training loop: read it top to bottom in one sitting.
+
+Each step: batch -> latents -> text states -> noise at sampled timesteps -> UNet prediction -> loss ->
+backward -> (on the last micro-step) clip, optimizer and scheduler step. Logging and saving happen only when
+the optimizer actually stepped. Features that are off do nothing inside their helpers."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from trainer.models.text import encode_tokens, tokenize_captions
+from trainer.train import noise as N
+from trainer.train.build import DiffusionSettings, TrainingSetup
+from trainer.train.events import Reporter
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train(setup: TrainingSetup, reporter: Reporter) -> Path:
+    """Run the whole plan; returns the final LoRA file. Ctrl-C saves the weights so far and re-raises."""
+    acc, plan, network = setup.accelerator, setup.plan, setup.network
+    reporter.emit("run_started", total_steps=plan.max_train_steps, num_epochs=plan.num_epochs,
+                  summary=summary_lines(setup))
+    meter = StepMeter(plan.max_train_steps)
+    step, epoch = 0, 0
+    try:
+        for epoch in range(1, plan.num_epochs + 1):
+            setup.dataset.set_epoch(epoch)
+            network.train()
+            for batch in setup.dataloader:
+                with acc.accumulate(network):
+                    loss = compute_loss(setup, batch)
+                    acc.backward(loss)
+                    if acc.sync_gradients and setup.max_grad_norm:
+                        acc.clip_grad_norm_(network.parameters(), setup.max_grad_norm)
+                    setup.optimizer.step()
+                    setup.lr_scheduler.step()
+                    setup.optimizer.zero_grad(set_to_none=True)
+                meter.add(loss.detach())
+                if not acc.sync_gradients:
+                    continue
+                step += 1
+                apply_max_norm(setup)
+                setup.dataset.set_current_step(step)
+                report_step(reporter, meter, step, epoch, setup)
+                setup.saver.at_step(step, plan.max_train_steps, epoch)
+                if step >= plan.max_train_steps:
+                    break
+            setup.saver.at_epoch_end(epoch, plan.num_epochs, step)
+            if step >= plan.max_train_steps:
+                break
+    except KeyboardInterrupt:
+        path = setup.saver.interrupted(step, epoch) if step > 0 else None
+        reporter.emit("interrupted", step=step, message=f"Saved the LoRA so far to {path}." if path else
+                      "Nothing trained yet, nothing saved.")
+        raise
+    final = setup.saver.final(step, epoch)
+    reporter.emit("finished", path=str(final), steps=step, seconds=time.time() - meter.started)
+    return final
+
+
+def compute_loss(setup: TrainingSetup, batch: dict) -> torch.Tensor:
+    """One micro-batch's loss (a scalar), sd-scripts' order of noise, prediction and weighting."""
+    s, models, device = setup.settings, setup.models, setup.accelerator.device
+    latents = batch_latents(batch, models.vae, s.latent_scale, device, setup.weight_dtype)
+    with torch.set_grad_enabled(setup.train_text_encoder):
+        ids = tokenize_captions(models.tokenizers[0], batch["captions"], s.max_token_length)
+        context = encode_tokens(models.text_encoders[0], ids.to(device), s.clip_skip)
+    timesteps = N.sample_timesteps(latents.shape[0], s.min_timestep, s.max_timestep, device)
+    noise = N.make_noise(latents, noise_offset=s.noise_offset, offset_random_strength=s.noise_offset_random_strength,
+                         adaptive_noise_scale=s.adaptive_noise_scale, multires_iterations=s.multires_noise_iterations,
+                         multires_discount=s.multires_noise_discount)
+    noisy = N.noisy_latents(models.noise_scheduler, latents, noise, timesteps, ip_noise_gamma=s.ip_noise_gamma,
+                            ip_random_strength=s.ip_noise_gamma_random_strength)
+    with setup.accelerator.autocast():
+        prediction = models.unet(noisy.to(setup.weight_dtype), timesteps, context.to(setup.weight_dtype)).sample
+    target = N.training_target(models.noise_scheduler, latents, noise, timesteps, s.v_parameterization)
+    return weighted_loss(prediction, target, timesteps, batch["loss_weights"].to(device), s,
+                         models.noise_scheduler.alphas_cumprod)
+
+
+def weighted_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                  loss_weights: torch.Tensor, s: DiffusionSettings, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    c = N.huber_c(timesteps, alphas_cumprod, loss_type=s.loss_type, schedule=s.huber_schedule, c=s.huber_c,
+                  scale=s.huber_scale)
+    per_sample = N.elementwise_loss(prediction, target, s.loss_type, c).mean(dim=(1, 2, 3)) * loss_weights
+    per_sample = per_sample * N.sample_weights(
+        N.snr(alphas_cumprod, timesteps), v_parameterization=s.v_parameterization, min_snr_gamma=s.min_snr_gamma,
+        scale_v_pred_loss_like_noise_pred=s.scale_v_pred_loss_like_noise_pred,
+        v_pred_like_loss=s.v_pred_like_loss, debiased_estimation=s.debiased_estimation_loss)
+    return per_sample.mean()
+
+
+def batch_latents(batch: dict, vae, latent_scale: float, device, dtype: torch.dtype) -> torch.Tensor:
+    """Cached latents, or the VAE's sample of the images; scaled as the UNet expects, NaN replaced by 0."""
+    if batch.get("latents") is not None:
+        latents = batch["latents"].to(device)
+    else:
+        with torch.no_grad():
+            images = batch["images"].to(device, next(vae.parameters()).dtype)
+            latents = vae.encode(images).latent_dist.sample()
+        latents = torch.nan_to_num(latents, nan=0.0)
+    return (latents * latent_scale).to(dtype)
+
+
+def apply_max_norm(setup: TrainingSetup) -> None:
+    if setup.scale_weight_norms:
+        setup.accelerator.unwrap_model(setup.network).apply_max_norm_regularization(setup.scale_weight_norms)
+
+
+class StepMeter:
+    """Loss average and speed without a GPU sync every step: losses stay on the device and are read
+    (one `.item()`) only when the console is refreshed, at most a few times a second."""
+
+    def __init__(self, total_steps: int, refresh_seconds: float = 0.25):
+        self.total_steps = total_steps
+        self.refresh_seconds = refresh_seconds
+        self.started = time.time()
+        self.last_report = 0.0
+        self.losses: list[torch.Tensor] = []
+        self.loss: float | None = None
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.losses.append(loss)
+
+    def due(self, step: int) -> bool:
+        return step in (1, self.total_steps) or time.time() - self.last_report >= self.refresh_seconds
+
+    def read(self, step: int) -> dict:
+        self.last_report = time.time()
+        if self.losses:
+            self.loss = torch.stack(self.losses).float().mean().item()
+            self.losses.clear()
+        if self.loss is not None and not math.isfinite(self.loss):
+            raise NonFiniteLoss(f"the loss became {self.loss} at step {step}")
+        elapsed = time.time() - self.started
+        return {"loss": self.loss, "it_per_s": step / elapsed if elapsed > 0 else None}
+
+
+def report_step(reporter: Reporter, meter: StepMeter, step: int, epoch: int, setup: TrainingSetup) -> None:
+    if not meter.due(step):
+        return
+    data = meter.read(step)
+    lrs = [group["lr"] for group in setup.optimizer.param_groups]
+    vram = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    reporter.emit("step", step=step, total=meter.total_steps, epoch=epoch, lr=lrs, vram_gb=vram, **data)
+
+
+def summary_lines(setup: TrainingSetup) -> list[str]:
+    p, d = setup.plan, setup.dataset
+    return [f"images: {d.num_train_images} (with repeats), regularisation: {d.num_reg_images}; "
+            f"batches per epoch: {p.num_batches_per_epoch}",
+            f"steps: {p.max_train_steps} over {p.num_epochs} epoch(s), {p.steps_per_epoch} per epoch; "
+            f"total batch size {p.total_batch_size}; seed {p.seed}"]

@@ -1,0 +1,61 @@
+"""Run one training from a TrainConfig: listeners on, parts built, loop run, failures explained."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from trainer.config.args import TrainConfig
+from trainer.errors import UserError
+from trainer.train.events import ConsoleListener, JsonlListener, Listener, Reporter
+
+log = logging.getLogger(__name__)
+
+NAN_HINT = ("Try --mixed_precision bf16 (or no), --no_half_vae, or a lower --learning_rate. "
+            "Old GTX 10xx/16xx cards cannot train in fp16.")
+
+
+class WarningsToEvents(logging.Handler):
+    """Our log warnings also become events, so the JSON-lines file (and the GUI) sees them."""
+
+    def __init__(self, reporter: Reporter):
+        super().__init__(logging.WARNING)
+        self.reporter = reporter
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.reporter.emit("warning", message=record.getMessage(), source=record.name)
+
+
+def events_file(cfg: TrainConfig) -> Path:
+    return Path(cfg.output_dir or "output") / f"{cfg.output_name or 'last'}.events.jsonl"
+
+
+def run_training(cfg: TrainConfig, listeners: list[Listener] | None = None) -> Path:
+    """Train and return the final LoRA file. User mistakes surface as UserError; Ctrl-C saves and re-raises."""
+    from trainer.demo import maybe_write_demo_dataset
+
+    maybe_write_demo_dataset(cfg)
+    if listeners is None:
+        listeners = [ConsoleListener()]
+        try:
+            listeners.append(JsonlListener(events_file(cfg)))
+        except OSError:
+            pass  # an unwritable output folder is reported with its fix by the pre-flight check
+    reporter = Reporter(listeners)
+    bridge = WarningsToEvents(reporter)
+    logging.getLogger("trainer").addHandler(bridge)
+    try:
+        from trainer.train.build import prepare_training
+        from trainer.train.loop import NonFiniteLoss, train
+
+        setup = prepare_training(cfg, reporter)
+        try:
+            return train(setup, reporter)
+        except NonFiniteLoss as e:
+            raise UserError(f"Training stopped: {e}. {NAN_HINT} Nothing was saved from this run.") from None
+    except UserError as e:
+        reporter.emit("failed", reason=str(e))
+        raise
+    finally:
+        logging.getLogger("trainer").removeHandler(bridge)
+        reporter.close()
