@@ -1,0 +1,58 @@
+"""File names, cadence and retention of saved LoRAs (spec §8.4), and the output-folder pre-flight."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from trainer.errors import UserError
+from trainer.train.checkpoint import SavePolicy, Saver, check_output_dir
+
+
+def test_sd_scripts_file_names(tmp_path):
+    named = SavePolicy(tmp_path, "mylora")
+    assert named.final_file().name == "mylora.safetensors"
+    assert named.epoch_file(1).name == "mylora-000001.safetensors"
+    assert named.step_file(500).name == "mylora-step00000500.safetensors"
+    unnamed = SavePolicy(tmp_path, None, extension="ckpt")
+    assert [unnamed.final_file().name, unnamed.epoch_file(2).name, unnamed.step_file(3).name] == \
+        ["last.ckpt", "epoch-000002.ckpt", "at-step00000003.ckpt"]
+
+
+def test_cadence_skips_the_last_epoch_and_step():
+    policy = SavePolicy(Path("."), "x", every_n_epochs=2, every_n_steps=100)
+    assert [e for e in range(1, 7) if policy.saves_at_epoch_end(e, 6)] == [2, 4]
+    assert [s for s in (100, 150, 200, 300) if policy.saves_at_step(s, 300)] == [100, 200]
+
+
+def test_retention():
+    policy = SavePolicy(Path("o"), "x", every_n_epochs=2, keep_last_n_epochs=2, every_n_steps=100,
+                        keep_last_n_steps=200)
+    assert policy.epoch_file_to_remove(6).name == "x-000002.safetensors"
+    assert policy.epoch_file_to_remove(4) is None
+    assert policy.step_file_to_remove(400).name == "x-step00000100.safetensors"  # 400-200-1 = 199 -> 100
+
+
+def test_saver_writes_and_removes_old_files(tmp_path):
+    written = []
+
+    def save(path, meta):
+        path.write_text(meta["ss_steps"])
+        written.append(path.name)
+
+    policy = SavePolicy(tmp_path, "x", every_n_epochs=1, keep_last_n_epochs=1)
+    saver = Saver(policy, save, metadata=lambda step, epoch: {"ss_steps": str(step)}, on_saved=lambda p: None)
+    for epoch in (1, 2, 3):
+        saver.at_epoch_end(epoch, 4, step=epoch * 10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x-000003.safetensors"]
+    saver.final(40, 4)
+    assert (tmp_path / "x.safetensors").read_text() == "40"
+
+
+def test_unwritable_output_dir_is_reported_before_training(tmp_path):
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="Cannot write to the output folder"):
+        check_output_dir(blocker / "out")
+    check_output_dir(tmp_path / "新しい output")
+    assert os.listdir(tmp_path / "新しい output") == []
