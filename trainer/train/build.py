@@ -224,7 +224,7 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
     weight_dtype = weight_dtype_for(mixed_precision)
     models = load_models(cfg.pretrained_model_name_or_path, v2=cfg.v2, v_parameterization=cfg.v_parameterization,
                          sdxl=cfg.sdxl, vae=cfg.vae, tokenizer_cache_dir=cfg.tokenizer_cache_dir,
-                         dtype=weight_dtype)
+                         dtype=weight_dtype, vae_dtype=torch.float32 if cfg.no_half_vae else weight_dtype)
     if cfg.zero_terminal_snr:
         models.noise_scheduler = type(models.noise_scheduler).from_config(
             models.noise_scheduler.config, rescale_betas_zero_snr=True)
