@@ -1,0 +1,220 @@
+"""`python -m trainer doctor`: is this environment ready to train, and if not, what fixes it.
+
+Every check returns `Check`s; the report prints them with OK / NOTE / WARN / FAIL and the fix. Exit code 0
+when nothing FAILs (notes and warnings are advice). Heavy libraries are imported inside the checks, so the
+doctor still runs, and says to run setup, when torch is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import json
+import platform
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+OK, NOTE, WARN, FAIL = "OK", "NOTE", "WARN", "FAIL"
+ESSENTIAL_MODULES = ("diffusers", "transformers", "accelerate", "safetensors", "rich", "toml")
+OPTIONAL_MODULES = {
+    "xformers": "optional: --xformers attention; PyTorch's SDPA (--sdpa) is used without it",
+    "bitsandbytes": "optional: only the 8-bit optimizers (AdamW8bit) need it",
+}
+MIN_FREE_GB = 10.0
+SETUP_HINT = "run ./setup.sh (Linux) or .\\setup.ps1 (Windows)"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Check:
+    level: str
+    name: str
+    detail: str
+    fix: str = ""
+
+
+Importer = Callable[[str], object]
+
+
+def check_python(version: tuple[int, int] | None = None) -> list[Check]:
+    version = version or sys.version_info[:2]
+    text = f"{version[0]}.{version[1]} ({sys.executable})"
+    if (3, 10) <= version <= (3, 12):
+        return [Check(OK, "Python", text)]
+    return [Check(FAIL, "Python", text + " is outside 3.10-3.12",
+                  f"install Python 3.12, delete .venv and {SETUP_HINT}")]
+
+
+def check_venv(prefix: str | None = None, base_prefix: str | None = None) -> list[Check]:
+    prefix, base_prefix = prefix or sys.prefix, base_prefix or sys.base_prefix
+    if prefix == base_prefix:
+        return [Check(WARN, "virtual env", f"not in one (Python at {prefix})",
+                      "use .venv's python (./train.sh / .\\train.ps1 do), or " + SETUP_HINT)]
+    checks = [Check(OK, "virtual env", prefix)]
+    stamp = Path(prefix) / "trainer-setup.json"
+    try:
+        data = json.loads(stamp.read_text(encoding="utf-8"))
+        choice = data.get("choice", {})
+        checks.append(Check(OK, "setup", f"finished {data.get('finished', '?')}: torch {choice.get('variant', '?')} "
+                                         f"({choice.get('reason', '')})"))
+    except (OSError, ValueError, AttributeError):
+        checks.append(Check(NOTE, "setup", "no record of a finished `trainer setup` in this environment",
+                            SETUP_HINT))
+    return checks
+
+
+def check_torch(importer: Importer = importlib.import_module) -> list[Check]:
+    try:
+        torch = importer("torch")
+    except Exception as e:  # ImportError, or a broken install raising anything
+        return [Check(FAIL, "torch", f"cannot be imported ({type(e).__name__}: {e})", SETUP_HINT)]
+    checks = [Check(OK, "torch", f"{torch.__version__} (CUDA build: {torch.version.cuda or 'none, CPU'})")]
+    if not torch.cuda.is_available():
+        detail = "not available: training runs on the CPU (fine for the demo, far too slow for real models)"
+        fix = "" if torch.version.cuda is None else "check the driver with nvidia-smi, then setup --force"
+        if torch.version.cuda is None and shutil.which("nvidia-smi"):
+            fix = "an NVIDIA GPU is present but this torch is the CPU build: rerun setup without --cpu"
+        return checks + [Check(NOTE if not fix else WARN, "CUDA", detail, fix)]
+    arch_list = torch.cuda.get_arch_list()
+    for i in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(i)
+        vram = torch.cuda.get_device_properties(i).total_memory / 2**30
+        name = f"{torch.cuda.get_device_name(i)}, sm_{major}{minor}, {vram:.1f} GiB VRAM"
+        if _arch_ok((major, minor), arch_list):
+            checks.append(Check(OK, f"GPU {i}", name))
+        else:
+            checks.append(Check(FAIL, f"GPU {i}", f"{name}: this torch has no kernels for it ({arch_list})",
+                                "update the NVIDIA driver, then setup --force (it picks a newer CUDA build)"))
+    return checks
+
+
+def _arch_ok(cap: tuple[int, int], arch_list: Sequence[str]) -> bool:
+    from trainer.setup_env import arch_supported
+
+    return arch_supported(cap, arch_list)
+
+
+def check_modules(importer: Importer = importlib.import_module) -> list[Check]:
+    checks = []
+    for name in ESSENTIAL_MODULES:
+        try:
+            checks.append(Check(OK, name, _version(importer(name), name)))
+        except Exception as e:
+            checks.append(Check(FAIL, name, f"cannot be imported ({type(e).__name__}: {e})", SETUP_HINT))
+    for name, why in OPTIONAL_MODULES.items():
+        try:
+            checks.append(Check(OK, name, _version(importer(name), name)))
+        except Exception:
+            checks.append(Check(NOTE, name, f"not installed ({why})"))
+    return checks
+
+
+def _version(module: object, name: str) -> str:
+    version = getattr(module, "__version__", None)
+    if version is None:
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            version = "?"
+    return str(version)
+
+
+def check_clip_vocab(find: Callable[[], Path | None] | None = None) -> list[Check]:
+    if find is None:
+        from trainer.models.tokenizer import find_bpe_file as find
+    path = find()
+    if path is None:
+        return [Check(WARN, "CLIP vocabulary", "not found: single-file checkpoints and the demo cannot build a "
+                      "tokenizer offline", "python -m pip install --no-deps clip-anytorch==2.6.0, or " + SETUP_HINT)]
+    return [Check(OK, "CLIP vocabulary", str(path))]
+
+
+def check_paths(paths: dict[str, Path]) -> list[Check]:
+    checks = []
+    for label, path in paths.items():
+        text = str(path)
+        quirks = [q for q, present in (("spaces", " " in text), ("non-ASCII characters", not text.isascii()))
+                  if present]
+        if quirks:
+            checks.append(Check(NOTE, label, f"{text} has {' and '.join(quirks)}: fine, supported"))
+        else:
+            checks.append(Check(OK, label, text))
+    return checks
+
+
+def check_long_paths(system: str | None = None) -> list[Check]:
+    """Windows: paths over 260 characters fail unless LongPathsEnabled is set (deep caches, long names)."""
+    if (system or platform.system()) != "Windows":
+        return []
+    try:
+        import winreg
+
+        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, r"SYSTEM\CurrentControlSet\Control\FileSystem") as key:
+            enabled = winreg.QueryValueEx(key, "LongPathsEnabled")[0] == 1
+    except OSError:
+        enabled = False
+    if enabled:
+        return [Check(OK, "long paths", "LongPathsEnabled = 1")]
+    return [Check(NOTE, "long paths", "off: keep the trainer and datasets in short folders (under 260 characters)",
+                  "optional, as administrator: set HKLM\\SYSTEM\\CurrentControlSet\\Control\\FileSystem "
+                  "LongPathsEnabled to 1")]
+
+
+def check_disk(path: Path, usage: Callable = shutil.disk_usage) -> list[Check]:
+    try:
+        free_gb = usage(path).free / 2**30
+    except OSError as e:
+        return [Check(NOTE, "free disk", f"unknown ({e})")]
+    if free_gb < MIN_FREE_GB:
+        return [Check(WARN, "free disk", f"{free_gb:.1f} GiB free at {path}",
+                      f"free at least {MIN_FREE_GB:.0f} GiB: models, latent caches and outputs need room")]
+    return [Check(OK, "free disk", f"{free_gb:.1f} GiB free at {path}")]
+
+
+def check_config(config: str, importer: Importer = importlib.import_module) -> list[Check]:
+    """Parse a training TOML the way `train` will; skipped when this build has no parser for it yet."""
+    try:
+        parse = getattr(importer("trainer.config.args"), "parse_train_args")
+    except (ImportError, AttributeError):
+        return [Check(NOTE, "config", f"{config}: not checked (this build has no config parser yet)")]
+    try:
+        parse(["--config_file", config])
+    except SystemExit as e:  # argparse reports and exits
+        return [Check(FAIL, "config", f"{config}: rejected (exit {e.code})", "read the message above")]
+    except Exception as e:
+        return [Check(FAIL, "config", f"{config}: {e}", "fix the file as the message says")]
+    return [Check(OK, "config", f"{config} parses")]
+
+
+def run_checks(args: argparse.Namespace) -> list[Check]:
+    checks = check_python() + check_venv() + check_torch() + check_modules() + check_clip_vocab()
+    checks += check_paths({"trainer folder": REPO_ROOT, "current folder": Path.cwd(), "Python env": Path(sys.prefix)})
+    checks += check_long_paths() + check_disk(REPO_ROOT)
+    if args.config:
+        checks += check_config(args.config)
+    return checks
+
+
+def report(checks: Sequence[Check], say: Callable[[str], None] = print) -> int:
+    """Print the checks; 0 when none failed."""
+    width = max((len(c.name) for c in checks), default=0)
+    for c in checks:
+        say(f"[{c.level:<4}] {c.name:<{width}}  {c.detail}")
+        if c.fix:
+            say(f"{'':<{width + 9}}fix: {c.fix}")
+    failed = [c for c in checks if c.level == FAIL]
+    say(f"\n{len(failed)} problem(s) to fix." if failed else "\nReady to train.")
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer doctor",
+                                description="Check Python, torch/CUDA, libraries, paths and disk; say how to fix "
+                                            "what is wrong.")
+    p.add_argument("--config", help="also check that this training TOML parses")
+    args = p.parse_args(list(argv))
+    return report(run_checks(args))
