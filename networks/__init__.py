@@ -1,0 +1,1 @@
+"""sd-scripts' `--network_module` plugin namespace: `networks.lora` is trainer's LoRA."""

@@ -1,0 +1,519 @@
+"""LoRA (and LoCon for 3x3 convs) on a diffusers UNet and transformers CLIP text encoders, saved in
+kohya's format (spec/sd-scripts.md §7-8).
+
+A `LoRAModule` keeps a plain reference to its base layer and adds its output through a forward hook:
+no module's `forward` is replaced and no module in the model is swapped, so removing the hooks gives
+back the untouched model. `LoRANetwork` holds the modules as children named by kohya name, so its
+`state_dict()` is the file format: `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.errors import ModelLoadError
+from trainer.files import atomic_path
+from trainer.network.keys import (
+    UNET_PREFIX,
+    expected_attention_targets,
+    LoraTarget,
+    find_lora_targets,
+    kohya_name,
+    text_encoder_prefixes,
+)
+from trainer.network.metadata import sshs_hashes
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+TE_LAYERS_PER_CLIP_BLOCK = 6  # q, k, v, out projections + fc1, fc2 (spec §7.1)
+
+
+class NetworkWeightsError(ModelLoadError):
+    """A LoRA weights file that cannot be used with this network (unknown keys, other shapes, unreadable)."""
+
+
+class LoRAModule(nn.Module):
+    """The low-rank update of one Linear or Conv2d: `base(x) + up(down(x)) * multiplier * alpha / rank`.
+
+    Shapes (spec §7.2): Linear down [r, in], up [out, r]; Conv2d down [r, in, kh, kw] with the base's
+    stride and padding, up [out, r, 1, 1]. `alpha` is a 0-dim buffer.
+    """
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float | int | None, *,
+                 dropout: float | None = None, rank_dropout: float | None = None,
+                 module_dropout: float | None = None, multiplier: float = 1.0, name: str = ""):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        device = base.weight.device
+        if isinstance(base, nn.Linear):
+            self.lora_down = nn.Linear(base.in_features, rank, bias=False, device=device)
+            self.lora_up = nn.Linear(rank, base.out_features, bias=False, device=device)
+        elif isinstance(base, nn.Conv2d):
+            self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+                                       bias=False, device=device)
+            self.lora_up = nn.Conv2d(rank, base.out_channels, 1, 1, bias=False, device=device)
+        else:
+            raise TypeError(f"LoRA needs an nn.Linear or nn.Conv2d, got {type(base).__name__}")
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        if alpha is None or alpha == 0:
+            alpha = rank
+        # QUIRK (spec §7.3): torch.tensor keeps the Python type, so an int alpha is saved as int64.
+        self.register_buffer("alpha", torch.tensor(alpha, device=device))
+        self.rank = rank
+        self.scale = float(alpha) / rank
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        self.multiplier = multiplier
+        self.lora_name = name
+        # A plain attribute, not a child module: the base layer must never appear in our state_dict.
+        object.__setattr__(self, "base_layer", base)
+        self._hook = None
+
+    # -- attaching -------------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Start adding the LoRA output to the base layer's output (a forward hook on the base layer)."""
+        if self._hook is None:
+            self._hook = self.base_layer.register_forward_hook(self._add_lora_output, with_kwargs=True)
+
+    def remove(self) -> None:
+        """Stop adding the LoRA output; the base layer behaves exactly as before `attach`."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    @property
+    def attached(self) -> bool:
+        return self._hook is not None
+
+    def _add_lora_output(self, base, args, kwargs, output):
+        if self.multiplier == 0:
+            return None
+        # Module dropout skips the whole branch for this call (training only, spec §7.3).
+        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
+            return None
+        x = args[0] if args else kwargs["input"]
+        return output + self.lora_output(x).to(output.dtype)
+
+    def lora_output(self, x: torch.Tensor) -> torch.Tensor:
+        """`up(down(x)) * multiplier * scale`, with neuron and rank dropout in training mode."""
+        hidden = self.lora_down(x.to(self.lora_down.weight.dtype))
+        scale = self.scale
+        if self.training and self.dropout:
+            hidden = F.dropout(hidden, p=self.dropout)
+        if self.training and self.rank_dropout:
+            # One keep/drop draw per sample and rank, broadcast over tokens ([B, L, r]) or pixels ([B, r, H, W]).
+            keep = (torch.rand(hidden.shape[0], self.rank, device=hidden.device) > self.rank_dropout)
+            keep = keep.to(hidden.dtype)
+            if hidden.dim() == 3:
+                keep = keep[:, None, :]
+            elif hidden.dim() == 4:
+                keep = keep[:, :, None, None]
+            hidden = hidden * keep
+            scale = scale / (1.0 - self.rank_dropout)
+        return self.lora_up(hidden) * (self.multiplier * scale)
+
+    # -- weights ---------------------------------------------------------------------------------
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * up @ down in the base layer's weight shape, computed in fp32 (fp16/bf16 matmuls on
+        CPU are slow or missing, and fp32 keeps the merge exact to the last bit that fits)."""
+        down = self.lora_down.weight.float()
+        up = self.lora_up.weight.float()
+        if down.dim() == 2:
+            return (up @ down) * self.scale
+        # A 1x1 up conv after a kxk down conv is one kxk conv with weight sum_r up[o, r] * down[r, i].
+        out_channels = up.shape[0]
+        return (up.flatten(1) @ down.flatten(1)).reshape(out_channels, *down.shape[1:]) * self.scale
+
+    def merge_into_base(self, multiplier: float = 1.0) -> None:
+        """Add multiplier * delta into the base weight (then stop the hook, or the LoRA would count twice)."""
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            merged = (weight.float() + multiplier * self.delta_weight().to(weight.device)).to(weight.dtype)
+            if not torch.isfinite(merged).all():
+                raise ValueError(f"merging LoRA {self.lora_name or '?'} would put NaN or infinite values into "
+                                 f"the base weights ({weight.dtype}); the LoRA weights are unusable")
+            weight.copy_(merged)
+        self.remove()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Take the file's alpha with its own type (int64 or float) instead of copying it into ours: an
+        # int64 buffer would truncate a float alpha such as 0.5 to 0. Then recompute the scale.
+        key = prefix + "alpha"
+        if key in state_dict:
+            loaded = state_dict[key]
+            if loaded.numel() == 1 and loaded.device.type != "meta":
+                value = loaded.reshape(()).item()
+                self.alpha = torch.tensor(value, device=self.alpha.device)
+                state_dict[key] = self.alpha
+                self.scale = float(value) / self.rank
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors, .ckpt or .pt LoRA file, on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise NetworkWeightsError(f"LoRA weights file not found: {path}. Check the path (--network_weights).")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any reader failure means the same thing to the user
+        raise NetworkWeightsError(f"cannot read LoRA weights file {path}: {error}. Is it a complete "
+                                  ".safetensors/.ckpt file?") from error
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """`name.lora_up.weight` -> (`name`, `lora_up.weight`); suffixes we do not know come back unchanged."""
+    name, _, suffix = key.partition(".")
+    return name, suffix
+
+
+def _file_module_dims(weights_sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, float | int]]:
+    """{lora name: (rank, alpha)} as stored in a file; alpha keeps its int/float type, rank if absent."""
+    dims: dict[str, tuple[int, float | int]] = {}
+    for key, tensor in weights_sd.items():
+        name, suffix = _split_key(key)
+        if suffix == "lora_down.weight":
+            alpha_tensor = weights_sd.get(f"{name}.alpha")
+            alpha = alpha_tensor.reshape(()).item() if alpha_tensor is not None else None
+            dims[name] = (int(tensor.shape[0]), alpha)
+    return dims
+
+
+def sdxl_diffusers_name_aliases(unet: nn.Module) -> dict[str, str]:
+    """{diffusers-style SDXL LoRA name: SGM-style name}: some tools save SDXL LoRAs with
+    `lora_unet_down_blocks_...` names; sd-scripts converts them on load (spec §7.2), and so do we."""
+    targets = find_lora_targets(unet, prefix=UNET_PREFIX, is_text_encoder=False, include_conv=True, sdxl=True)
+    return {kohya_name(UNET_PREFIX, t.path): t.name for t in targets}
+
+
+def _short_list(items: Sequence[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _differs_only_by_1x1(a: torch.Size, b: torch.Size) -> bool:
+    """[r, in] vs [r, in, 1, 1]: SD2 proj_in/proj_out are Linear in diffusers models and 1x1 convs in
+    single-file checkpoints (spec §7.2 QUIRK); the weights are the same numbers."""
+    return tuple(a) + (1, 1) == tuple(b) or tuple(b) + (1, 1) == tuple(a)
+
+
+class LoRANetwork(nn.Module):
+    """All LoRA modules of one model, named and saved as sd-scripts' `networks.lora` does.
+
+    `text_encoders` is [te] for SD1.x/SD2.x and [te1, te2] for SDXL (`sdxl=True`, which also gives the
+    UNet SGM-style names). `conv_rank` turns on LoCon: 3x3 convs get `conv_rank`/`conv_alpha`, Linear and
+    1x1 layers always use `rank`/`alpha`. Parts that are not trained get no modules at all, so they are
+    not saved. `module_dims` ({name: (rank, alpha)}, as read from a file) creates exactly those modules.
+    """
+
+    def __init__(self, text_encoders: Sequence[nn.Module], unet: nn.Module, *, sdxl: bool = False, rank: int = 4,
+                 alpha: float | int | None = 1, conv_rank: int | None = None, conv_alpha: float | int | None = None,
+                 dropout: float | None = None, rank_dropout: float | None = None,
+                 module_dropout: float | None = None, train_unet: bool = True, train_text_encoder: bool = True,
+                 multiplier: float = 1.0, module_dims: Mapping[str, tuple[int, float | int | None]] | None = None):
+        super().__init__()
+        self.sdxl = sdxl
+        self.multiplier = multiplier
+        self.train_unet = train_unet
+        self.train_text_encoder = train_text_encoder
+        if conv_rank and conv_alpha is None:
+            conv_alpha = 1.0  # sd-scripts' default once conv_dim is given (spec §7.5)
+
+        def dims_for(target: LoraTarget):
+            if module_dims is not None:
+                return module_dims.get(target.name)
+            if target.kind == "conv3x3":
+                return (conv_rank, conv_alpha) if conv_rank else None
+            return (rank, alpha)
+
+        options = dict(dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
+                       multiplier=multiplier)
+        self._te_names: list[str] = []
+        self._unet_names: list[str] = []
+        self._sdxl_aliases: dict[str, str] = {}
+        if train_text_encoder:
+            prefixes = text_encoder_prefixes(len(text_encoders), sdxl)
+            for index, (text_encoder, prefix) in enumerate(zip(text_encoders, prefixes)):
+                targets = find_lora_targets(text_encoder, prefix=prefix, is_text_encoder=True, include_conv=False)
+                if module_dims is None:
+                    _check_text_encoder_targets(targets, text_encoder, index)
+                self._te_names += self._add_modules(targets, dims_for, options)
+        if train_unet:
+            include_conv = bool(conv_rank) or module_dims is not None
+            targets = find_lora_targets(unet, prefix=UNET_PREFIX, is_text_encoder=False,
+                                        include_conv=include_conv, sdxl=sdxl)
+            if module_dims is None:
+                _check_unet_targets(targets, unet, include_conv)
+            self._unet_names = self._add_modules(targets, dims_for, options)
+            if sdxl:
+                self._sdxl_aliases = {kohya_name(UNET_PREFIX, t.path): t.name for t in targets
+                                      if t.name in self._modules}
+        if module_dims is not None:
+            unknown = sorted(set(module_dims) - set(self._modules))
+            if unknown:
+                raise NetworkWeightsError(f"{len(unknown)} LoRA modules in the weights match no layer of this "
+                                          f"model: {_short_list(unknown)}. Is the file for another base model "
+                                          "(SD1.x / SD2.x / SDXL)?")
+        if not self._modules:
+            raise ValueError("a LoRA network needs train_unet or train_text_encoder")
+
+    def _add_modules(self, targets: list[LoraTarget], dims_for, options: dict) -> list[str]:
+        names = []
+        for target in targets:
+            dims = dims_for(target)
+            if dims is None:
+                continue
+            module = LoRAModule(target.module, dims[0], dims[1], name=target.name, **options)
+            self.add_module(target.name, module)
+            names.append(target.name)
+        return names
+
+    @classmethod
+    def from_weights(cls, text_encoders: Sequence[nn.Module], unet: nn.Module,
+                     weights_sd: Mapping[str, torch.Tensor], *, sdxl: bool = False,
+                     multiplier: float = 1.0, source: str = "LoRA weights") -> LoRANetwork:
+        """A network with exactly the modules, ranks and alphas of a file's state dict, weights loaded."""
+        if sdxl:
+            weights_sd, _ = _rename_keys(weights_sd, sdxl_diffusers_name_aliases(unet))
+        dims = _file_module_dims(weights_sd)
+        if not dims:
+            raise NetworkWeightsError(f"{source} has no `.lora_down.weight` keys; it is not a kohya-format LoRA.")
+        network = cls(text_encoders, unet, sdxl=sdxl, multiplier=multiplier, module_dims=dims,
+                      train_text_encoder=any(n.startswith("lora_te") for n in dims),
+                      train_unet=any(n.startswith(UNET_PREFIX) for n in dims))
+        network.load_weights_dict(weights_sd, source=source)
+        return network
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def lora_modules(self) -> list[LoRAModule]:
+        return [m for m in self.children() if isinstance(m, LoRAModule)]
+
+    def module_names(self) -> list[str]:
+        """The kohya names of all modules, text encoders first, in the order they are saved."""
+        return list(self._te_names + self._unet_names)
+
+    def apply_to(self, text_encoders=None, unet=None, apply_text_encoder: bool | None = None,
+                 apply_unet: bool | None = None) -> None:
+        """Attach every module's hook. The optional arguments follow sd-scripts' plugin call
+        `apply_to(te, unet, train_te, train_unet)`: a part passed as False loses its modules."""
+        if apply_text_encoder is False:
+            self._drop(self._te_names)
+            self._te_names, self.train_text_encoder = [], False
+        if apply_unet is False:
+            self._drop(self._unet_names)
+            self._unet_names, self.train_unet = [], False
+        for module in self.lora_modules():
+            module.attach()
+
+    def _drop(self, names: Iterable[str]) -> None:
+        for name in names:
+            self._modules[name].remove()
+            del self._modules[name]
+
+    def remove(self) -> None:
+        """Detach every hook: the models compute exactly what they computed before `apply_to`."""
+        for module in self.lora_modules():
+            module.remove()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = multiplier
+        for module in self.lora_modules():
+            module.multiplier = multiplier
+
+    def merge_to_base(self, multiplier: float = 1.0) -> None:
+        """Add every module's update into its base weight and detach the hooks (for inference/export)."""
+        for module in self.lora_modules():
+            if not all(torch.isfinite(w).all() for w in (module.lora_down.weight, module.lora_up.weight)):
+                raise ValueError(f"LoRA {module.lora_name} holds NaN or infinite weights; nothing was merged")
+        for module in self.lora_modules():
+            module.merge_into_base(multiplier)
+
+    # -- training -------------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The LoRA weights: every lora_down and lora_up weight (alpha is a buffer, never trained)."""
+        return [p for m in self.lora_modules() for p in (m.lora_down.weight, m.lora_up.weight)]
+
+    def prepare_optimizer_params(self, text_encoder_lr: float | None, unet_lr: float | None,
+                                 default_lr: float) -> tuple[list[dict], list[str]]:
+        """One param group per part (spec §7.4): lr = the part's lr, or default_lr when it is None;
+        a group whose lr comes out 0 or None is left out (so `--text_encoder_lr 0` freezes the TE LoRA)."""
+        for parameter in self.trainable_parameters():
+            parameter.requires_grad_(True)
+        groups, descriptions = [], []
+        for description, names, lr in (("textencoder", self._te_names, text_encoder_lr),
+                                       ("unet", self._unet_names, unet_lr)):
+            lr = default_lr if lr is None else lr
+            if not names or not lr:
+                continue
+            params = [p for n in names for p in (self._modules[n].lora_down.weight, self._modules[n].lora_up.weight)]
+            groups.append({"params": params, "lr": lr})
+            descriptions.append(description)
+        return groups, descriptions
+
+    def apply_max_norm_regularization(self, max_norm: float, device=None) -> tuple[int, float, float]:
+        """Scale down every module whose update norm exceeds `max_norm` (--scale_weight_norms, spec §7.6).
+        Returns (modules scaled, mean norm, max norm) after scaling. `device` is accepted for sd-scripts'
+        call signature; the work happens where the weights are."""
+        modules = self.lora_modules()
+        with torch.no_grad():
+            norms = torch.stack([m.delta_weight().norm() for m in modules])
+            # The lower clamp only keeps a zero norm from dividing by zero; ratio is 1 unless norm > max.
+            ratios = (max_norm / norms.clamp(min=max_norm / 2)).clamp(max=1.0)
+            factors = ratios.sqrt()
+            for module, factor in zip(modules, factors):
+                module.lora_down.weight.mul_(factor.to(module.lora_down.weight.dtype))
+                module.lora_up.weight.mul_(factor.to(module.lora_up.weight.dtype))
+            scaled = norms * ratios
+            return int((ratios < 1).sum().item()), float(scaled.mean().item()), float(scaled.max().item())
+
+    # sd-scripts plugin-contract hooks (spec §0), so a loop written for network modules works unchanged.
+    def get_trainable_params(self) -> list[nn.Parameter]:
+        return self.trainable_parameters()
+
+    def prepare_grad_etc(self, text_encoder=None, unet=None) -> None:
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder=None, unet=None) -> None:
+        self.train()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Nothing to do: the LoRA branch is recomputed with its base layer by the model's own checkpointing."""
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def save_weights(self, path: str | Path, dtype: torch.dtype | None = None,
+                     metadata: Mapping[str, object] | None = None) -> None:
+        """Write the LoRA file. .safetensors gets all-string metadata plus sshs_model_hash /
+        sshs_legacy_hash (spec §8.1, §8.3); .ckpt/.pt is a torch.save of the state dict, no metadata.
+        `dtype` (--save_precision) casts every tensor, alpha included. The file appears complete or not at all."""
+        path = Path(path)
+        state = {key: value.detach().to(device="cpu", dtype=dtype or value.dtype).contiguous()
+                 for key, value in self.state_dict().items()}
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import save_file
+
+            text_metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+            text_metadata["sshs_model_hash"], text_metadata["sshs_legacy_hash"] = sshs_hashes(state, text_metadata)
+            with atomic_path(path) as temp:
+                save_file(state, str(temp), metadata=text_metadata)
+        else:
+            with atomic_path(path) as temp:
+                torch.save(state, temp)
+
+    def load_weights(self, path: str | Path) -> dict:
+        """Load a LoRA file of ours or sd-scripts' (int64 or float alpha, fp32/fp16/bf16) into these modules.
+        Returns {"loaded": modules loaded, "missing": our modules the file lacks, "skipped": modules of a
+        part this network does not train, "renamed": SDXL keys converted from diffusers-style names}."""
+        return self.load_weights_dict(read_weights_file(path), source=str(path))
+
+    def load_weights_dict(self, weights_sd: Mapping[str, torch.Tensor], source: str = "LoRA weights") -> dict:
+        """`load_weights` for a state dict already in memory."""
+        weights_sd, renamed = _rename_keys(weights_sd, self._sdxl_aliases)
+        own = self.state_dict()
+        unknown, skipped = [], set()
+        for key in weights_sd:
+            name, suffix = _split_key(key)
+            if key in own:
+                continue
+            if suffix in WEIGHT_SUFFIXES and self._is_untrained_part(name):
+                skipped.add(name)
+            else:
+                unknown.append(key)
+        if unknown:
+            raise NetworkWeightsError(
+                f"{source}: {len(unknown)} keys match no LoRA module of this network: {_short_list(sorted(unknown))}. "
+                "The file may be for another base model (SD1.x / SD2.x / SDXL) or from another network type "
+                "(e.g. LyCORIS); use it with the model and --network_module it was trained with.")
+        to_load = self._matching_tensors(weights_sd, own, source)
+        loaded = {_split_key(key)[0] for key in to_load}
+        self.load_state_dict(to_load, strict=False)
+        return {"loaded": len(loaded), "missing": [n for n in self.module_names() if n not in loaded],
+                "skipped": sorted(skipped), "renamed": renamed}
+
+    def _is_untrained_part(self, name: str) -> bool:
+        if name.startswith(UNET_PREFIX):
+            return not self.train_unet
+        return name.startswith("lora_te") and not self.train_text_encoder
+
+    def _matching_tensors(self, weights_sd, own, source: str) -> dict[str, torch.Tensor]:
+        to_load, problems = {}, []
+        for key, tensor in weights_sd.items():
+            if key not in own:
+                continue
+            expected = own[key].shape
+            if tensor.shape != expected:
+                if not _differs_only_by_1x1(tensor.shape, expected):
+                    problems.append(f"{key}: file {list(tensor.shape)}, this network {list(expected)}")
+                    continue
+                tensor = tensor.reshape(expected)
+            to_load[key] = tensor
+        names = {_split_key(key)[0] for key in to_load}
+        for name in sorted(names):
+            for part in ("lora_down.weight", "lora_up.weight"):
+                if f"{name}.{part}" not in to_load:
+                    problems.append(f"{name}.{part}: missing from the file while other keys of {name} are there")
+        if problems:
+            raise NetworkWeightsError(f"{source} does not fit this network (another network_dim or conv_dim?):\n"
+                                      + "\n".join(f"- {p}" for p in problems[:12])
+                                      + (f"\n- ... ({len(problems) - 12} more)" if len(problems) > 12 else ""))
+        return to_load
+
+
+def _rename_keys(weights_sd: Mapping[str, torch.Tensor], aliases: Mapping[str, str]):
+    """(state dict with aliased module names replaced, how many modules were renamed)."""
+    if not aliases:
+        return dict(weights_sd), 0
+    renamed_names = set()
+    result = {}
+    for key, tensor in weights_sd.items():
+        name, suffix = _split_key(key)
+        if name in aliases:
+            renamed_names.add(name)
+            key = f"{aliases[name]}.{suffix}"
+        result[key] = tensor
+    return result, len(renamed_names)
+
+
+def _check_unet_targets(targets: list[LoraTarget], unet: nn.Module, include_conv: bool) -> None:
+    """No target at all, or an attention block giving another number of layers than diffusers' layout has
+    (e.g. fused q/k/v projections), would train a LoRA that no other tool reads the same way: stop."""
+    expected = expected_attention_targets(unet)
+    if not targets or (len(targets) < expected if include_conv else len(targets) != expected):
+        raise ModelLoadError(
+            f"the UNet ({type(unet).__name__}) gave {len(targets)} LoRA layers, but its attention blocks "
+            f"(diffusers Transformer2DModel) should give {expected}"
+            + ("" if expected else ", so there is nothing to put a LoRA on")
+            + ". The UNet must be an unmodified diffusers UNet2DConditionModel.")
+
+
+def _check_text_encoder_targets(targets: list[LoraTarget], text_encoder: nn.Module, index: int) -> None:
+    """Every CLIP layer must give 6 LoRA layers. sd-scripts once trained no text-encoder LoRA at all after a
+    transformers rename (spec §7.1, PR #1964); a count check turns that into an error."""
+    layers = getattr(getattr(text_encoder, "config", None), "num_hidden_layers", None)
+    expected = TE_LAYERS_PER_CLIP_BLOCK * layers if layers else None
+    if not targets or (expected is not None and len(targets) != expected):
+        raise ModelLoadError(
+            f"text encoder {index + 1} ({type(text_encoder).__name__}) gave {len(targets)} LoRA layers, expected "
+            f"{expected if expected is not None else 'some'} (6 per CLIP layer: q/k/v/out_proj, fc1, fc2). "
+            "This transformers version may have renamed its CLIP classes; install the version in requirements.")
