@@ -105,8 +105,6 @@ def build_dataset(cfg: TrainConfig, seed: int):
     from trainer.config.dataset import load_dataset_config, resolve_datasets
     from trainer.data.dataset import build_train_dataset
 
-    if cfg.dataset_config and (cfg.train_data_dir or cfg.reg_data_dir or cfg.in_json):
-        log.warning("--train_data_dir/--reg_data_dir/--in_json are ignored because --dataset_config is given.")
     user_config = load_dataset_config(cfg.dataset_config) if cfg.dataset_config else None
     specs = resolve_datasets(cfg, user_config)
     return build_train_dataset(specs, seed=seed, prior_loss_weight=cfg.prior_loss_weight,

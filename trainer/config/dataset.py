@@ -1,0 +1,512 @@
+"""The dataset config (`--dataset_config` TOML or JSON) and the values each dataset and subset train with.
+
+sd-scripts' schema (library/config_util.py, spec §3.1) is kept key for key, but every problem in a file
+is reported at once, each with its full key path and the fix. Values resolve as in spec §3.2:
+subset > dataset > [general] > command-line argument > default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import ConfigError, did_you_mean
+
+logger = logging.getLogger(__name__)
+
+# --- the schema: key -> kind (kinds are checked by _check_value) ------------------------------------
+
+DATASET_KEYS = {
+    "batch_size": "int", "bucket_no_upscale": "bool", "bucket_reso_steps": "int", "enable_bucket": "bool",
+    "max_bucket_reso": "int", "min_bucket_reso": "int", "validation_seed": "int", "validation_split": "float",
+    "resolution": "resolution", "network_multiplier": "float", "resize_interpolation": "str",
+}
+SUBSET_COMMON_KEYS = {
+    "color_aug": "bool", "face_crop_aug_range": "float_pair", "flip_aug": "bool", "num_repeats": "int",
+    "random_crop": "bool", "shuffle_caption": "bool", "keep_tokens": "int", "keep_tokens_separator": "str",
+    "secondary_separator": "str", "caption_separator": "str", "enable_wildcard": "bool",
+    "token_warmup_min": "int", "token_warmup_step": "number", "caption_prefix": "str", "caption_suffix": "str",
+    "custom_attributes": "dict", "resize_interpolation": "str",
+    # caption dropout keys: enabled for train_network (sd-scripts' support_dropout=True)
+    "caption_dropout_every_n_epochs": "int", "caption_dropout_rate": "number", "caption_tag_dropout_rate": "number",
+}
+DREAMBOOTH_ASCENDABLE_KEYS = {"caption_extension": "str", "class_tokens": "str", "cache_info": "bool"}
+DREAMBOOTH_SUBSET_ONLY_KEYS = {"image_dir": "str", "is_reg": "bool", "alpha_mask": "bool"}
+FINETUNE_SUBSET_ONLY_KEYS = {"metadata_file": "str", "image_dir": "str", "alpha_mask": "bool"}
+# Keys sd-scripts takes only from the command line; its schema rejects them in the dataset file.
+COMMAND_LINE_ONLY_KEYS = ("prior_loss_weight", "max_token_length", "debug_dataset")
+SUBSET_ONLY_KEYS = ("image_dir", "is_reg", "metadata_file", "alpha_mask")
+RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
+
+GENERAL_KEYS = {**DATASET_KEYS, **SUBSET_COMMON_KEYS, **DREAMBOOTH_ASCENDABLE_KEYS}
+DREAMBOOTH_DATASET_KEYS = {**DATASET_KEYS, **SUBSET_COMMON_KEYS, **DREAMBOOTH_ASCENDABLE_KEYS, "subsets": "list"}
+FINETUNE_DATASET_KEYS = {**DATASET_KEYS, **SUBSET_COMMON_KEYS, "subsets": "list"}
+DREAMBOOTH_SUBSET_KEYS = {**SUBSET_COMMON_KEYS, **DREAMBOOTH_ASCENDABLE_KEYS, **DREAMBOOTH_SUBSET_ONLY_KEYS}
+FINETUNE_SUBSET_KEYS = {**SUBSET_COMMON_KEYS, **FINETUNE_SUBSET_ONLY_KEYS}
+
+# Command-line names that differ from the dataset-config names (config_util.ARGPARSE_OPTNAME_TO_CONFIG_OPTNAME).
+ARGUMENT_NAME_FOR_KEY = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
+
+_KIND_DESCRIPTIONS = {
+    "int": "a whole number", "bool": "true or false", "str": "a string in quotes",
+    "float": "a decimal number (write 1.0, not 1)", "number": "a number", "dict": "a table",
+    "list": "an array of tables ([[datasets.subsets]])",
+    "resolution": "a whole number or [width, height]", "float_pair": "two decimal numbers such as [2.0, 4.0]",
+}
+
+
+# --- resolved values ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SubsetSpec:
+    """One folder (DreamBooth) or metadata file (fine-tuning) with every setting resolved."""
+
+    image_dir: str | None = None
+    is_reg: bool = False
+    num_repeats: int = 1
+    class_tokens: str | None = None
+    caption_extension: str = ".caption"
+    metadata_file: str | None = None
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    caption_separator: str = ","
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0
+    color_aug: bool = False
+    flip_aug: bool = False
+    random_crop: bool = False
+    face_crop_aug_range: tuple[float, float] | None = None
+    alpha_mask: bool = False
+    cache_info: bool = False
+    resize_interpolation: str | None = None
+    custom_attributes: dict | None = field(default=None, hash=False, compare=False)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset: images of several subsets that share batch size, resolution and buckets."""
+
+    batch_size: int = 1
+    resolution: tuple[int, int] = (512, 512)  # (W, H)
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    network_multiplier: float = 1.0
+    resize_interpolation: str | None = None
+    validation_seed: int | None = None
+    validation_split: float = 0.0
+    subsets: tuple[SubsetSpec, ...] = ()
+    is_dreambooth: bool = True
+
+
+# --- reading and checking the file --------------------------------------------------------------------
+
+def load_dataset_config(path: str | Path) -> dict:
+    """Read a dataset config (.toml or .json, UTF-8) and check it against sd-scripts' schema.
+
+    Raises ConfigError listing every problem (file, key path, fix). The returned dict has
+    `resolution` and `face_crop_aug_range` converted to tuples.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--dataset_config: file not found: {path}. Check the path (quote it if it has spaces).")
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".json"):
+        raise ConfigError(f"--dataset_config: {path}: use a .toml or .json file (got '{path.suffix}').")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}). Save the file as UTF-8.") from None
+    config = _parse_json(path, text) if suffix == ".json" else _parse_toml(path, text)
+    return validate_dataset_config(config, source=str(path))
+
+
+def _parse_toml(path: Path, text: str) -> dict:
+    import toml  # sd-scripts parses with toml 0.10.2, so we accept exactly what it accepts
+
+    try:
+        return toml.loads(text)
+    except toml.TomlDecodeError as error:
+        raise ConfigError(f"{path}: TOML syntax error at line {error.lineno}, column {error.colno}: {error.msg}. "
+                          "Strings need quotes; Windows paths need '\\\\' or '/' (or single quotes).") from None
+
+
+def _parse_json(path: Path, text: str) -> dict:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: JSON syntax error at line {error.lineno}, column {error.colno}: {error.msg}.") \
+            from None
+
+
+def validate_dataset_config(config: Any, source: str = "dataset config") -> dict:
+    """Check a parsed dataset config; return it with tuples converted, or raise one ConfigError."""
+    problems: list[str] = []
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source}: the top level must be a table with [general] and [[datasets]].")
+    checked: dict[str, Any] = {}
+    for key, value in config.items():
+        if key == "general":
+            checked["general"] = _check_table(value, "general", GENERAL_KEYS, "general", source, problems)
+        elif key == "datasets":
+            checked["datasets"] = _check_datasets(value, source, problems)
+        else:
+            problems.append(_unknown_key_message(source, key, key, {"general": "", "datasets": ""}, "top"))
+    if problems:
+        raise ConfigError(problems)
+    return checked
+
+
+def _check_datasets(value: Any, source: str, problems: list[str]) -> list[dict]:
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        problems.append(f"{source}: datasets: expected an array of tables ([[datasets]]), given {_given(value)}")
+        return []
+    result = []
+    for i, dataset in enumerate(value):
+        path = f"datasets[{i}]"
+        kind = _dataset_kind(dataset, path, source, problems)
+        keys = DREAMBOOTH_DATASET_KEYS if kind == "dreambooth" else FINETUNE_DATASET_KEYS
+        checked = _check_table(dataset, path, keys, f"{kind}-dataset", source, problems)
+        subsets = dataset.get("subsets", [])
+        if isinstance(subsets, list) and all(isinstance(s, dict) for s in subsets):
+            subset_keys = DREAMBOOTH_SUBSET_KEYS if kind == "dreambooth" else FINETUNE_SUBSET_KEYS
+            required = "image_dir" if kind == "dreambooth" else "metadata_file"
+            checked["subsets"] = [
+                _check_subset(subset, f"{path}.subsets[{j}]", subset_keys, required, kind, source, problems)
+                for j, subset in enumerate(subsets)]
+        result.append(checked)
+    return result
+
+
+def _dataset_kind(dataset: dict, path: str, source: str, problems: list[str]) -> str:
+    """DreamBooth unless every subset has metadata_file (config_util's flex validator)."""
+    subsets = dataset.get("subsets", [])
+    if not isinstance(subsets, list) or not subsets or not all(isinstance(s, dict) for s in subsets):
+        return "dreambooth"
+    with_metadata = ["metadata_file" in subset for subset in subsets]
+    if all(with_metadata):
+        return "finetune"
+    if any(with_metadata):
+        problems.append(f"{source}: {path}: DreamBooth subsets (image_dir only) and fine-tuning subsets "
+                        "(metadata_file) cannot be mixed in one dataset; split them into separate [[datasets]].")
+    return "dreambooth"
+
+
+def _check_subset(subset: dict, path: str, keys: dict, required: str, kind: str, source: str,
+                  problems: list[str]) -> dict:
+    checked = _check_table(subset, path, keys, f"{kind}-subset", source, problems)
+    if required not in subset:
+        what = "the folder of images" if required == "image_dir" else "the metadata JSON of this subset"
+        problems.append(f"{source}: {path}.{required}: required key is missing ({what}).")
+    return checked
+
+
+def _check_table(table: Any, path: str, keys: dict, level: str, source: str, problems: list[str]) -> dict:
+    if not isinstance(table, dict):
+        problems.append(f"{source}: {path}: expected a table, given {_given(table)}")
+        return {}
+    checked = {}
+    for key, value in table.items():
+        key_path = f"{path}.{key}"
+        if key not in keys:
+            problems.append(_unknown_key_message(source, key_path, key, keys, level))
+            continue
+        if key == "subsets":
+            if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+                problems.append(f"{source}: {key_path}: expected {_KIND_DESCRIPTIONS['list']}, given {_given(value)}")
+            continue  # subsets are checked by the caller
+        ok, converted = _check_value(keys[key], value)
+        if ok:
+            checked[key] = converted
+        else:
+            problems.append(f"{source}: {key_path}: expected {_KIND_DESCRIPTIONS[keys[key]]}, given {_given(value)}")
+    return checked
+
+
+def _unknown_key_message(source: str, key_path: str, key: str, allowed: dict, level: str) -> str:
+    """Say why a key is not allowed here: command-line only, wrong level, another dataset kind, or a typo."""
+    where = f"{source}: {key_path}:"
+    if key in COMMAND_LINE_ONLY_KEYS:
+        return f"{where} '{key}' is a command-line setting, not a dataset-config key; pass --{key} instead."
+    if level == "top" and key in GENERAL_KEYS:
+        return f"{where} '{key}' must be inside a table: write it under [general] (or in a [[datasets]] table)."
+    if key == "conditioning_data_dir":
+        return f"{where} masked-loss/ControlNet subsets (conditioning_data_dir) are not supported yet."
+    if key in SUBSET_ONLY_KEYS and not level.endswith("subset"):
+        return f"{where} '{key}' is only allowed inside a [[datasets.subsets]] table; move it there."
+    if key == "subsets" and level == "general":
+        return f"{where} 'subsets' belong inside [[datasets]] (write [[datasets.subsets]])."
+    if key in DATASET_KEYS and level.endswith("subset"):
+        return f"{where} '{key}' is a dataset setting; move it to its [[datasets]] table or to [general]."
+    if key in DREAMBOOTH_ASCENDABLE_KEYS and level.startswith("finetune"):
+        return (f"{where} '{key}' applies to DreamBooth (image folder) subsets only; this dataset is fine-tuning "
+                "because its subsets have metadata_file.")
+    if key == "metadata_file" and level.startswith("dreambooth"):
+        return f"{where} 'metadata_file' is a fine-tuning key; every subset of this dataset would need one."
+    return f"{where} unknown key{did_you_mean(key, allowed)}."
+
+
+def _check_value(kind: str, value: Any) -> tuple[bool, Any]:
+    """Type rules of sd-scripts' voluptuous schema (a float key rejects 1, as it does), except that a
+    boolean is never accepted as a number."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == "int":
+        return is_int, value
+    if kind == "bool":
+        return isinstance(value, bool), value
+    if kind == "str":
+        return isinstance(value, str), value
+    if kind == "float":
+        return isinstance(value, float), value
+    if kind == "number":
+        return is_int or isinstance(value, float), value
+    if kind == "dict":
+        return isinstance(value, dict), value
+    if kind == "resolution":
+        if is_int:
+            return True, (value, value)
+        pair = isinstance(value, (list, tuple)) and len(value) == 2
+        ok = pair and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        return ok, tuple(value) if ok else value
+    if kind == "float_pair":
+        ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, float) for v in value)
+        return ok, tuple(value) if ok else value
+    raise AssertionError(f"unknown schema kind {kind}")
+
+
+def _given(value: Any) -> str:
+    names = {bool: "boolean", int: "whole number", float: "decimal number", str: "string", list: "array",
+             tuple: "array", dict: "table"}
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return f"{names.get(type(value), type(value).__name__)} {shown}"
+
+
+# --- resolution: subset > dataset > general > argument > default ----------------------------------------
+
+def resolve_datasets(args: Any, user_config: dict | None) -> list[DatasetSpec]:
+    """Resolve every dataset and subset value (spec §3.2-§3.4).
+
+    `args` is any object with sd-scripts argument names as attributes (missing ones count as unset).
+    Without `user_config`, the dataset comes from --train_data_dir/--reg_data_dir folders or --in_json.
+    """
+    source = str(getattr(args, "dataset_config", None) or "dataset config")
+    if user_config is None:
+        user_config = _config_from_arguments(args)
+        source = "command line"
+    else:
+        _warn_ignored_folder_arguments(args)
+    config = validate_dataset_config(user_config, source)
+    general = config.get("general", {})
+    arguments = _argument_values(args)
+    problems: list[str] = []
+    specs = []
+    for i, dataset in enumerate(config.get("datasets", [])):
+        spec = _resolve_dataset(dataset, general, arguments, f"{source}: datasets[{i}]", problems)
+        if spec is not None:
+            specs.append(spec)
+    if problems:
+        raise ConfigError(problems)
+    if not specs:
+        raise ConfigError(f"{source}: no [[datasets]] with [[datasets.subsets]] found; add at least one subset "
+                          "with image_dir = \"path/to/images\".")
+    return specs
+
+
+def _resolve_dataset(dataset: dict, general: dict, arguments: dict, where: str, problems: list[str]):
+    subsets = dataset.get("subsets", [])
+    is_dreambooth = not subsets or not all("metadata_file" in s for s in subsets)
+    if not subsets:
+        problems.append(f"{where}: has no [[datasets.subsets]]; add one with image_dir = \"path/to/images\".")
+        return None
+    chain = (dataset, general, arguments)
+    values = {f.name: _first_set(f.name, chain, f.default) for f in dataclasses.fields(DatasetSpec)
+              if f.name not in ("subsets", "is_dreambooth")}
+    if not _any_set("resolution", chain):  # sd-scripts asserts; DatasetSpec's default is not used here
+        problems.append(f"{where}: no resolution. Pass --resolution 512 (or \"width,height\"), or set "
+                        "resolution = 512 in [general] or [[datasets]].")
+        return None
+    values["resolution"] = tuple(values["resolution"])
+    _check_dataset_values(values, where, problems)
+    subset_specs = []
+    seen: set[str] = set()
+    for j, subset in enumerate(subsets):
+        spec = _resolve_subset(subset, (subset, dataset, general, arguments), f"{where}.subsets[{j}]", problems)
+        identity = spec.image_dir if is_dreambooth else spec.metadata_file
+        identity = os.path.normcase(os.path.abspath(identity)) if identity else str(j)
+        if identity in seen:  # config_util: a subset repeated in one dataset is ignored (first one wins)
+            logger.warning("%s.subsets[%d]: ignoring duplicate subset %s (the first one is used)",
+                           where, j, spec.image_dir if is_dreambooth else spec.metadata_file)
+            continue
+        seen.add(identity)
+        subset_specs.append(spec)
+    return DatasetSpec(**values, subsets=tuple(subset_specs), is_dreambooth=is_dreambooth)
+
+
+def _resolve_subset(subset: dict, chain: tuple, where: str, problems: list[str]) -> SubsetSpec:
+    subset_level, arguments = chain[0], chain[-1]
+    values = {}
+    for f in dataclasses.fields(SubsetSpec):
+        # subset-only keys skip [[datasets]] and [general]; the command line (--alpha_mask) still applies
+        levels = (subset_level, arguments) if f.name in SUBSET_ONLY_KEYS else chain
+        values[f.name] = _first_set(f.name, levels, f.default)
+    extension = values["caption_extension"]
+    if extension and not extension.startswith("."):  # sd-scripts adds the dot: "txt" -> ".txt"
+        values["caption_extension"] = "." + extension
+    face_range = values["face_crop_aug_range"]
+    if face_range is not None:
+        values["face_crop_aug_range"] = tuple(float(v) for v in face_range)
+        if values["face_crop_aug_range"][0] > values["face_crop_aug_range"][1]:
+            problems.append(f"{where}.face_crop_aug_range: the first value must not exceed the second "
+                            f"(given {list(face_range)}).")
+    interpolation = subset_level.get("resize_interpolation")  # inherited values are checked with the dataset
+    if interpolation is not None and interpolation not in RESIZE_INTERPOLATIONS:
+        problems.append(f"{where}.resize_interpolation: unknown '{interpolation}'"
+                        f"{did_you_mean(interpolation, RESIZE_INTERPOLATIONS)}; use one of "
+                        f"{', '.join(RESIZE_INTERPOLATIONS)}.")
+    return SubsetSpec(**values)
+
+
+def _check_dataset_values(values: dict, where: str, problems: list[str]) -> None:
+    """Range checks sd-scripts makes with assert (or not at all); here they are messages. Snaps the
+    bucket limits to multiples of bucket_reso_steps as sd-scripts does (min down, max up)."""
+    width, height = values["resolution"]
+    if width < 1 or height < 1:
+        problems.append(f"{where}.resolution: must be positive (given {width}x{height}).")
+    if values["batch_size"] < 1:
+        problems.append(f"{where}.batch_size: must be at least 1 (given {values['batch_size']}); "
+                        "set --train_batch_size or batch_size.")
+    interpolation = values["resize_interpolation"]
+    if interpolation is not None and interpolation not in RESIZE_INTERPOLATIONS:
+        problems.append(f"{where}.resize_interpolation: unknown '{interpolation}'"
+                        f"{did_you_mean(interpolation, RESIZE_INTERPOLATIONS)}; use one of "
+                        f"{', '.join(RESIZE_INTERPOLATIONS)}.")
+    if not 0.0 <= values["validation_split"] <= 1.0:
+        logger.warning("%s: validation_split %s is not between 0 and 1; no validation split is made.",
+                       where, values["validation_split"])
+        values["validation_split"] = 0.0
+    if values["enable_bucket"]:
+        _snap_bucket_limits(values, where, problems)
+
+
+def _snap_bucket_limits(values: dict, where: str, problems: list[str]) -> None:
+    steps = values["bucket_reso_steps"]
+    if steps < 1:
+        problems.append(f"{where}.bucket_reso_steps: must be positive (given {steps}); 64 is usual.")
+        return
+    low, high = values["min_bucket_reso"], values["max_bucket_reso"]
+    if low % steps:
+        values["min_bucket_reso"] = low - low % steps
+        logger.warning("%s: min_bucket_reso %d adjusted to %d, a multiple of bucket_reso_steps %d",
+                       where, low, values["min_bucket_reso"], steps)
+    if high % steps:
+        values["max_bucket_reso"] = high + steps - high % steps
+        logger.warning("%s: max_bucket_reso %d adjusted to %d, a multiple of bucket_reso_steps %d",
+                       where, high, values["max_bucket_reso"], steps)
+    width, height = values["resolution"]
+    if min(width, height) < values["min_bucket_reso"]:
+        problems.append(f"{where}: min_bucket_reso ({values['min_bucket_reso']}) is larger than the short side of "
+                        f"resolution {width}x{height}; lower min_bucket_reso or raise the resolution.")
+    if max(width, height) > values["max_bucket_reso"]:
+        problems.append(f"{where}: max_bucket_reso ({values['max_bucket_reso']}) is smaller than the long side of "
+                        f"resolution {width}x{height}; raise max_bucket_reso or lower the resolution.")
+
+
+def verify_bucket_reso_steps(specs: list[DatasetSpec], multiple: int) -> None:
+    """sd-scripts requires bucket_reso_steps divisible by 64 (SD1/2) or 32 (SDXL) when bucketing."""
+    bad = [f"datasets[{i}].bucket_reso_steps = {spec.bucket_reso_steps}" for i, spec in enumerate(specs)
+           if spec.enable_bucket and spec.bucket_reso_steps % multiple]
+    if bad:
+        raise ConfigError([f"{item}: must be divisible by {multiple} for this model; use 64." for item in bad])
+
+
+def _first_set(name: str, chain: tuple, default: Any) -> Any:
+    for level in chain:
+        value = level.get(name)
+        if value is not None:
+            return value
+    return default
+
+
+def _any_set(name: str, chain: tuple) -> bool:
+    return any(level.get(name) is not None for level in chain)
+
+
+def _argument_values(args: Any) -> dict[str, Any]:
+    """The command-line values that act as defaults for dataset keys, under dataset-config names."""
+    names = set(GENERAL_KEYS) | {"alpha_mask"}  # --alpha_mask reaches subsets through the fallback chain
+    values = {}
+    for key in names:
+        value = getattr(args, ARGUMENT_NAME_FOR_KEY.get(key, key), None)
+        if value is not None:
+            values[key] = value
+    legacy_extension = getattr(args, "caption_extention", None)  # sd-scripts' misspelled alias wins
+    if legacy_extension is not None:
+        values["caption_extension"] = legacy_extension
+    if isinstance(values.get("resolution"), (str, int)):
+        values["resolution"] = _parse_resolution(values["resolution"])
+    if isinstance(values.get("face_crop_aug_range"), str):
+        values["face_crop_aug_range"] = _parse_float_pair(values["face_crop_aug_range"], "--face_crop_aug_range")
+    return values
+
+
+def _parse_resolution(value: str | int) -> tuple[int, int]:
+    try:
+        parts = [int(part) for part in str(value).split(",")]
+    except ValueError:
+        raise ConfigError(f"--resolution: '{value}' is not '512' or 'width,height'.") from None
+    if len(parts) not in (1, 2):
+        raise ConfigError(f"--resolution: '{value}' is not '512' or 'width,height'.")
+    return (parts[0], parts[-1])
+
+
+def _parse_float_pair(text: str, name: str) -> tuple[float, float]:
+    try:
+        parts = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 2:
+        raise ConfigError(f"{name}: '{text}' must be two numbers such as '2.0,4.0'.")
+    return parts
+
+
+def _warn_ignored_folder_arguments(args: Any) -> None:
+    for name in ("train_data_dir", "reg_data_dir", "in_json"):
+        if getattr(args, name, None) is not None:
+            logger.warning("--%s is ignored because --dataset_config is given (as in sd-scripts)", name)
+
+
+def _config_from_arguments(args: Any) -> dict:
+    """Spec §3.4: one dataset from the DreamBooth folders, or one fine-tuning subset from --in_json."""
+    from trainer.data.folders import find_dreambooth_subsets
+
+    train_data_dir = getattr(args, "train_data_dir", None)
+    in_json = getattr(args, "in_json", None)
+    if in_json is not None:
+        subset = {"metadata_file": str(in_json)}
+        if train_data_dir is not None:
+            subset["image_dir"] = str(train_data_dir)
+        return {"datasets": [{"subsets": [subset]}]}
+    if train_data_dir is None:
+        raise ConfigError("No training images given: pass --train_data_dir (the parent of folders such as "
+                          "'10_sks dog') or --dataset_config.")
+    subsets = find_dreambooth_subsets(Path(train_data_dir), is_reg=False)
+    reg_data_dir = getattr(args, "reg_data_dir", None)
+    if reg_data_dir is not None:
+        subsets += find_dreambooth_subsets(Path(reg_data_dir), is_reg=True)
+    return {"datasets": [{"subsets": subsets}]}

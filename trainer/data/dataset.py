@@ -1,0 +1,610 @@
+"""The training dataset: images and captions found once, assigned to buckets, served as pre-formed batches.
+
+Follows sd-scripts' DreamBoothDataset/FineTuningDataset (spec §3.3-§3.6, §4, §5): repeats, the balancing
+of regularisation images, buckets whose batches never mix, per-epoch reshuffles seeded with
+`seed + epoch`. The epoch, step and max-steps counters live in shared memory so DataLoader worker
+processes (forked or spawned) see what the training loop sets. The dataset never loads models: latent
+caching takes an `encode` callable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from trainer.config.dataset import DatasetSpec, SubsetSpec
+from trainer.data import cache as cache_files
+from trainer.data.buckets import (BucketManager, color_augment, face_info_from_name, fit_to_resolution, load_image,
+                                  resize_and_crop)
+from trainer.data.captions import CaptionRules, count_tags, process_caption
+from trainer.data.folders import (IMAGE_EXTENSIONS, balance_reg_images, list_images, read_finetune_metadata,
+                                  read_folder_captions, read_image_size)
+from trainer.errors import ConfigError, DatasetError
+from trainer.files import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+Size = tuple[int, int]
+INFO_CACHE_FILE = "metadata_cache.json"  # sd-scripts' --cache_info file in each image folder
+
+
+@dataclass
+class ImageRecord:
+    """One image as registered (once, whatever its repeats)."""
+
+    path: Path
+    caption: str
+    is_reg: bool
+    num_repeats: int
+    subset: int  # index into TrainDataset.subsets
+    dataset: int
+    image_size: Size | None = None  # original (W, H)
+    bucket_reso: Size | None = None
+    resized_size: Size | None = None
+    latents: torch.Tensor | None = None  # RAM cache, unscaled [4, h/8, w/8]
+    latents_flipped: torch.Tensor | None = None
+    alpha_mask: torch.Tensor | None = None
+    crop_ltrb: tuple | None = None
+    npz_path: Path | None = None  # disk cache
+
+
+@dataclass
+class UsedSubset:
+    """A subset that contributed images (skipped ones are not kept, as in sd-scripts)."""
+
+    spec: SubsetSpec
+    dataset: int
+    img_count: int
+    rules: CaptionRules
+
+
+@dataclass
+class DatasetPlan:
+    """Per dataset: its buckets (record indices, repeats included) and its batches."""
+
+    spec: DatasetSpec
+    buckets: list[tuple[Size, list[int]]] = field(default_factory=list)
+    batches: list[tuple[int, int]] = field(default_factory=list)  # (bucket index, batch index in bucket)
+    num_train_images: int = 0
+    num_reg_images: int = 0
+    num_validation_images: int = 0
+    tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
+    bucket_info: dict | None = None
+
+
+# --- building ---------------------------------------------------------------------------------------------
+
+def build_train_dataset(specs: list[DatasetSpec], *, seed: int, max_train_steps_hint: int | None = None,
+                        prior_loss_weight: float = 1.0) -> "TrainDataset":
+    """Scan images and captions of every dataset, apply repeats and reg balancing, assign buckets."""
+    records: list[ImageRecord] = []
+    subsets: list[UsedSubset] = []
+    plans = []
+    for index, spec in enumerate(specs):
+        plan = DatasetPlan(spec)
+        scan = _scan_dreambooth if spec.is_dreambooth else _scan_finetune
+        new_records = scan(spec, index, plan, subsets, seed)
+        _read_image_sizes(new_records)
+        first = len(records)
+        records.extend(new_records)
+        _assign_buckets(plan, records, range(first, len(records)))
+        _log_plan(index, plan)
+        plans.append(plan)
+    if not any(plan.batches for plan in plans):
+        raise DatasetError("No training images found in any dataset. Check image_dir / --train_data_dir: images "
+                           f"({', '.join(IMAGE_EXTENSIONS)}) must be directly inside the subset folders.")
+    return TrainDataset(records, subsets, plans, seed=seed, prior_loss_weight=prior_loss_weight,
+                        max_train_steps=max_train_steps_hint or 0)
+
+
+def _scan_dreambooth(spec: DatasetSpec, index: int, plan: DatasetPlan, subsets: list[UsedSubset],
+                     seed: int) -> list[ImageRecord]:
+    train, reg = [], []
+    for subset in spec.subsets:
+        if subset.num_repeats < 1:
+            logger.warning("ignoring subset %s: num_repeats %d is less than 1", subset.image_dir, subset.num_repeats)
+            continue
+        paths, captions, sizes = _load_image_folder(subset, spec, plan, seed)
+        if not paths:
+            continue
+        subset_index = len(subsets)
+        subsets.append(UsedSubset(subset, index, len(paths), CaptionRules.from_subset(subset)))
+        count_tags(plan.tag_frequency, Path(subset.image_dir).name, captions)
+        target = reg if subset.is_reg else train
+        for path, caption, size in zip(paths, captions, sizes):
+            target.append(ImageRecord(path, caption, subset.is_reg, subset.num_repeats, subset_index, index, size))
+        if subset.is_reg:
+            plan.num_reg_images += subset.num_repeats * len(paths)
+        else:
+            plan.num_train_images += subset.num_repeats * len(paths)
+    return train + balance_reg_images(reg, plan.num_train_images)
+
+
+def _load_image_folder(subset: SubsetSpec, spec: DatasetSpec, plan: DatasetPlan,
+                       seed: int) -> tuple[list[Path], list[str], list[Size | None]]:
+    folder = Path(subset.image_dir)
+    if not folder.is_dir():
+        raise DatasetError(f"Image folder not found: {folder}. Check image_dir (or --train_data_dir); relative "
+                           f"paths are taken from the current folder {Path.cwd()}.")
+    info_file = folder / INFO_CACHE_FILE
+    if subset.cache_info and info_file.is_file():
+        paths, captions, sizes = _read_info_cache(info_file)
+    else:
+        paths = list_images(folder)
+        captions, sizes = None, [None] * len(paths)
+    if not paths:
+        _warn_empty_folder(folder)
+        return [], [], []
+    if spec.validation_split > 0 and not subset.is_reg:
+        paths, captions, sizes = _training_part(paths, captions, sizes, spec, seed, plan)
+    if captions is None:
+        captions = read_folder_captions(paths, subset.caption_extension, subset.class_tokens,
+                                        subset.enable_wildcard, folder)
+    if subset.cache_info and not info_file.is_file():
+        sizes = [read_image_size(path) for path in paths]
+        _write_info_cache(info_file, paths, captions, sizes)
+    return paths, captions, sizes
+
+
+def _warn_empty_folder(folder: Path) -> None:
+    subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    hint = (f"; it has subfolders ({', '.join(subfolders[:5])}) but subsets are not searched recursively: "
+            "point image_dir at the folder that holds the images") if subfolders else ""
+    logger.warning("ignoring subset %s: no images found%s", folder, hint)
+
+
+def _training_part(paths, captions, sizes, spec: DatasetSpec, seed: int, plan: DatasetPlan):
+    """Spec §3.3: shuffle with validation_seed, keep the first ceil(n * (1 - split)) for training."""
+    order = list(range(len(paths)))
+    random.Random(spec.validation_seed if spec.validation_seed is not None else seed).shuffle(order)
+    keep = order[:math.ceil(len(paths) * (1 - spec.validation_split))]
+    plan.num_validation_images += len(paths) - len(keep)
+
+    def pick(items):
+        return None if items is None else [items[i] for i in keep]
+
+    return pick(paths), pick(captions), pick(sizes)
+
+
+def _read_info_cache(info_file: Path) -> tuple[list[Path], list[str], list[Size]]:
+    try:
+        metas = json.loads(info_file.read_text(encoding="utf-8"))
+        captions = [meta["caption"] for meta in metas.values()]
+        sizes = [tuple(meta["resolution"]) for meta in metas.values()]
+        return [Path(key) for key in metas], captions, sizes
+    except (ValueError, KeyError, TypeError) as error:
+        raise DatasetError(f"{info_file} is damaged ({error}); delete it and it will be rebuilt.") from None
+
+
+def _write_info_cache(info_file: Path, paths: list[Path], captions: list[str], sizes: list[Size]) -> None:
+    metas = {str(path): {"caption": caption, "resolution": list(size)}
+             for path, caption, size in zip(paths, captions, sizes)}
+    atomic_write_text(info_file, json.dumps(metas, ensure_ascii=False, indent=2))
+
+
+def _scan_finetune(spec: DatasetSpec, index: int, plan: DatasetPlan, subsets: list[UsedSubset],
+                   seed: int) -> list[ImageRecord]:
+    records = []
+    for subset in spec.subsets:
+        if subset.num_repeats < 1:
+            logger.warning("ignoring subset %s: num_repeats %d is less than 1", subset.metadata_file,
+                           subset.num_repeats)
+            continue
+        entries, tags = read_finetune_metadata(subset.metadata_file, subset.image_dir, subset.caption_separator,
+                                               subset.enable_wildcard)
+        if not entries:
+            logger.warning("ignoring subset %s: no image entries", subset.metadata_file)
+            continue
+        subset_index = len(subsets)
+        subsets.append(UsedSubset(subset, index, len(entries), CaptionRules.from_subset(subset)))
+        count_tags(plan.tag_frequency, Path(subset.metadata_file).name, tags)
+        for path, caption, size in entries:
+            records.append(ImageRecord(path, caption, False, subset.num_repeats, subset_index, index, size))
+        plan.num_train_images += len(entries) * subset.num_repeats
+    return records
+
+
+def _read_image_sizes(records: list[ImageRecord]) -> None:
+    for record in records:
+        if record.image_size is None:
+            record.image_size = read_image_size(record.path)
+
+
+def _assign_buckets(plan: DatasetPlan, records: list[ImageRecord], indices: range) -> None:
+    spec = plan.spec
+    if spec.enable_bucket:
+        if spec.bucket_no_upscale:
+            logger.info("min_bucket_reso/max_bucket_reso are not used with bucket_no_upscale: buckets follow "
+                        "the image sizes")
+        manager = BucketManager(spec.bucket_no_upscale, spec.resolution, spec.min_bucket_reso,
+                                spec.max_bucket_reso, spec.bucket_reso_steps)
+    else:
+        manager = BucketManager.single(spec.resolution)
+    members: dict[Size, list[int]] = {}
+    ar_errors = []
+    for i in indices:
+        record = records[i]
+        record.bucket_reso, record.resized_size, ar_error = manager.select_bucket(*record.image_size)
+        if min(record.bucket_reso) < 8:
+            raise DatasetError(f"Image {record.path} ({record.image_size[0]}x{record.image_size[1]}) is too small "
+                               f"for bucket_reso_steps {spec.bucket_reso_steps} with bucket_no_upscale; remove it "
+                               "or upscale it.")
+        ar_errors.append(abs(ar_error))
+        members.setdefault(record.bucket_reso, []).extend([i] * record.num_repeats)
+    plan.buckets = sorted(members.items())
+    for bucket_index, (_, items) in enumerate(plan.buckets):
+        for batch_index in range(math.ceil(len(items) / spec.batch_size)):
+            plan.batches.append((bucket_index, batch_index))
+    if spec.enable_bucket:
+        plan.bucket_info = {
+            "buckets": {i: {"resolution": list(reso), "count": len(items)}
+                        for i, (reso, items) in enumerate(plan.buckets)},
+            "mean_img_ar_error": float(np.mean(ar_errors)) if ar_errors else 0.0,
+        }
+
+
+def _log_plan(index: int, plan: DatasetPlan) -> None:
+    logger.info("dataset %d: %d train images with repeats, %d reg images with repeats, %d batches of up to %d",
+                index, plan.num_train_images, plan.num_reg_images, len(plan.batches), plan.spec.batch_size)
+    if plan.bucket_info:
+        for i, (reso, items) in enumerate(plan.buckets):
+            logger.info("  bucket %d: resolution %s, count %d", i, reso, len(items))
+        logger.info("  mean aspect-ratio error (without repeats): %.4f", plan.bucket_info["mean_img_ar_error"])
+
+
+# --- the torch Dataset ------------------------------------------------------------------------------------
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Item i is a whole batch (a dict); see `__getitem__`. Length = batches per epoch."""
+
+    def __init__(self, records: list[ImageRecord], subsets: list[UsedSubset], plans: list[DatasetPlan], *,
+                 seed: int, prior_loss_weight: float = 1.0, max_train_steps: int = 0):
+        self.records = records
+        self.subsets = subsets
+        self.plans = plans
+        self.seed = seed
+        self.prior_loss_weight = prior_loss_weight
+        # shared with DataLoader workers; plain ints are written atomically, so no lock is needed
+        self._epoch = multiprocessing.Value("i", 0, lock=False)
+        self._step = multiprocessing.Value("i", 0, lock=False)
+        self._max_train_steps = multiprocessing.Value("i", int(max_train_steps), lock=False)
+        self._offsets = np.cumsum([0] + [len(plan.batches) for plan in plans]).tolist()
+        self._order_epoch = -1
+        self._order: list[tuple[list, list]] = []
+
+    # counters ---------------------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Epochs are 1-based; each reshuffles bucket contents and batch order with seed + epoch."""
+        self._epoch.value = int(epoch)
+
+    def set_current_step(self, step: int) -> None:
+        self._step.value = int(step)
+
+    def set_max_train_steps(self, max_train_steps: int) -> None:
+        self._max_train_steps.value = int(max_train_steps)
+
+    @property
+    def current_epoch(self) -> int:
+        return self._epoch.value
+
+    def __len__(self) -> int:
+        return self._offsets[-1]
+
+    # per-epoch order --------------------------------------------------------------------------------------
+    def _order_for(self, epoch: int) -> list[tuple[list, list]]:
+        """Per dataset (batch order, bucket contents) after the shuffles of epochs 0..epoch.
+
+        sd-scripts shuffles once when the buckets are made (epoch 0), then again at each new epoch,
+        each time after random.seed(seed + epoch); reproduced here so any process gets the same order.
+        """
+        if epoch < self._order_epoch or not self._order:
+            self._order = [(list(plan.batches), [list(items) for _, items in plan.buckets]) for plan in self.plans]
+            self._order_epoch = -1
+        while self._order_epoch < epoch:
+            self._order_epoch += 1
+            for batches, contents in self._order:  # each dataset seeds anew, as each sd-scripts dataset does
+                rng = random.Random(self.seed + self._order_epoch)
+                rng.shuffle(batches)
+                for bucket in contents:
+                    rng.shuffle(bucket)
+        return self._order
+
+    def batch_records(self, index: int) -> list[ImageRecord]:
+        """The records of batch `index` in the current epoch."""
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        dataset = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        batches, contents = self._order_for(self._epoch.value)[dataset]
+        bucket, batch = batches[index - self._offsets[dataset]]
+        size = self.plans[dataset].spec.batch_size
+        return [self.records[i] for i in contents[bucket][batch * size:(batch + 1) * size]]
+
+    # items ------------------------------------------------------------------------------------------------
+    def __getitem__(self, index: int) -> dict:
+        """One batch. Keys (B = batch size, H x W = bucket size):
+        images (B,3,H,W) in [-1,1] or None when latents are cached; latents (B,4,H/8,W/8) unscaled or None;
+        captions list[str]; loss_weights (B,); original_sizes_hw, crop_top_lefts, target_sizes_hw (B,2) long;
+        image_paths list[str]; flipped list[bool]; alpha_masks (B,H,W) or None; network_multipliers (B,).
+        """
+        records = self.batch_records(index)
+        epoch, step, max_steps = self._epoch.value, self._step.value, self._max_train_steps.value
+        # augmentation randomness depends only on (seed, epoch, batch), not on which worker runs it
+        rng = random.Random(f"{self.seed}:{epoch}:{index}")
+        samples = [self._sample(record, rng, epoch, step, max_steps) for record in records]
+        return _collate(samples)
+
+    def _sample(self, record: ImageRecord, rng: random.Random, epoch: int, step: int, max_steps: int) -> dict:
+        used = self.subsets[record.subset]
+        subset = used.spec
+        flipped = subset.flip_aug and rng.random() < 0.5
+        if record.latents is not None or record.npz_path is not None:
+            sample = self._cached_sample(record, flipped)
+        else:
+            sample = self._image_sample(record, subset, flipped, rng)
+        target_w, target_h = sample["target_size"]
+        left, top, right, _ = sample.pop("crop_ltrb")
+        if flipped:  # crop-left as seen in the mirrored image (spec §5.3)
+            left = target_w - right
+        original_w, original_h = sample.pop("original_size")
+        sample.update(
+            original_hw=(int(original_h), int(original_w)), crop_top_left=(int(top), int(left)),
+            target_hw=(int(target_h), int(target_w)), flipped=flipped, path=str(record.path),
+            loss_weight=self.prior_loss_weight if record.is_reg else 1.0,
+            multiplier=self.plans[record.dataset].spec.network_multiplier,
+            caption=process_caption(record.caption, used.rules, rng=rng, epoch=epoch, step=step,
+                                    max_train_steps=max_steps))
+        return sample
+
+    def _cached_sample(self, record: ImageRecord, flipped: bool) -> dict:
+        if record.latents is not None:
+            latents = record.latents_flipped if flipped else record.latents
+            mask, crop, original = record.alpha_mask, record.crop_ltrb, record.image_size
+        else:
+            cached = cache_files.load_latents_npz(record.npz_path)
+            if flipped and cached.latents_flipped is None:  # only possible with skip_cache_check
+                raise DatasetError(f"{record.npz_path} has no flipped latents (needed by flip_aug). Delete the file "
+                                   "or run without --skip_cache_check so it is made again.")
+            latents = torch.from_numpy(cached.latents_flipped if flipped else cached.latents)
+            mask = None if cached.alpha_mask is None else torch.from_numpy(cached.alpha_mask)
+            crop, original = cached.crop_ltrb, cached.original_size
+        if mask is not None and flipped:
+            mask = torch.flip(mask, dims=[1])
+        target = (latents.shape[2] * 8, latents.shape[1] * 8)
+        return dict(image=None, latents=latents.float(), alpha_mask=mask, target_size=target, crop_ltrb=crop,
+                    original_size=original)
+
+    def _image_sample(self, record: ImageRecord, subset: SubsetSpec, flipped: bool, rng: random.Random) -> dict:
+        spec = self.plans[record.dataset].spec
+        image = load_image(record.path, alpha=subset.alpha_mask)
+        if spec.enable_bucket:
+            array, crop = resize_and_crop(image, record.resized_size, record.bucket_reso,
+                                          random_crop=subset.random_crop, rng=rng,
+                                          interpolation=subset.resize_interpolation)
+            original = image.size
+        else:
+            face = face_info_from_name(record.path.stem) if subset.face_crop_aug_range else None
+            array, original, crop = fit_to_resolution(
+                image, record.resized_size, spec.resolution, face=face, face_range=subset.face_crop_aug_range,
+                random_crop=subset.random_crop, rng=rng, interpolation=subset.resize_interpolation)
+        if subset.color_aug:
+            array = color_augment(array, rng)
+        if flipped:
+            array = array[:, ::-1]
+        mask = alpha_mask_of(array) if subset.alpha_mask else None
+        tensor = image_to_tensor(array[:, :, :3])
+        return dict(image=tensor, latents=None, alpha_mask=mask, target_size=(tensor.shape[2], tensor.shape[1]),
+                    crop_ltrb=crop, original_size=original)
+
+    # latent caching ---------------------------------------------------------------------------------------
+    def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], *, vae_batch_size: int, to_disk: bool,
+                      family: str = "sd1", skip_cache_check: bool = False,
+                      progress: Callable[[int, int], None] | None = None) -> None:
+        """Encode every image once (spec §6): kept in RAM, or in sd-scripts' .npz files next to the images.
+
+        `encode` maps images (B,3,H,W) in [-1,1] to unscaled latents (B,4,H/8,W/8) (a VAE sample).
+        Call before making the DataLoader. Valid existing .npz files are reused (`skip_cache_check`:
+        any existing file). `progress(done, total)` is called after each VAE batch.
+        """
+        self._refuse_uncacheable()
+        todo = []
+        for record in self.records:
+            if to_disk:
+                record.npz_path = cache_files.latents_npz_path(record.path, record.image_size, family)
+                subset = self.subsets[record.subset].spec
+                if cache_files.latents_npz_is_valid(record.npz_path, record.bucket_reso, flip_aug=subset.flip_aug,
+                                                    alpha_mask=subset.alpha_mask, skip_check=skip_cache_check):
+                    continue
+            todo.append(record)
+        logger.info("caching latents: %d images to encode, %d reused from disk", len(todo),
+                    len(self.records) - len(todo))
+        groups: dict[tuple, list[ImageRecord]] = {}
+        for record in todo:
+            subset = self.subsets[record.subset].spec
+            groups.setdefault((record.bucket_reso, subset.flip_aug, subset.alpha_mask), []).append(record)
+        done, step = 0, max(1, vae_batch_size)
+        for (_, flip_aug, alpha_mask), members in sorted(groups.items()):
+            for start in range(0, len(members), step):
+                chunk = members[start:start + step]
+                self._encode_chunk(chunk, encode, flip_aug=flip_aug, alpha_mask=alpha_mask, to_disk=to_disk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, len(todo))
+
+    def _refuse_uncacheable(self) -> None:
+        bad = [used.spec.image_dir or used.spec.metadata_file for used in self.subsets
+               if used.spec.color_aug or used.spec.random_crop]
+        if bad:
+            raise ConfigError(f"--cache_latents / --cache_latents_to_disk cannot be used with color_aug or "
+                              f"random_crop (set for: {', '.join(bad)}): cached latents cannot change per epoch. "
+                              "Turn those augmentations off or do not cache latents.")
+
+    def _encode_chunk(self, chunk: list[ImageRecord], encode: Callable, *, flip_aug: bool, alpha_mask: bool,
+                      to_disk: bool) -> None:
+        arrays, crops = [], []
+        for record in chunk:
+            subset = self.subsets[record.subset].spec
+            array, crop = resize_and_crop(load_image(record.path, alpha=alpha_mask), record.resized_size,
+                                          record.bucket_reso, random_crop=False, rng=random.Random(0),
+                                          interpolation=subset.resize_interpolation)
+            arrays.append(array)
+            crops.append(crop)
+        images = torch.stack([image_to_tensor(array[:, :, :3]) for array in arrays])
+        with torch.no_grad():
+            latents = encode(images).float().cpu()
+            flipped = encode(torch.flip(images, dims=[3])).float().cpu() if flip_aug else None
+        if not torch.isfinite(latents).all() or (flipped is not None and not torch.isfinite(flipped).all()):
+            raise DatasetError(f"The VAE produced NaN/inf latents for {chunk[0].path} (and its batch). The VAE "
+                               "overflows in fp16: use --no_half_vae or an fp16-fixed VAE.")
+        for i, record in enumerate(chunk):
+            mask = alpha_mask_of(arrays[i]) if alpha_mask else None
+            latents_flipped = None if flipped is None else flipped[i]
+            if to_disk:
+                cache_files.save_latents_npz(record.npz_path, latents[i], record.image_size, crops[i],
+                                             latents_flipped, mask)
+            else:
+                record.latents, record.latents_flipped = latents[i].clone(), latents_flipped
+                record.alpha_mask, record.crop_ltrb = mask, crops[i]
+
+    # information for metadata -----------------------------------------------------------------------------
+    @property
+    def num_train_images(self) -> int:
+        """Training images times repeats, all datasets (ss_num_train_images)."""
+        return sum(plan.num_train_images for plan in self.plans)
+
+    @property
+    def num_reg_images(self) -> int:
+        """Reg images times folder repeats, before balancing (ss_num_reg_images)."""
+        return sum(plan.num_reg_images for plan in self.plans)
+
+    @property
+    def num_validation_images(self) -> int:
+        """Images held out by validation_split (not trained on)."""
+        return sum(plan.num_validation_images for plan in self.plans)
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        """{folder name: {tag: count}}; a folder used by several datasets is counted once (the first)."""
+        merged: dict[str, dict[str, int]] = {}
+        for plan in self.plans:
+            for directory, counts in plan.tag_frequency.items():
+                merged.setdefault(directory, counts)
+        return merged
+
+    def dataset_dirs_info(self) -> dict[str, dict[str, int]]:
+        """{folder name: {"n_repeats", "img_count"}} of non-reg subsets; repeated names get " (2)", " (3)"."""
+        info: dict[str, dict[str, int]] = {}
+        for used in self.subsets:
+            if used.spec.is_reg:
+                continue
+            source = used.spec.metadata_file if used.spec.metadata_file else used.spec.image_dir
+            name, n = Path(source).name, 2
+            key = name
+            while key in info:
+                key, n = f"{name} ({n})", n + 1
+            info[key] = {"n_repeats": used.spec.num_repeats, "img_count": used.img_count}
+        return info
+
+    def reg_dataset_dirs_info(self) -> dict[str, dict[str, int]]:
+        return {Path(used.spec.image_dir).name: {"n_repeats": used.spec.num_repeats, "img_count": used.img_count}
+                for used in self.subsets if used.spec.is_reg}
+
+    def bucket_info(self) -> dict | None:
+        """Bucket counts of the first dataset (ss_bucket_info); None without bucketing."""
+        return self.plans[0].bucket_info if self.plans else None
+
+    def datasets_metadata(self) -> list[dict]:
+        """The ss_datasets list (spec §8.2), one entry per dataset."""
+        return [self._dataset_metadata(index, plan) for index, plan in enumerate(self.plans)]
+
+    def _dataset_metadata(self, index: int, plan: DatasetPlan) -> dict:
+        spec = plan.spec
+        return {
+            "is_dreambooth": spec.is_dreambooth, "batch_size_per_device": spec.batch_size,
+            "num_train_images": plan.num_train_images, "num_reg_images": plan.num_reg_images,
+            "resolution": list(spec.resolution), "enable_bucket": bool(spec.enable_bucket),
+            "min_bucket_reso": spec.min_bucket_reso if spec.enable_bucket else None,
+            "max_bucket_reso": spec.max_bucket_reso if spec.enable_bucket else None,
+            "tag_frequency": plan.tag_frequency, "bucket_info": plan.bucket_info,
+            "resize_interpolation": spec.resize_interpolation,
+            "subsets": [_subset_metadata(used, spec.is_dreambooth) for used in self.subsets if used.dataset == index],
+        }
+
+
+def _subset_metadata(used: UsedSubset, is_dreambooth: bool) -> dict:
+    s = used.spec
+    meta = {"img_count": used.img_count, "num_repeats": s.num_repeats, "color_aug": bool(s.color_aug),
+            "flip_aug": bool(s.flip_aug), "random_crop": bool(s.random_crop),
+            "shuffle_caption": bool(s.shuffle_caption), "keep_tokens": s.keep_tokens,
+            "keep_tokens_separator": s.keep_tokens_separator, "secondary_separator": s.secondary_separator,
+            "enable_wildcard": bool(s.enable_wildcard), "caption_prefix": s.caption_prefix,
+            "caption_suffix": s.caption_suffix, "resize_interpolation": s.resize_interpolation}
+    if s.image_dir:
+        meta["image_dir"] = Path(s.image_dir).name
+    if is_dreambooth:
+        meta["class_tokens"] = s.class_tokens
+        meta["is_reg"] = s.is_reg
+    else:
+        meta["metadata_file"] = Path(s.metadata_file).name
+    return meta
+
+
+# --- batches --------------------------------------------------------------------------------------------
+
+def image_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """H x W x 3 uint8 -> (3, H, W) float in [-1, 1] (ToTensor + Normalize(0.5, 0.5))."""
+    channels_first = np.array(np.transpose(array, (2, 0, 1)), dtype=np.float32)  # a writable copy
+    return torch.from_numpy(channels_first).div_(127.5).sub_(1.0)
+
+
+def alpha_mask_of(array: np.ndarray) -> torch.Tensor:
+    """(H, W) loss mask: alpha / 255, or ones for an image without alpha (spec §5.4)."""
+    if array.shape[2] == 4:
+        return torch.from_numpy(array[:, :, 3].astype(np.float32) / 255.0)
+    return torch.ones(array.shape[:2], dtype=torch.float32)
+
+
+def _collate(samples: list[dict]) -> dict:
+    images = [s["image"] for s in samples]
+    latents = [s["latents"] for s in samples]
+    masks = [s["alpha_mask"] for s in samples]
+    if any(m is not None for m in masks):
+        height, width = samples[0]["target_hw"]
+        masks = [m if m is not None else torch.ones(height, width) for m in masks]
+    return {
+        "images": torch.stack(images) if images[0] is not None else None,
+        "latents": torch.stack(latents) if latents[0] is not None else None,
+        "captions": [s["caption"] for s in samples],
+        "loss_weights": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32),
+        "original_sizes_hw": torch.tensor([s["original_hw"] for s in samples], dtype=torch.long),
+        "crop_top_lefts": torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.long),
+        "target_sizes_hw": torch.tensor([s["target_hw"] for s in samples], dtype=torch.long),
+        "image_paths": [s["path"] for s in samples],
+        "flipped": [s["flipped"] for s in samples],
+        "alpha_masks": torch.stack(masks) if masks[0] is not None else None,
+        "network_multipliers": torch.tensor([s["multiplier"] for s in samples], dtype=torch.float32),
+    }
+
+
+def _single_batch(items: list[dict]) -> dict:
+    """collate_fn: the DataLoader's batch size is 1 because every item already is a batch."""
+    return items[0]
+
+
+def make_dataloader(dataset: TrainDataset, *, num_workers: int, persistent_workers: bool,
+                    seed: int) -> torch.utils.data.DataLoader:
+    """Shuffled DataLoader over the pre-formed batches; workers capped at the CPU count (0 = main process)."""
+    workers = max(0, min(int(num_workers), os.cpu_count() or 1))
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=True, collate_fn=_single_batch,
+                                       num_workers=workers, persistent_workers=persistent_workers and workers > 0,
+                                       generator=generator)
