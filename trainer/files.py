@@ -21,6 +21,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     temp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield temp
+        _use_default_permissions(temp)
         os.replace(temp, final)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -32,3 +33,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write UTF-8 text to `path` through a temporary file and a rename."""
     with atomic_path(path) as temp:
         temp.write_text(text, encoding="utf-8")
+
+
+def _use_default_permissions(path: Path) -> None:
+    """Some writers (safetensors) create files readable by their owner only; give them the usual mode."""
+    mask = os.umask(0)
+    os.umask(mask)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o666 & ~mask)

@@ -8,6 +8,7 @@ model for the demo and smoke tests.
 Unlike sd-scripts, nothing here needs the network for a local file: the component configs are shipped in
 `configs/` and the CLIP tokenizers are built from a vocabulary file a PyPI package ships (tokenizer.py).
 Everything that can go wrong because of what the user gave raises `ModelLoadError` with the fix spelled out.
+Reading checkpoint files and telling what they hold lives in checkpoint.py; writing them in export.py.
 """
 
 from __future__ import annotations
@@ -21,6 +22,24 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from trainer.errors import ModelLoadError, did_you_mean
+from trainer.models.checkpoint import (  # noqa: F401  (re-exported: trainer.models.load's public names)
+    FAMILIES,
+    SD1_TE,
+    SD2_TE,
+    SDXL_TE1,
+    SDXL_TE2,
+    UNET,
+    VAE,
+    WRONG_KIND,
+    classify_checkpoint,
+    corrupt_error,
+    detect_family,
+    normalise_te_keys,
+    read_checkpoint,
+    read_checkpoint_shapes,
+    short_message,
+    torch_load,
+)
 from trainer.models.tokenizer import openai_clip_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -114,97 +133,26 @@ def load_models(name_or_path: str, *, v2: bool = False, v_parameterization: bool
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Family detection and flag checks
+# Family and flag checks
 
 
-def detect_family(shapes: Mapping[str, tuple], source: str = "the checkpoint") -> str:
-    """"sd1" | "sd2" | "sdxl" from an LDM state dict's key -> shape map (no weights needed).
-
-    Anything that is not a full SD base model (a LoRA, a VAE, an SDXL refiner, a diffusers component file,
-    an unknown safetensors) raises ModelLoadError saying what the file looks like and what to do.
-    """
-    kind = classify_checkpoint(shapes)
-    if kind in ("sd1", "sd2", "sdxl"):
-        return kind
-    raise ModelLoadError(f"{source} {_WRONG_KIND[kind]}")
-
-
-_WRONG_KIND = {
-    "lora": "is a LoRA / LyCORIS file (its keys start with lora_ or hold lora_down/lora_up weights), not a "
-            "base model. Fix: set --pretrained_model_name_or_path to the Stable Diffusion checkpoint the LoRA "
-            "was trained on; use --network_weights to continue training this LoRA.",
-    "vae": "holds only VAE weights (encoder./decoder.), not a full base model. Fix: pass it as --vae and set "
-           "--pretrained_model_name_or_path to a full SD checkpoint.",
-    "embedding": "is a textual-inversion embedding, not a base model. Fix: point "
-                 "--pretrained_model_name_or_path at a full SD checkpoint.",
-    "sdxl-refiner": "is an SDXL refiner, which cannot be trained as a base model. Fix: use the SDXL base "
-                    "checkpoint (or a model fine-tuned from it).",
-    "inpaint": "is an inpainting model (its UNet takes 9 input channels); LoRA training needs a normal "
-               "text-to-image model (4 input channels). Fix: use the non-inpainting version of the model.",
-    "unet-only": "has UNet weights (model.diffusion_model.*) but no text encoder, so it is not a complete "
-                 "SD checkpoint. Fix: download the full checkpoint (the 'full' or 'pruned' file, not a "
-                 "UNet-only one), or use a diffusers folder.",
-    "diffusers-component": "holds diffusers-format weights of a single component (for example a folder's "
-                           "unet/diffusion_pytorch_model.safetensors). Fix: point --pretrained_model_name_or_path "
-                           "at the diffusers folder that contains model_index.json instead.",
-    "text-encoder-only": "holds only text-encoder weights, not a full base model. Fix: use the full SD "
-                         "checkpoint.",
-    "unknown": "is not a Stable Diffusion checkpoint this trainer recognises (expected SD1.x, SD2.x or SDXL "
-               "in the original LDM layout: keys model.diffusion_model.*, first_stage_model.*, and "
-               "cond_stage_model.* or conditioner.embedders.*). Fix: check that you picked the right file; "
-               "models of other architectures (SD3, Flux, ...) are not supported.",
-}
-
-SD1_TE = "cond_stage_model.transformer."
-SD2_TE = "cond_stage_model.model."
-SDXL_TE1 = "conditioner.embedders.0.transformer."
-UNET = "model.diffusion_model."
-VAE = "first_stage_model."
-
-
-def classify_checkpoint(shapes: Mapping[str, tuple]) -> str:
-    """What an LDM-layout state dict holds: a family name, or one of the keys of _WRONG_KIND."""
-    keys = list(shapes)
-    if not keys:
-        return "unknown"
-    if any(k.startswith(("lora_", "lycoris_")) or ".lora_down." in k or ".lora.down." in k or ".lora_A." in k
-           or "hada_w1" in k or "lokr_w1" in k for k in keys):
-        return "lora"
-    if any(k in ("emb_params", "string_to_param", "clip_l", "clip_g") or k.startswith("string_to_param.")
-           for k in keys) and len(keys) <= 4:
-        return "embedding"
-    has_unet = any(k.startswith(UNET) for k in keys)
-    conv_in = tuple(shapes.get(UNET + "input_blocks.0.0.weight", ()))
-    if len(conv_in) == 4 and conv_in[1] != 4:  # 9 = latents + mask + masked image
-        return "inpaint"
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        if not any(k.startswith(SDXL_TE1) for k in keys) and any(k.startswith("conditioner.embedders.0.model.")
-                                                                  for k in keys):
-            return "sdxl-refiner"
-        return "sdxl" if has_unet else "text-encoder-only"
-    has_te = any(k.startswith("cond_stage_model.") for k in keys)
-    if has_unet and has_te:
-        return _sd1_or_sd2(shapes)
-    if has_unet:
-        return "unet-only"
-    if has_te:
-        return "text-encoder-only"
-    if all(k.startswith((VAE, "encoder.", "decoder.", "quant_conv.", "post_quant_conv.")) for k in keys):
-        return "vae"
-    if any(k.startswith(("down_blocks.", "up_blocks.", "mid_block.", "text_model.", "encoder.layers."))
-           for k in keys):
-        return "diffusers-component"
-    return "unknown"
-
-
-def _sd1_or_sd2(shapes: Mapping[str, tuple]) -> str:
-    """SD2 uses OpenCLIP ViT-H (cond_stage_model.model., 1024-d); SD1 uses OpenAI CLIP-L (transformer., 768-d).
-
-    The layout decides; v-prediction cannot be read from the weights, so --v_parameterization is trusted.
-    """
-    if any(k.startswith(SD2_TE) for k in shapes):
-        return "sd2"
-    return "sd1"
+def detect_model_family(name_or_path: str) -> str:
+    """"sd1" | "sd2" | "sdxl" of what load_models would load, without building any model: for tools
+    (merge, export) that take the family from the weights instead of from --v2 / the script choice."""
+    spec = _strip_quotes(str(name_or_path))
+    path = Path(spec).expanduser()
+    if spec.startswith("builtin:"):
+        key = spec.split(":", 1)[1]
+        if key not in BUILTIN_MODELS:
+            raise ModelLoadError(f'Unknown built-in model "{spec}"{did_you_mean(key, BUILTIN_MODELS)}.')
+        return "sd1"
+    if path.is_dir():
+        return _folder_family(path.resolve())
+    if path.is_file():
+        return detect_family(read_checkpoint_shapes(path.resolve()), f'"{path.resolve()}"')
+    if _looks_like_hub_id(spec):
+        return _folder_family(_download_from_hub(spec))
+    raise _missing_path_error(path)
 
 
 def _check_family_flags(family: str, *, v2: bool, sdxl: bool, v_parameterization: bool, source: str,
@@ -299,7 +247,7 @@ def _folder_family(folder: Path) -> str:
                 f"download the complete folder, or use a single-file .safetensors checkpoint.")
     unet_cfg = _read_json(folder / "unet" / "config.json")
     if unet_cfg.get("in_channels", 4) != 4:
-        raise ModelLoadError(f'"{folder}" {_WRONG_KIND["inpaint"]}')
+        raise ModelLoadError(f'"{folder}" {WRONG_KIND["inpaint"]}')
     if "text_encoder_2" in index or unet_cfg.get("addition_embed_type") == "text_time":
         return "sdxl"
     hidden = _read_json(folder / "text_encoder" / "config.json").get("hidden_size")
@@ -315,7 +263,7 @@ def _from_pretrained(cls, folder: Path, sub: str, dtype):
     except Exception as e:  # OSError (missing file), SafetensorError (truncated), ValueError (shape), ...
         found = sorted(p.name for p in (folder / sub).iterdir()) if (folder / sub).is_dir() else []
         raise ModelLoadError(
-            f'Could not load {sub}/ of the diffusers folder "{folder}": {_short(e)}\n'
+            f'Could not load {sub}/ of the diffusers folder "{folder}": {short_message(e)}\n'
             f"Files there: {', '.join(found) or 'none'}. Expected {sub}/config.json and one weights file "
             f"({' or '.join(WEIGHT_FILES[:2] if sub in ('unet', 'vae') else WEIGHT_FILES[2:])}). Fix: "
             f"download that file again (a truncated download is the usual cause).") from None
@@ -333,7 +281,7 @@ def _folder_tokenizers(folder: Path, family: str, cache_dir: str | None) -> list
             try:
                 tok = CLIPTokenizer.from_pretrained(str(folder / sub), local_files_only=True)
             except Exception as e:
-                logger.warning("Could not read %s (%s); using the built-in CLIP tokenizer.", folder / sub, _short(e))
+                logger.warning("Could not read %s (%s); using the built-in CLIP tokenizer.", folder / sub, short_message(e))
         if tok is not None and i == 1:
             tok.pad_token = "!"  # sd-scripts forces SDXL tokenizer 2's pad id to 0 ("!")
         result.append(tok or fallback[i])
@@ -378,7 +326,7 @@ def _download_from_hub(repo_id: str, patterns: list[str] | None = None) -> Path:
                 f"diffusers folder, or run once with network access to cache it.") from None
         raise ModelLoadError(
             f'"{repo_id}" is not a local file or folder, and downloading it as a Hugging Face hub id failed: '
-            f"{_short(e)}. Fix: check the path (or the repo id, and whether the repo needs a login).") from None
+            f"{short_message(e)}. Fix: check the path (or the repo id, and whether the repo needs a login).") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -388,12 +336,12 @@ def _download_from_hub(repo_id: str, patterns: list[str] | None = None) -> Path:
 def _load_single_file(path: Path, dtype, vae_dtype, tokenizer_cache_dir, flags: dict) -> dict:
     """A .safetensors/.ckpt in the original LDM layout, converted with diffusers' single-file mapping and
     the shipped configs (no network)."""
-    raw = None if path.suffix.lower() == ".safetensors" else _torch_load(path)  # a pickle is read only once
+    raw = None if path.suffix.lower() == ".safetensors" else torch_load(path)  # a pickle is read only once
     shapes = read_checkpoint_shapes(path) if raw is None else {k: tuple(v.shape) for k, v in raw.items()}
     family = detect_family(shapes, f'"{path}"')
     _check_family_flags(family, source=f'"{path}"', **flags)
     root = CONFIG_DIR / _config_variant(family, shapes, flags["v_parameterization"], path)
-    state = _normalise_te_keys(read_checkpoint(path, lambda k: vae_dtype if k.startswith(VAE) else dtype, raw))
+    state = normalise_te_keys(read_checkpoint(path, lambda k: vae_dtype if k.startswith(VAE) else dtype, raw))
     del raw
     unet = _component_from_ldm("UNet2DConditionModel", state, root, "unet", dtype, path)
     vae = _component_from_ldm("AutoencoderKL", state, root, "vae", vae_dtype, path)
@@ -425,18 +373,6 @@ def _config_variant(family: str, shapes: Mapping[str, tuple], v_parameterization
     return {"sd1": "sd15", "sdxl": "sdxl"}[family]
 
 
-def _normalise_te_keys(state: dict) -> dict:
-    """Old SD1 files lack the `text_model.` level in their CLIP keys; add it (as sd-scripts does) and drop
-    the position_ids buffer, which newer transformers no longer stores."""
-    out = {}
-    for k, v in state.items():
-        if k.endswith("embeddings.position_ids"):
-            continue
-        if k.startswith(SD1_TE) and not k.startswith(SD1_TE + "text_model."):
-            k = SD1_TE + "text_model." + k[len(SD1_TE):]
-        out[k] = v
-    return out
-
 
 def _component_from_ldm(class_name: str, state: dict, root: Path, sub: str, dtype, path: Path):
     """One component via diffusers' LDM->diffusers mapping; a weight left unloaded is an error, not noise."""
@@ -453,7 +389,7 @@ def _component_from_ldm(class_name: str, state: dict, root: Path, sub: str, dtyp
             model = getattr(diffusers, class_name).from_single_file(state, config=str(root), subfolder=sub,
                                                                     local_files_only=True, torch_dtype=dtype)
     except Exception as e:  # shape mismatch, missing component, ...
-        raise ModelLoadError(f'Could not load the {sub} from "{path}": {_short(e)}. The file does not match the '
+        raise ModelLoadError(f'Could not load the {sub} from "{path}": {short_message(e)}. The file does not match the '
                              f"{root.name} architecture it was detected as; it may be damaged or a "
                              f"modified architecture. Fix: re-download it, or use a diffusers folder.") from None
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -462,94 +398,6 @@ def _component_from_ldm(class_name: str, state: dict, root: Path, sub: str, dtyp
                              f"file is incomplete or pruned too far. Fix: download the full checkpoint again.")
     return model.eval()
 
-
-def read_checkpoint_shapes(path: Path) -> dict[str, tuple]:
-    """key -> shape of a checkpoint; for .safetensors from the header alone (also catches truncation)."""
-    if path.suffix.lower() == ".safetensors":
-        return {k: tuple(v["shape"]) for k, v in _safetensors_header(path).items()}
-    return {k: tuple(v.shape) for k, v in _torch_load(path).items()}
-
-
-def read_checkpoint(path: Path, dtype_for, preloaded: dict | None = None) -> dict:
-    """All tensors of a checkpoint (EMA copies skipped), floating ones cast to `dtype_for(key)` one by one."""
-    skip = ("model_ema.",)
-    if preloaded is None and path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
-        out = {}
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for k in f.keys():
-                    if not k.startswith(skip):
-                        out[k] = _cast(f.get_tensor(k), dtype_for(k))
-        except Exception as e:
-            raise _corrupt_error(path, f"reading it failed ({_short(e)})") from None
-        return out
-    source = preloaded if preloaded is not None else _torch_load(path)
-    return {k: _cast(v, dtype_for(k)) for k, v in source.items() if not k.startswith(skip)}
-
-
-def _cast(t, dtype):
-    return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
-
-
-def _safetensors_header(path: Path) -> dict:
-    """The tensor table of a .safetensors file, checked against the file size (truncated downloads)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n <= 0 or n > min(size - 8, 200_000_000):
-            text = head + f.read(200)
-            if text.lstrip().lower().startswith((b"<!doctype", b"<html", b"{")):
-                raise _corrupt_error(path, "it is a web page or text file, not model weights (the download site "
-                                           "probably sent a login or error page)")
-            raise _corrupt_error(path, "it does not start with a safetensors header")
-        raw = f.read(n)
-    try:
-        table = json.loads(raw.decode("utf-8"))
-        table.pop("__metadata__", None)
-        end = max((int(v["data_offsets"][1]) for v in table.values()), default=0)
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-        raise _corrupt_error(path, "its header is damaged (or it was cut short inside the header)") from None
-    if 8 + n + end > size:
-        raise _corrupt_error(path, f"it is {size / 2**20:.1f} MiB but its header describes "
-                                   f"{(8 + n + end) / 2**20:.1f} MiB: the download was cut short")
-    return table
-
-
-def _torch_load(path: Path) -> dict:
-    """A .ckpt/.pt state dict via torch.load(weights_only=True): tensors only, no code runs."""
-    import pickle
-
-    import torch
-
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" in str(e) or "zipfile" in str(e).lower() and "legacy" in str(e).lower():
-            obj = _torch_load_no_mmap(path, torch)
-        else:
-            raise _corrupt_error(path, f"torch could not read it ({_short(e)})") from None
-    except pickle.UnpicklingError as e:
-        raise ModelLoadError(
-            f'"{path}" is a pickle that needs more than plain tensors to load ({_short(e, 200)}). It is refused '
-            f"because loading such a file can run arbitrary code. Fix: convert it to .safetensors with a "
-            f"trusted tool, or download the .safetensors version of the model.") from None
-    except (EOFError, OSError, ValueError) as e:
-        raise _corrupt_error(path, f"torch could not read it ({_short(e)})") from None
-    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]  # Lightning checkpoints wrap the weights
-    if not isinstance(obj, dict):
-        raise _corrupt_error(path, f"it holds a {type(obj).__name__}, not a state dict")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def _torch_load_no_mmap(path: Path, torch):
-    try:  # the old (non-zip) .ckpt format cannot be memory-mapped
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise _corrupt_error(path, f"torch could not read it ({_short(e)})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -580,7 +428,7 @@ def load_vae(spec: str, config_root: Path, dtype):
     shapes = read_checkpoint_shapes(path)
     kind = classify_checkpoint(shapes)
     if kind not in ("vae", "sd1", "sd2", "sdxl", "diffusers-component"):
-        raise ModelLoadError(f'--vae "{path}" {_WRONG_KIND[kind]}'.replace("not a base model", "not a VAE"))
+        raise ModelLoadError(f'--vae "{path}" {WRONG_KIND[kind]}'.replace("not a base model", "not a VAE"))
     state = read_checkpoint(path, lambda k: dtype)
     if kind == "diffusers-component" or any(k.startswith("encoder.down_blocks.") for k in state):
         return _vae_from_diffusers_keys(state, config_root, dtype, path)
@@ -599,7 +447,7 @@ def _vae_from_diffusers_keys(state: dict, config_root: Path, dtype, path: Path):
     try:
         vae.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
-        raise ModelLoadError(f'--vae "{path}" does not fit this model\'s VAE: {_short(e)}. Fix: use a VAE made '
+        raise ModelLoadError(f'--vae "{path}" does not fit this model\'s VAE: {short_message(e)}. Fix: use a VAE made '
                              f"for this model family.") from None
     return vae.to(dtype).eval()
 
@@ -642,11 +490,6 @@ def _folder_without_index_error(folder: Path) -> ModelLoadError:
         f".safetensors/.ckpt checkpoint file. Fix: point --pretrained_model_name_or_path at one of those.")
 
 
-def _corrupt_error(path: Path, reason: str) -> ModelLoadError:
-    return ModelLoadError(f'"{path}" cannot be read as model weights: {reason}. Expected a complete '
-                          f"Stable Diffusion .safetensors/.ckpt checkpoint. Fix: download the file again and "
-                          f"check its size against the size shown on the download page.")
-
 
 def _looks_like_hub_id(spec: str) -> bool:
     """owner/name that is not a local path (a local "owner" folder means the user meant a path)."""
@@ -659,13 +502,9 @@ def _strip_quotes(text: str) -> str:
     return text[1:-1] if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" else text
 
 
-def _short(error: Exception, limit: int = 300) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text[:limit] + ("..." if len(text) > limit else "")
-
 
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f'"{path}" is not valid JSON ({_short(e)}). Fix: download it again.') from None
+        raise ModelLoadError(f'"{path}" is not valid JSON ({short_message(e)}). Fix: download it again.') from None

@@ -113,7 +113,8 @@ class ConsoleListener:
         self.console.print(f"saved {d['path']}")
 
     def on_warning(self, d: dict) -> None:
-        self.console.print(f"[yellow]warning:[/] {d['message']}")
+        if d.get("source") is None:  # warnings from loggers are already on the console via logging
+            self.console.print(f"[yellow]warning:[/] {d['message']}")
 
     def on_info(self, d: dict) -> None:
         self.console.print(d["message"])
@@ -127,8 +128,7 @@ class ConsoleListener:
         self.console.print(f"[green]Done[/] in {d['seconds']:.0f} s: {d['path']}")
 
     def on_failed(self, d: dict) -> None:
-        self._stop()
-        self.console.print(f"[red]Training stopped:[/] {d['reason']}")
+        self._stop()  # the reason itself is printed once, by the command line's error handler
 
     def _stop(self) -> None:
         if self.progress is not None:

@@ -1,0 +1,176 @@
+"""End to end: sd-scripts arguments in, a LoRA file out, on a tiny diffusers model and generated pictures."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import make_dreambooth_folder, make_image
+from trainer.cli import main
+from trainer.config.args import parse_train_args
+from trainer.train.events import RecordingListener, Reporter
+from trainer.train.run import run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base_args(model_dir, data_dir, out_dir, *extra):
+    return ["--pretrained_model_name_or_path", str(model_dir), "--train_data_dir", str(data_dir),
+            "--output_dir", str(out_dir), "--output_name", "my lora", "--resolution", "64",
+            "--caption_extension", ".txt", "--network_module", "networks.lora", "--network_dim", "4",
+            "--learning_rate", "1e-3", "--max_train_steps", "4", "--train_batch_size", "2", "--seed", "1",
+            "--max_data_loader_n_workers", "0", *extra]
+
+
+def read_lora(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def test_cli_trains_a_lora_with_sd_scripts_arguments(tiny_sd1_dir, train_data_dir, tmp_path):
+    out = tmp_path / "出力 folder"
+    code = main(["train", *base_args(tiny_sd1_dir, train_data_dir, out, "--save_precision", "fp16",
+                                     "--save_every_n_steps", "2")])
+    assert code == 0
+    final = out / "my lora.safetensors"
+    tensors, meta = read_lora(final)
+    downs = [k for k in tensors if k.endswith(".lora_down.weight")]
+    assert any(k.startswith("lora_unet_") for k in downs) and any(k.startswith("lora_te_") for k in downs)
+    assert len(tensors) == 3 * len(downs)  # down, up and alpha per module, nothing else
+    assert all(t.dtype == torch.float16 for t in tensors.values())
+    assert all(tensors[k.replace("lora_down.weight", "alpha")].dim() == 0 for k in downs)
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_steps"] == "4" and meta["ss_output_name"] == "my lora"
+    assert json.loads(meta["ss_tag_frequency"]) and json.loads(meta["ss_dataset_dirs"])
+    assert "sshs_model_hash" in meta and "modelspec.architecture" in meta
+    assert (out / "my lora-step00000002.safetensors").exists()  # --save_every_n_steps
+    assert not list(out.glob("*.tmp-*"))
+    events = [json.loads(line) for line in (out / "my lora.events.jsonl").read_text(encoding="utf-8").splitlines()]
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] != "failed" and "run_started" in kinds and "step" in kinds and kinds[-1] == "finished"
+    steps = [e for e in events if e["kind"] == "step"]
+    assert steps[-1]["step"] == 4 and steps[-1]["total"] == 4 and steps[-1]["loss"] > 0
+
+
+def test_unet_only_run_saves_only_unet_modules(tiny_sd1_dir, train_data_dir, tmp_path):
+    cfg = parse_train_args(base_args(tiny_sd1_dir, train_data_dir, tmp_path, "--network_train_unet_only",
+                                     "--max_train_steps", "1"))
+    recorder = RecordingListener()
+    final = run_training(cfg, listeners=[recorder])
+    tensors, meta = read_lora(final)
+    assert tensors and all(k.startswith("lora_unet_") for k in tensors)
+    assert tensors[next(k for k in tensors if k.endswith(".alpha"))].dtype == torch.int64  # sd-scripts' default 1
+    assert recorder.of("finished")
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(tiny_sd1_dir, train_data_dir, tmp_path):
+    from trainer.train.build import prepare_training
+    from trainer.train.loop import compute_loss
+
+    cfg = parse_train_args(base_args(tiny_sd1_dir, train_data_dir, tmp_path, "--learning_rate", "3e-3",
+                                     "--network_dim", "8", "--network_alpha", "8"))
+    setup = prepare_training(cfg, Reporter())
+    setup.dataset.set_epoch(1)
+    batch = next(iter(setup.dataloader))
+
+    def fixed_loss():
+        torch.manual_seed(123)  # same timesteps and noise every time
+        with torch.no_grad():
+            return compute_loss(setup, batch).item()
+
+    before = fixed_loss()
+    for _ in range(30):
+        torch.manual_seed(123)
+        loss = compute_loss(setup, batch)
+        setup.accelerator.backward(loss)
+        setup.optimizer.step()
+        setup.optimizer.zero_grad()
+    after = fixed_loss()
+    assert after < before * 0.9, (before, after)
+
+
+def test_trained_file_loads_in_diffusers_with_every_key_used(tiny_sd1_dir, train_data_dir, tmp_path):
+    pytest.importorskip("peft")
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.lora import LoraLayer
+
+    cfg = parse_train_args(base_args(tiny_sd1_dir, train_data_dir, tmp_path, "--learning_rate", "1e-2"))
+    final = run_training(cfg, listeners=[])
+    tensors, _ = read_lora(final)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd1_dir), safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+
+    def render():
+        return pipe("sks shape", num_inference_steps=2, height=64, width=64, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    without = render()
+    pipe.load_lora_weights(str(final.parent), weight_name=final.name)
+    layers = [m for part in (pipe.unet, pipe.text_encoder) for m in part.modules()
+              if isinstance(m, LoraLayer) and m.lora_A]
+    assert len(layers) == sum(k.endswith(".lora_down.weight") for k in tensors)
+    assert not torch.allclose(render(), without)
+
+
+def test_bad_data_folder_stops_before_training_and_keeps_old_output(tiny_sd1_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    existing = out / "my lora.safetensors"
+    existing.write_bytes(b"an earlier LoRA")
+    image_folder = make_dreambooth_folder(tmp_path / "train", "10_sks shape")
+    # the user points at the 10_ folder itself instead of its parent
+    code = main(["train", *base_args(tiny_sd1_dir, image_folder, out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "parent" in err.lower() and "Traceback" not in err
+    assert existing.read_bytes() == b"an earlier LoRA"
+
+
+def test_missing_data_folder_is_named(tiny_sd1_dir, tmp_path, capsys):
+    code = main(["train", *base_args(tiny_sd1_dir, tmp_path / "no such folder", tmp_path / "out")])
+    assert code == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_corrupt_image_is_named(tiny_sd1_dir, tmp_path, capsys):
+    folder = make_dreambooth_folder(tmp_path / "train", "10_sks shape", n=2)
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    code = main(["train", *base_args(tiny_sd1_dir, folder.parent, tmp_path / "out")])
+    assert code == 2
+    assert "broken.png" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_the_weights_so_far(tiny_sd1_dir, train_data_dir, tmp_path, monkeypatch):
+    from trainer.train import loop
+
+    real = loop.compute_loss
+    calls = {"n": 0}
+
+    def interrupt_on_third(setup, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(setup, batch)
+
+    monkeypatch.setattr(loop, "compute_loss", interrupt_on_third)
+    code = main(["train", *base_args(tiny_sd1_dir, train_data_dir, tmp_path)])
+    assert code == 130
+    assert (tmp_path / "my lora-step00000002.safetensors").exists()
+    assert not (tmp_path / "my lora.safetensors").exists()
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_train_network_shim_and_demo_preset(tmp_path):
+    """`python train_network.py --config_file presets/demo.toml` from another folder, as sd-scripts users do."""
+    result = subprocess.run([sys.executable, str(ROOT / "train_network.py"), "--config_file",
+                             str(ROOT / "presets" / "demo.toml"), "--max_train_epochs", "1",
+                             "--save_every_n_epochs", "1"],
+                            cwd=tmp_path, capture_output=True, text=True, encoding="utf-8", timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    tensors, meta = read_lora(tmp_path / "output" / "demo-lora.safetensors")
+    assert meta["ss_num_epochs"] == "1" and len(tensors) > 0
+    assert list((tmp_path / "demo_data" / "train" / "10_shp shape").glob("*.png"))
