@@ -64,3 +64,23 @@ def final_layer_norm(text_encoder):
     """transformers 5 dropped CLIPTextModel's `text_model.` level; CLIPTextModelWithProjection keeps it."""
     inner = getattr(text_encoder, "text_model", text_encoder)
     return inner.final_layer_norm
+
+
+class Conditioning:
+    """What the UNet is conditioned on for one batch: cross-attention states, plus SDXL's added inputs."""
+
+    def __init__(self, context: torch.Tensor, added: dict | None = None):
+        self.context = context
+        self.added = added
+
+    def unet_kwargs(self, dtype: torch.dtype) -> dict:
+        kwargs = {"encoder_hidden_states": self.context.to(dtype)}
+        if self.added is not None:
+            kwargs["added_cond_kwargs"] = {k: v.to(dtype) for k, v in self.added.items()}
+        return kwargs
+
+
+def encode_batch(models, batch: dict, *, max_token_length: int | None, clip_skip: int | None, device) -> Conditioning:
+    """The batch's captions through the model's text encoder(s) (SD1/SD2: one encoder)."""
+    ids = tokenize_captions(models.tokenizers[0], batch["captions"], max_token_length)
+    return Conditioning(encode_tokens(models.text_encoders[0], ids.to(device), clip_skip))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.models.text import encode_tokens, tokenize_captions
+from trainer.models.text import encode_batch
 from trainer.train import noise as N
 from trainer.train.build import DiffusionSettings, TrainingSetup
 from trainer.train.events import Reporter
@@ -70,8 +70,8 @@ def compute_loss(setup: TrainingSetup, batch: dict) -> torch.Tensor:
     s, models, device = setup.settings, setup.models, setup.accelerator.device
     latents = batch_latents(batch, models.vae, s.latent_scale, device, setup.weight_dtype)
     with torch.set_grad_enabled(setup.train_text_encoder):
-        ids = tokenize_captions(models.tokenizers[0], batch["captions"], s.max_token_length)
-        context = encode_tokens(models.text_encoders[0], ids.to(device), s.clip_skip)
+        conditioning = encode_batch(models, batch, max_token_length=s.max_token_length, clip_skip=s.clip_skip,
+                                    device=device)
     timesteps = N.sample_timesteps(latents.shape[0], s.min_timestep, s.max_timestep, device)
     noise = N.make_noise(latents, noise_offset=s.noise_offset, offset_random_strength=s.noise_offset_random_strength,
                          adaptive_noise_scale=s.adaptive_noise_scale, multires_iterations=s.multires_noise_iterations,
@@ -79,7 +79,8 @@ def compute_loss(setup: TrainingSetup, batch: dict) -> torch.Tensor:
     noisy = N.noisy_latents(models.noise_scheduler, latents, noise, timesteps, ip_noise_gamma=s.ip_noise_gamma,
                             ip_random_strength=s.ip_noise_gamma_random_strength)
     with setup.accelerator.autocast():
-        prediction = models.unet(noisy.to(setup.weight_dtype), timesteps, context.to(setup.weight_dtype)).sample
+        prediction = models.unet(noisy.to(setup.weight_dtype), timesteps,
+                                 **conditioning.unet_kwargs(setup.weight_dtype)).sample
     target = N.training_target(models.noise_scheduler, latents, noise, timesteps, s.v_parameterization)
     return weighted_loss(prediction, target, timesteps, batch["loss_weights"].to(device), s,
                          models.noise_scheduler.alphas_cumprod)
