@@ -209,14 +209,14 @@ class TrainConfig:
     conditioning_data_dir: str | None = arg(None, "mask images folder", LOSS, REFUSE)
 
     # ------------------------------------------------------------------ samples
-    sample_prompts: str | None = arg(None, "prompt file for sample images", SAMPLING, WARN,
-                                     note="sample images are not generated yet; the trained LoRA is unaffected")
-    sample_every_n_steps: int | None = arg(None, "sample every N steps", SAMPLING, WARN,
-                                           note="sample images are not generated yet")
-    sample_every_n_epochs: int | None = arg(None, "sample every N epochs", SAMPLING, WARN,
-                                            note="sample images are not generated yet")
-    sample_at_first: bool = flag("sample before training", SAMPLING, WARN, note="sample images are not generated yet")
-    sample_sampler: str = arg("ddim", "sampler for samples", SAMPLING, WARN, note="sample images are not generated yet")
+    sample_prompts: str | None = arg(None, "prompt file for sample images (.txt, .toml or .json)", SAMPLING)
+    sample_every_n_steps: int | None = arg(None, "sample every N steps", SAMPLING)
+    sample_every_n_epochs: int | None = arg(None, "sample every N epochs (wins over steps)", SAMPLING)
+    sample_at_first: bool = flag("sample before training", SAMPLING)
+    sample_sampler: str = arg("ddim", "sampler for samples", SAMPLING,
+                              choices=("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a",
+                                       "dpmsolver", "dpmsolver++", "dpmsingle", "k_lms", "k_euler", "k_euler_a",
+                                       "k_dpm_2", "k_dpm_2_a"))
 
     # ------------------------------------------------------------------ dataset
     dataset_config: str | None = arg(None, "dataset TOML/JSON ([general], [[datasets]], [[datasets.subsets]])",

@@ -90,6 +90,7 @@ class TrainingSetup:
     lr_scheduler: Any
     plan: RunPlan
     saver: Saver
+    sampler: Any  # train.sample.Sampler, or NoSampler when sampling is off
     settings: DiffusionSettings
     train_text_encoder: bool
     max_grad_norm: float
@@ -214,6 +215,7 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
     set_seed(seed)
     check_output_dir(Path(cfg.output_dir or "output"))
     dataset = build_dataset(cfg, seed)
+    prompts = load_sample_prompts(cfg)
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mixed_precision = select_mixed_precision(cfg.mixed_precision, device_type)
@@ -256,11 +258,12 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
         import dataclasses
         cfg = dataclasses.replace(cfg, save_every_n_epochs=max(1, plan.num_epochs // cfg.save_n_epoch_ratio))
     saver = build_saver(cfg, accelerator.unwrap_model(network), metadata, reporter, accelerator.is_main_process)
+    sampler = build_sampler(cfg, prompts, models, network, accelerator, reporter)
     reporter.emit("info", message=f"attention: {attention}; device: {accelerator.device}; "
                                   f"precision: {mixed_precision}; optimizer: {optimizer_name}")
     return TrainingSetup(
         accelerator=accelerator, models=models, network=network, dataset=dataset, dataloader=dataloader,
-        optimizer=optimizer, lr_scheduler=lr_scheduler, plan=plan, saver=saver,
+        optimizer=optimizer, lr_scheduler=lr_scheduler, plan=plan, saver=saver, sampler=sampler,
         settings=DiffusionSettings.from_config(cfg, v_parameterization=models.v_parameterization,
                                                latent_scale=models.latent_scale),
         train_text_encoder=cfg.train_text_encoder and network_has_text_encoder(network, accelerator),
@@ -293,3 +296,30 @@ def enable_gradient_checkpointing(models, train_text_encoder: bool) -> None:
         for encoder in models.text_encoders:
             encoder.gradient_checkpointing_enable()
             encoder.train()
+
+
+def load_sample_prompts(cfg: TrainConfig) -> list:
+    """Read the prompt file before any model loads, so a mistake in it stops the run at once."""
+    from trainer.train.sample import load_prompts
+
+    wants_samples = cfg.sample_at_first or (cfg.sample_every_n_steps or 0) > 0 or (cfg.sample_every_n_epochs or 0) > 0
+    if not cfg.sample_prompts:
+        if wants_samples:
+            log.warning("Sampling is scheduled but --sample_prompts is not given: no sample images.")
+        return []
+    return load_prompts(cfg.sample_prompts)
+
+
+def build_sampler(cfg: TrainConfig, prompts: list, models, network, accelerator, reporter: Reporter):
+    from trainer.train.sample import NoSampler, SampleSchedule, Sampler
+
+    schedule = SampleSchedule(every_n_steps=cfg.sample_every_n_steps if (cfg.sample_every_n_steps or 0) > 0 else None,
+                              every_n_epochs=cfg.sample_every_n_epochs if (cfg.sample_every_n_epochs or 0) > 0
+                              else None, at_first=cfg.sample_at_first)
+    if not prompts or not accelerator.is_main_process or schedule == SampleSchedule():
+        return NoSampler()
+    return Sampler(prompts, schedule, output_dir=Path(cfg.output_dir or "output"), output_name=cfg.output_name,
+                   default_sampler=cfg.sample_sampler, models=models,
+                   network=accelerator.unwrap_model(network), clip_skip=cfg.clip_skip,
+                   device=accelerator.device, autocast=accelerator.autocast,
+                   on_image=lambda path, prompt: reporter.emit("sample", path=str(path), prompt=prompt))

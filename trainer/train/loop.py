@@ -29,6 +29,7 @@ def train(setup: TrainingSetup, reporter: Reporter) -> Path:
                   summary=summary_lines(setup))
     meter = StepMeter(plan.max_train_steps)
     step, epoch = 0, 0
+    setup.sampler.at_first()
     try:
         for epoch in range(1, plan.num_epochs + 1):
             setup.dataset.set_epoch(epoch)
@@ -50,9 +51,11 @@ def train(setup: TrainingSetup, reporter: Reporter) -> Path:
                 setup.dataset.set_current_step(step)
                 report_step(reporter, meter, step, epoch, setup)
                 setup.saver.at_step(step, plan.max_train_steps, epoch)
+                setup.sampler.at_step(step)
                 if step >= plan.max_train_steps:
                     break
             setup.saver.at_epoch_end(epoch, plan.num_epochs, step)
+            setup.sampler.at_epoch_end(epoch)
             if step >= plan.max_train_steps:
                 break
     except KeyboardInterrupt:
