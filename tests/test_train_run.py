@@ -174,3 +174,24 @@ def test_train_network_shim_and_demo_preset(tmp_path):
     tensors, meta = read_lora(tmp_path / "output" / "demo-lora.safetensors")
     assert meta["ss_num_epochs"] == "1" and len(tensors) > 0
     assert list((tmp_path / "demo_data" / "train" / "10_shp shape").glob("*.png"))
+
+
+def test_save_state_and_resume_continue_the_same_run(tiny_sd1_dir, train_data_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", *base_args(tiny_sd1_dir, train_data_dir, straight)]) == 0
+    assert main(["train", *base_args(tiny_sd1_dir, train_data_dir, resumed, "--save_state",
+                                     "--save_every_n_steps", "2", "--max_train_steps", "2")]) == 0
+    state = resumed / "my lora-state"
+    assert (state / "train_state.json").is_file() and not list(resumed.glob("*.tmp-*"))
+    assert main(["train", *base_args(tiny_sd1_dir, train_data_dir, resumed, "--resume", str(state))]) == 0
+    a, b = load_file(straight / "my lora.safetensors"), load_file(resumed / "my lora.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_resume_from_a_missing_state_is_an_error_not_a_fresh_start(tiny_sd1_dir, train_data_dir, tmp_path, capsys):
+    code = main(["train", *base_args(tiny_sd1_dir, train_data_dir, tmp_path, "--resume", str(tmp_path / "nope"))])
+    assert code == 2
+    assert "no training state" in capsys.readouterr().err
+    assert not (tmp_path / "my lora.safetensors").exists()

@@ -50,7 +50,10 @@ def _print_error(message: str) -> None:
     try:
         from rich.console import Console
 
-        Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+        from rich.markup import escape
+
+        # soft_wrap: long paths are wrapped by the terminal, not broken by inserted newlines
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     except ImportError:
         print(f"error: {message}", file=sys.stderr)
 
@@ -63,6 +66,7 @@ def cmd_train(argv: list[str]) -> int:
     if cfg.output_config:
         print(f"wrote {write_output_config(cfg)}")
         return 0
+    quiet_libraries()
     from trainer.train.run import run_training
 
     return 0 if run_training(cfg) else 1
@@ -114,3 +118,12 @@ def setup_logging(level: str | None = None, log_file: str | None = None) -> None
         root.addHandler(file_handler)
     for noisy in ("diffusers", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def quiet_libraries() -> None:
+    """The libraries' own progress bars ("Loading weights") would garble ours."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()

@@ -56,8 +56,8 @@ class TrainConfig:
         None, "base model: a .safetensors/.ckpt file, a diffusers folder, a hub id, or builtin:tiny-sd1", MODEL)
     v2: bool = flag("the base model is Stable Diffusion 2.x", MODEL)
     v_parameterization: bool = flag("train with the v-prediction target (SD2 768-v models)", MODEL)
-    sdxl: bool = flag("the base model is SDXL (what sdxl_train_network.py sets)", SDXL, REFUSE,
-                      note="SDXL training is not supported yet")
+    sdxl: bool = flag("the base model is SDXL (what sdxl_train_network.py sets; detected from the model when "
+                      "not given)", SDXL)
     tokenizer_cache_dir: str | None = arg(None, "folder to read/write CLIP tokenizers for offline use", MODEL)
     vae: str | None = arg(None, "replacement VAE (file or diffusers folder)", MODEL)
     no_half_vae: bool = flag("keep the VAE in fp32 under mixed precision", MODEL)
@@ -142,11 +142,11 @@ class TrainConfig:
     save_n_epoch_ratio: int | None = arg(None, "save about N times over the run", SAVING)
     save_last_n_epochs: int | None = arg(None, "keep only the last N epoch files", SAVING)
     save_last_n_steps: int | None = arg(None, "keep only step files of the last N steps", SAVING)
-    save_last_n_epochs_state: int | None = arg(None, "retention of epoch states", SAVING, REFUSE)
-    save_last_n_steps_state: int | None = arg(None, "retention of step states", SAVING, REFUSE)
-    save_state: bool = flag("also save optimizer state for --resume", SAVING, REFUSE)
-    save_state_on_train_end: bool = flag("save optimizer state at the end", SAVING, REFUSE)
-    resume: str | None = arg(None, "state folder to resume from", SAVING, REFUSE)
+    save_last_n_epochs_state: int | None = arg(None, "keep only the last N epoch states", SAVING)
+    save_last_n_steps_state: int | None = arg(None, "keep only the states of the last N steps", SAVING)
+    save_state: bool = flag("also save a state folder (optimizer, scheduler, RNG) for --resume", SAVING)
+    save_state_on_train_end: bool = flag("save a state folder at the end", SAVING)
+    resume: str | None = arg(None, "state folder to continue from", SAVING)
     train_batch_size: int = arg(1, "images per step", TRAINING)
     max_train_steps: int = arg(1600, "number of optimizer steps", TRAINING)
     max_train_epochs: int | None = arg(None, "number of epochs (overrides --max_train_steps)", TRAINING)
@@ -264,10 +264,10 @@ class TrainConfig:
     dataset_class: str | None = arg(None, "custom dataset class", DATASET, REFUSE)
 
     # ------------------------------------------------------------------ SDXL script only
-    cache_text_encoder_outputs: bool = flag("cache text-encoder outputs (SDXL)", SDXL, REFUSE,
-                                            note="SDXL training is not supported yet")
-    cache_text_encoder_outputs_to_disk: bool = flag("cache text-encoder outputs on disk (SDXL)", SDXL, REFUSE,
-                                                    note="SDXL training is not supported yet")
+    cache_text_encoder_outputs: bool = flag("encode captions once before training (SDXL; implies "
+                                            "--network_train_unet_only)", SDXL)
+    cache_text_encoder_outputs_to_disk: bool = flag("cache text-encoder outputs in <image>_te_outputs.npz files "
+                                                    "(SDXL; implies --cache_text_encoder_outputs)", SDXL)
 
     # ------------------------------------------------------------------ modelspec metadata
     metadata_title: str | None = arg(None, "modelspec title", METADATA)
@@ -557,6 +557,13 @@ def _apply_aliases(values: dict[str, Any]) -> list[str]:
             values["optimizer_type"] = values["optimizer_type"] or name
     if values["cache_latents_to_disk"]:
         values["cache_latents"] = True
+    if values["cache_text_encoder_outputs_to_disk"]:
+        values["cache_text_encoder_outputs"] = True
+    if values["cache_text_encoder_outputs"] and not values["network_train_unet_only"] \
+            and not values["network_train_text_encoder_only"]:
+        log.warning("--cache_text_encoder_outputs: training the UNet LoRA only (--network_train_unet_only), "
+                    "because cached text-encoder outputs cannot follow a text-encoder LoRA.")
+        values["network_train_unet_only"] = True
     return problems
 
 
@@ -599,6 +606,7 @@ def check_combinations(v: dict[str, Any]) -> list[str]:
     if v["v2"] and v["clip_skip"] is not None:
         log.warning("--clip_skip with --v2: SD2 was trained on the penultimate layer already; this is usually "
                     "not what you want.")
+    problems += _check_sdxl(v)
     if v["cache_latents"] and (v["color_aug"] or v["random_crop"]):
         problems.append("--cache_latents cannot be used with --color_aug or --random_crop (cached latents cannot "
                         "be augmented); drop one of them.")
@@ -613,6 +621,36 @@ def check_combinations(v: dict[str, Any]) -> list[str]:
         parse_network_args(v["network_args"])
     except ConfigError as e:
         problems += e.problems
+    return problems
+
+
+# Caption options that change a caption every step; cached text-encoder outputs cannot follow them.
+PER_STEP_CAPTION_OPTIONS = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+                            "caption_tag_dropout_rate", "token_warmup_step")
+
+
+def _check_sdxl(v: dict[str, Any]) -> list[str]:
+    """sdxl_train_network.py's own rules (spec §1.12). Subset values from a dataset TOML are checked again
+    when the dataset is built (trainer.train.text_cache)."""
+    problems = []
+    if v["sdxl"] and v["v2"]:
+        problems.append("--v2 is for Stable Diffusion 2.x models and cannot be used with SDXL (--sdxl / "
+                        "sdxl_train_network.py); remove --v2.")
+    if v["sdxl"] and v["clip_skip"] is not None:
+        log.warning("--clip_skip has no effect on SDXL: its text-encoder layers are fixed (as in sd-scripts).")
+    if v["cache_text_encoder_outputs"]:
+        for name in PER_STEP_CAPTION_OPTIONS:
+            if v[name]:
+                problems.append(f"--cache_text_encoder_outputs cannot be used with --{name}: the outputs are made "
+                                f"once per image, but --{name} changes the caption every step. Remove --{name} or "
+                                "--cache_text_encoder_outputs(_to_disk).")
+        if v["network_train_text_encoder_only"]:
+            problems.append("--cache_text_encoder_outputs trains the UNet LoRA only, and "
+                            "--network_train_text_encoder_only the text encoders only: nothing would be trained. "
+                            "Keep one of them.")
+    if v["sdxl"] and v["text_encoder_lr"] and len(v["text_encoder_lr"]) > 1:
+        log.warning("--text_encoder_lr: networks.lora uses the first value (%s) for both SDXL text encoders, as "
+                    "sd-scripts does.", v["text_encoder_lr"][0])
     return problems
 
 

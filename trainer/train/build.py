@@ -89,6 +89,7 @@ class TrainingSetup:
     optimizer: Any
     lr_scheduler: Any
     plan: RunPlan
+    resume: Any  # train.state.ResumePoint: where the loop starts
     saver: Saver
     sampler: Any  # train.sample.Sampler, or NoSampler when sampling is off
     settings: DiffusionSettings
@@ -96,6 +97,7 @@ class TrainingSetup:
     max_grad_norm: float
     scale_weight_norms: float | None
     weight_dtype: torch.dtype
+    text_cache: Any = None  # SDXL --cache_text_encoder_outputs: trainer.train.text_cache.TextEncoderOutputCache
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -103,13 +105,45 @@ def resolve_seed(seed: int | None) -> int:
 
 
 def build_dataset(cfg: TrainConfig, seed: int):
-    from trainer.config.dataset import load_dataset_config, resolve_datasets
+    from trainer.config.dataset import load_dataset_config, resolve_datasets, verify_bucket_reso_steps
     from trainer.data.dataset import build_train_dataset
 
     user_config = load_dataset_config(cfg.dataset_config) if cfg.dataset_config else None
     specs = resolve_datasets(cfg, user_config)
-    return build_train_dataset(specs, seed=seed, prior_loss_weight=cfg.prior_loss_weight,
-                               max_train_steps_hint=cfg.max_train_steps)
+    verify_bucket_reso_steps(specs, 32 if cfg.sdxl else 64)  # the UNet's downsampling (spec §1.4)
+    dataset = build_train_dataset(specs, seed=seed, prior_loss_weight=cfg.prior_loss_weight,
+                                  max_train_steps_hint=cfg.max_train_steps)
+    if cfg.cache_text_encoder_outputs:
+        from trainer.train.text_cache import check_cacheable
+
+        check_cacheable(dataset)  # subset options from a dataset TOML; the CLI ones were checked by args.py
+    return dataset
+
+
+def resolve_model_family(cfg: TrainConfig) -> TrainConfig:
+    """train_network.py vs sdxl_train_network.py (--sdxl): the weights decide, a disagreeing script or flag
+    gets a warning. Only where telling the family is cheap (a folder, a .safetensors header, a hub id):
+    for a pickled .ckpt, load_models checks the flag against the weights and names the right script."""
+    import dataclasses
+
+    from trainer.models.load import detect_model_family
+
+    spec = str(cfg.pretrained_model_name_or_path or "").strip().strip("\"'")
+    path = Path(spec).expanduser()
+    if not (path.is_file() and path.suffix.lower() != ".safetensors"):
+        family = detect_model_family(spec)
+        if (family == "sdxl") != cfg.sdxl:
+            if family == "sdxl":
+                log.warning("%s is an SDXL model: training an SDXL LoRA, as sdxl_train_network.py would "
+                            "(use sdxl_train_network.py or --sdxl to say so).", spec)
+            else:
+                log.warning("%s is an %s model, not SDXL: training it as train_network.py would (drop --sdxl / "
+                            "use train_network.py to say so).", spec, family.upper())
+            cfg = dataclasses.replace(cfg, sdxl=family == "sdxl")
+    if cfg.cache_text_encoder_outputs and not cfg.sdxl:
+        raise ConfigError("--cache_text_encoder_outputs(_to_disk) is for SDXL models only (as in sd-scripts); "
+                          f"{spec} is not SDXL. Remove the option.")
+    return cfg
 
 
 def select_mixed_precision(requested: str, device_type: str) -> str:
@@ -182,23 +216,31 @@ def build_optimizer_and_scheduler(cfg: TrainConfig, network, plan: RunPlan, num_
     return optimizer, scheduler, name
 
 
-def build_saver(cfg: TrainConfig, network, metadata: dict[str, str], reporter: Reporter,
-                is_main_process: bool) -> Saver:
+def build_saver(cfg: TrainConfig, network, metadata: dict[str, str], reporter: Reporter, accelerator) -> Saver:
     from trainer.train.metadata import with_progress
 
     policy = SavePolicy(output_dir=Path(cfg.output_dir or "output"), output_name=cfg.output_name,
                         extension=cfg.save_model_as, every_n_epochs=cfg.save_every_n_epochs,
                         every_n_steps=cfg.save_every_n_steps, keep_last_n_epochs=cfg.save_last_n_epochs,
-                        keep_last_n_steps=cfg.save_last_n_steps)
+                        keep_last_n_steps=cfg.save_last_n_steps, save_state=cfg.save_state,
+                        save_state_at_end=cfg.save_state_on_train_end,
+                        keep_last_n_epochs_state=cfg.save_last_n_epochs_state,
+                        keep_last_n_steps_state=cfg.save_last_n_steps_state)
     dtype = save_dtype_for(cfg.save_precision)
 
     def save(path: Path, meta: dict[str, str]) -> None:
-        if is_main_process:
+        if accelerator.is_main_process:
             network.save_weights(path, dtype, meta if cfg.save_model_as == "safetensors" else None)
+
+    def save_state(folder: Path, step: int, epoch: int) -> None:
+        from trainer.train.state import save_training_state
+
+        if accelerator.is_main_process:
+            save_training_state(accelerator, folder, epoch=epoch, step=step)
 
     return Saver(policy, save,
                  metadata=lambda step, epoch: with_progress(metadata, step, epoch, minimal=cfg.no_metadata),
-                 on_saved=lambda path: reporter.emit("saved", path=str(path)))
+                 on_saved=lambda path: reporter.emit("saved", path=str(path)), save_state=save_state)
 
 
 def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
@@ -214,6 +256,7 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
     seed = resolve_seed(cfg.seed)
     set_seed(seed)
     check_output_dir(Path(cfg.output_dir or "output"))
+    cfg = resolve_model_family(cfg)
     dataset = build_dataset(cfg, seed)
     prompts = load_sample_prompts(cfg)
 
@@ -234,6 +277,13 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
 
     if cfg.cache_latents:
         cache_latents(dataset, models.vae, cfg, accelerator.device, models.family)
+    text_cache = None
+    if cfg.cache_text_encoder_outputs:
+        from trainer.train.text_cache import cache_text_encoder_outputs
+
+        text_cache = cache_text_encoder_outputs(
+            dataset, models, max_token_length=cfg.max_token_length, to_disk=cfg.cache_text_encoder_outputs_to_disk,
+            batch_size=cfg.train_batch_size, device=accelerator.device, autocast=accelerator.autocast)
     network = build_network(cfg, models)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(models, cfg.train_text_encoder)
@@ -257,17 +307,19 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
     if cfg.save_n_epoch_ratio and not cfg.save_every_n_epochs:
         import dataclasses
         cfg = dataclasses.replace(cfg, save_every_n_epochs=max(1, plan.num_epochs // cfg.save_n_epoch_ratio))
-    saver = build_saver(cfg, accelerator.unwrap_model(network), metadata, reporter, accelerator.is_main_process)
+    saver = build_saver(cfg, accelerator.unwrap_model(network), metadata, reporter, accelerator)
+    resume = restore_state(cfg, accelerator, plan)
     sampler = build_sampler(cfg, prompts, models, network, accelerator, reporter)
     reporter.emit("info", message=f"attention: {attention}; device: {accelerator.device}; "
                                   f"precision: {mixed_precision}; optimizer: {optimizer_name}")
     return TrainingSetup(
         accelerator=accelerator, models=models, network=network, dataset=dataset, dataloader=dataloader,
-        optimizer=optimizer, lr_scheduler=lr_scheduler, plan=plan, saver=saver, sampler=sampler,
+        optimizer=optimizer, lr_scheduler=lr_scheduler, plan=plan, resume=resume, saver=saver, sampler=sampler,
         settings=DiffusionSettings.from_config(cfg, v_parameterization=models.v_parameterization,
                                                latent_scale=models.latent_scale),
         train_text_encoder=cfg.train_text_encoder and network_has_text_encoder(network, accelerator),
-        max_grad_norm=cfg.max_grad_norm, scale_weight_norms=cfg.scale_weight_norms, weight_dtype=weight_dtype)
+        max_grad_norm=cfg.max_grad_norm, scale_weight_norms=cfg.scale_weight_norms, weight_dtype=weight_dtype,
+        text_cache=text_cache)
 
 
 def network_has_text_encoder(network, accelerator) -> bool:
@@ -323,3 +375,17 @@ def build_sampler(cfg: TrainConfig, prompts: list, models, network, accelerator,
                    network=accelerator.unwrap_model(network), clip_skip=cfg.clip_skip,
                    device=accelerator.device, autocast=accelerator.autocast,
                    on_image=lambda path, prompt: reporter.emit("sample", path=str(path), prompt=prompt))
+
+
+def restore_state(cfg: TrainConfig, accelerator, plan: RunPlan):
+    """--resume: load the state folder and say where the loop continues; a fresh run starts at step 0."""
+    from trainer.train.state import ResumePoint, load_training_state, resume_point
+
+    if not cfg.resume:
+        return ResumePoint()
+    done = load_training_state(accelerator, cfg.resume)
+    if done >= plan.max_train_steps:
+        raise ConfigError(f"--resume {cfg.resume}: that run already did {done} steps, and this one has "
+                          f"{plan.max_train_steps} in all. Raise --max_train_steps / --max_train_epochs to train more.")
+    log.info("Resuming from %s after step %d.", cfg.resume, done)
+    return resume_point(done, plan.steps_per_epoch, cfg.gradient_accumulation_steps)

@@ -22,6 +22,10 @@ class SavePolicy:
     every_n_steps: int | None = None
     keep_last_n_epochs: int | None = None
     keep_last_n_steps: int | None = None
+    save_state: bool = False              # a state folder beside each periodic file (and at the end)
+    save_state_at_end: bool = False
+    keep_last_n_epochs_state: int | None = None
+    keep_last_n_steps_state: int | None = None
 
     def final_file(self) -> Path:
         return self.output_dir / f"{self.output_name or 'last'}.{self.extension}"
@@ -31,6 +35,16 @@ class SavePolicy:
 
     def step_file(self, step: int) -> Path:
         return self.output_dir / f"{self.output_name or 'at'}-step{step:08d}.{self.extension}"
+
+    # sd-scripts' state folder names (accelerate's save_state layout + train_state.json)
+    def final_state(self) -> Path:
+        return self.output_dir / f"{self.output_name or 'last'}-state"
+
+    def epoch_state(self, epoch: int) -> Path:
+        return self.output_dir / f"{self.output_name or 'epoch'}-{epoch:06d}-state"
+
+    def step_state(self, step: int) -> Path:
+        return self.output_dir / f"{self.output_name or 'at'}-step{step:08d}-state"
 
     def saves_at_epoch_end(self, epoch: int, num_epochs: int) -> bool:
         """`epoch` is 1-based; the last epoch is saved as the final file instead."""
@@ -46,11 +60,26 @@ class SavePolicy:
         return self.epoch_file(old) if old > 0 else None
 
     def step_file_to_remove(self, step: int) -> Path | None:
-        if not (self.keep_last_n_steps and self.every_n_steps):
+        old = self._old_step(step, self.keep_last_n_steps)
+        return self.step_file(old) if old else None
+
+    def epoch_state_to_remove(self, epoch: int) -> Path | None:
+        keep = self.keep_last_n_epochs_state or self.keep_last_n_epochs
+        if not (keep and self.every_n_epochs):
             return None
-        old = step - self.keep_last_n_steps - 1
+        old = epoch - self.every_n_epochs * keep
+        return self.epoch_state(old) if old > 0 else None
+
+    def step_state_to_remove(self, step: int) -> Path | None:
+        old = self._old_step(step, self.keep_last_n_steps_state or self.keep_last_n_steps)
+        return self.step_state(old) if old else None
+
+    def _old_step(self, step: int, keep: int | None) -> int | None:
+        if not (keep and self.every_n_steps):
+            return None
+        old = step - keep - 1
         old -= old % self.every_n_steps
-        return self.step_file(old) if old > 0 else None
+        return old if old > 0 else None
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -70,33 +99,55 @@ class Saver:
     """Writes LoRA files with fresh metadata; the caller decides when (SavePolicy says which name)."""
 
     def __init__(self, policy: SavePolicy, save: Callable[[Path, dict[str, str]], None],
-                 metadata: Callable[[int, int], dict[str, str]], on_saved: Callable[[Path], None]):
+                 metadata: Callable[[int, int], dict[str, str]], on_saved: Callable[[Path], None],
+                 save_state: Callable[[Path, int, int], None] | None = None):
         self.policy = policy
         self._save = save
         self._metadata = metadata
         self._on_saved = on_saved
+        self._save_state = save_state if (policy.save_state or policy.save_state_at_end) else None
 
     def save(self, path: Path, step: int, epoch: int) -> Path:
         self._save(path, self._metadata(step, epoch))
         self._on_saved(path)
         return path
 
+    def state(self, folder: Path, step: int, epoch: int, *, periodic: bool = True) -> None:
+        if self._save_state and (self.policy.save_state or not periodic):
+            self._save_state(folder, step, epoch)
+            self._on_saved(folder)
+
     def at_epoch_end(self, epoch: int, num_epochs: int, step: int) -> None:
         if self.policy.saves_at_epoch_end(epoch, num_epochs):
             self.save(self.policy.epoch_file(epoch), step, epoch)
             _remove(self.policy.epoch_file_to_remove(epoch))
+            self.state(self.policy.epoch_state(epoch), step, epoch)
+            _remove_state(self.policy.epoch_state_to_remove(epoch) if self.policy.save_state else None)
 
     def at_step(self, step: int, max_steps: int, epoch: int) -> None:
         if self.policy.saves_at_step(step, max_steps):
             self.save(self.policy.step_file(step), step, epoch)
             _remove(self.policy.step_file_to_remove(step))
+            self.state(self.policy.step_state(step), step, epoch)
+            _remove_state(self.policy.step_state_to_remove(step) if self.policy.save_state else None)
 
     def final(self, step: int, epoch: int) -> Path:
-        return self.save(self.policy.final_file(), step, epoch)
+        path = self.save(self.policy.final_file(), step, epoch)
+        self.state(self.policy.final_state(), step, epoch, periodic=False)
+        return path
 
     def interrupted(self, step: int, epoch: int) -> Path:
-        """What a Ctrl-C leaves: the weights so far, under the step-file name (never the final name)."""
-        return self.save(self.policy.step_file(step), step, epoch)
+        """What a Ctrl-C leaves: the weights so far under the step-file name (never the final name), and the
+        state to --resume from when states are being saved."""
+        path = self.save(self.policy.step_file(step), step, epoch)
+        self.state(self.policy.step_state(step), step, epoch, periodic=False)
+        return path
+
+
+def _remove_state(folder: Path | None) -> None:
+    from trainer.train.state import remove_state
+
+    remove_state(folder)
 
 
 def _remove(path: Path | None) -> None:

@@ -6,16 +6,21 @@ the optimizer actually stepped. Features that are off do nothing inside their he
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
 
 import torch
 
+from trainer.errors import UserError
 from trainer.models.text import encode_batch
 from trainer.train import noise as N
 from trainer.train.build import DiffusionSettings, TrainingSetup
 from trainer.train.events import Reporter
+
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -27,14 +32,19 @@ def train(setup: TrainingSetup, reporter: Reporter) -> Path:
     acc, plan, network = setup.accelerator, setup.plan, setup.network
     reporter.emit("run_started", total_steps=plan.max_train_steps, num_epochs=plan.num_epochs,
                   summary=summary_lines(setup))
-    meter = StepMeter(plan.max_train_steps)
-    step, epoch = 0, 0
-    setup.sampler.at_first()
+    start = setup.resume
+    meter = StepMeter(plan.max_train_steps, start_step=start.step)
+    step, epoch = start.step, start.epoch
+    if not start.step:
+        setup.sampler.at_first()
     try:
-        for epoch in range(1, plan.num_epochs + 1):
+        for epoch in range(start.epoch, plan.num_epochs + 1):
             setup.dataset.set_epoch(epoch)
             network.train()
-            for batch in setup.dataloader:
+            batches = setup.dataloader
+            if epoch == start.epoch and start.batches_to_skip:
+                batches = acc.skip_first_batches(setup.dataloader, start.batches_to_skip)
+            for batch in batches:
                 with acc.accumulate(network):
                     loss = compute_loss(setup, batch)
                     acc.backward(loss)
@@ -71,10 +81,13 @@ def train(setup: TrainingSetup, reporter: Reporter) -> Path:
 def compute_loss(setup: TrainingSetup, batch: dict) -> torch.Tensor:
     """One micro-batch's loss (a scalar), sd-scripts' order of noise, prediction and weighting."""
     s, models, device = setup.settings, setup.models, setup.accelerator.device
-    latents = batch_latents(batch, models.vae, s.latent_scale, device, setup.weight_dtype)
-    with torch.set_grad_enabled(setup.train_text_encoder):
-        conditioning = encode_batch(models, batch, max_token_length=s.max_token_length, clip_skip=s.clip_skip,
-                                    device=device)
+    latents = batch_latents(batch, models.vae, s.latent_scale, device, setup.weight_dtype, family=models.family)
+    if setup.text_cache is not None:  # SDXL --cache_text_encoder_outputs
+        conditioning = setup.text_cache.conditioning(batch, device)
+    else:
+        with torch.set_grad_enabled(setup.train_text_encoder):
+            conditioning = encode_batch(models, batch, max_token_length=s.max_token_length, clip_skip=s.clip_skip,
+                                        device=device)
     timesteps = N.sample_timesteps(latents.shape[0], s.min_timestep, s.max_timestep, device)
     noise = N.make_noise(latents, noise_offset=s.noise_offset, offset_random_strength=s.noise_offset_random_strength,
                          adaptive_noise_scale=s.adaptive_noise_scale, multires_iterations=s.multires_noise_iterations,
@@ -101,16 +114,34 @@ def weighted_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: tor
     return per_sample.mean()
 
 
-def batch_latents(batch: dict, vae, latent_scale: float, device, dtype: torch.dtype) -> torch.Tensor:
-    """Cached latents, or the VAE's sample of the images; scaled as the UNet expects, NaN replaced by 0."""
+def batch_latents(batch: dict, vae, latent_scale: float, device, dtype: torch.dtype, *,
+                  family: str = "sd1") -> torch.Tensor:
+    """Cached latents, or the VAE's sample of the images; scaled as the UNet expects.
+
+    NaN latents come from a VAE overflowing in fp16 (SDXL's VAE does): with an fp16 SDXL VAE that is an error
+    naming the fix, otherwise they are replaced by 0 with a warning, as sd-scripts does."""
     if batch.get("latents") is not None:
         latents = batch["latents"].to(device)
     else:
+        vae_dtype = next(vae.parameters()).dtype
         with torch.no_grad():
-            images = batch["images"].to(device, next(vae.parameters()).dtype)
-            latents = vae.encode(images).latent_dist.sample()
-        latents = torch.nan_to_num(latents, nan=0.0)
+            latents = vae.encode(batch["images"].to(device, vae_dtype)).latent_dist.sample()
+        if torch.isnan(latents).any():  # one sync per step, only when encoding on the fly
+            _nan_latents(batch, family, vae_dtype)
+            latents = torch.nan_to_num(latents, nan=0.0)
     return (latents * latent_scale).to(dtype)
+
+
+def _nan_latents(batch: dict, family: str, vae_dtype: torch.dtype) -> None:
+    paths = ", ".join(str(p) for p in batch.get("image_paths", [])[:3])
+    if family == "sdxl" and vae_dtype == torch.float16:
+        raise UserError(f"The VAE produced NaN latents for {paths}: the SDXL VAE overflows in fp16. Fix: add "
+                        "--no_half_vae (keeps the VAE in fp32), or use an fp16-fixed SDXL VAE with --vae "
+                        "(e.g. madebyollin/sdxl-vae-fp16-fix), or --cache_latents with --no_half_vae.")
+    if "nan latents" not in _WARNED:
+        _WARNED.add("nan latents")
+        log.warning("The VAE produced NaN latents for %s; they were replaced by 0 (as sd-scripts does). If this "
+                    "repeats, use --no_half_vae or another VAE.", paths)
 
 
 def apply_max_norm(setup: TrainingSetup) -> None:
@@ -122,8 +153,9 @@ class StepMeter:
     """Loss average and speed without a GPU sync every step: losses stay on the device and are read
     (one `.item()`) only when the console is refreshed, at most a few times a second."""
 
-    def __init__(self, total_steps: int, refresh_seconds: float = 0.25):
+    def __init__(self, total_steps: int, refresh_seconds: float = 0.25, start_step: int = 0):
         self.total_steps = total_steps
+        self.start_step = start_step
         self.refresh_seconds = refresh_seconds
         self.started = time.time()
         self.last_report = 0.0
@@ -144,7 +176,8 @@ class StepMeter:
         if self.loss is not None and not math.isfinite(self.loss):
             raise NonFiniteLoss(f"the loss became {self.loss} at step {step}")
         elapsed = time.time() - self.started
-        return {"loss": self.loss, "it_per_s": step / elapsed if elapsed > 0 else None}
+        done = step - self.start_step
+        return {"loss": self.loss, "it_per_s": done / elapsed if elapsed > 0 else None}
 
 
 def report_step(reporter: Reporter, meter: StepMeter, step: int, epoch: int, setup: TrainingSetup) -> None:
