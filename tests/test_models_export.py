@@ -89,16 +89,33 @@ def _full_size(variant: str, family: str):
     return SimpleNamespace(family=family, unet=unet, vae=vae, text_encoders=encoders)
 
 
-@pytest.mark.parametrize("variant, family, counts", [
-    # SD1.5: 686 UNet, 248 VAE and 197 CLIP keys, 1131 in all, as in v1-5-pruned(-emaonly) without EMA.
-    ("sd15", "sd1", {"model.": 686, "first_stage_model.": 248, "cond_stage_model.": 197}),
+U, V = "model.diffusion_model.", "first_stage_model."
+ATTN_Q = (V + "decoder.mid.attn_1.q.weight", (512, 512, 1, 1))  # a 1x1 conv in LDM files
+
+
+@pytest.mark.parametrize("variant, family, counts, real_shapes", [
+    # SD1.5: 686 UNet, 248 VAE and 197 CLIP keys (with position_ids), as the v1-5 files hold under these
+    # prefixes; real files also carry the DDPM schedule buffers (betas, ...), which we do not write.
+    ("sd15", "sd1", {"model.": 686, "first_stage_model.": 248, "cond_stage_model.": 197},
+     dict([ATTN_Q, (U + "input_blocks.1.1.proj_in.weight", (320, 320, 1, 1)),
+           ("cond_stage_model.transformer.text_model.embeddings.position_ids", (1, 77))])),
     # SD2: OpenCLIP ViT-H with all 24 blocks (the 24th unused), text_projection and logit_scale.
-    ("sd2-768-v", "sd2", {"model.": 686, "first_stage_model.": 248, "cond_stage_model.": 24 * 12 + 6}),
+    ("sd2-768-v", "sd2", {"model.": 686, "first_stage_model.": 248, "cond_stage_model.": 24 * 12 + 6},
+     dict([ATTN_Q, (U + "input_blocks.1.1.proj_in.weight", (320, 320)),
+           ("cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight", (3072, 1024)),
+           ("cond_stage_model.model.positional_embedding", (77, 1024)),
+           ("cond_stage_model.model.text_projection", (1024, 1024)), ("cond_stage_model.model.logit_scale", ())])),
     # SDXL base: 1680 UNet keys, CLIP-L 197, OpenCLIP bigG 32 blocks + 6.
     ("sdxl", "sdxl", {"model.": 1680, "first_stage_model.": 248, "conditioner.embedders.0.": 197,
-                      "conditioner.embedders.1.": 32 * 12 + 6}),
+                      "conditioner.embedders.1.": 32 * 12 + 6},
+     dict([ATTN_Q, (U + "label_emb.0.0.weight", (1280, 2816)),
+           (U + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight", (640, 2048)),
+           (U + "output_blocks.2.2.conv.weight", (1280, 1280, 3, 3)),
+           ("conditioner.embedders.1.model.transformer.resblocks.31.mlp.c_fc.weight", (5120, 1280)),
+           ("conditioner.embedders.1.model.text_projection", (1280, 1280))])),
 ])
-def test_full_size_layout_has_the_real_keys_and_diffusers_maps_every_one_back(variant, family, counts):
+def test_full_size_layout_has_the_real_keys_and_diffusers_maps_every_one_back(variant, family, counts,
+                                                                               real_shapes):
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
         convert_ldm_unet_checkpoint,
@@ -109,6 +126,7 @@ def test_full_size_layout_has_the_real_keys_and_diffusers_maps_every_one_back(va
     models = _full_size(variant, family)
     ldm = to_ldm_state_dict(models)
     assert {p: sum(k.startswith(p) for k in ldm) for p in counts} == counts and len(ldm) == sum(counts.values())
+    assert {k: tuple(ldm[k].shape) for k in real_shapes} == real_shapes
     assert detect_family({k: tuple(v.shape) for k, v in ldm.items()}) == family
 
     def same_shapes(converted, model):

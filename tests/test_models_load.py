@@ -1,76 +1,24 @@
-"""Base-model loading: the built-in demo model, diffusers folders, single-file LDM checkpoints (written here
-from a tiny model by a small diffusers->LDM key writer), family detection, and the errors users meet."""
+"""Base-model loading: the built-in demo model, diffusers folders, single-file LDM checkpoints (written from a
+tiny model by trainer.models.export), family detection, and the errors users meet."""
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from trainer.errors import ModelLoadError
+from trainer.models.export import to_ldm_state_dict
 from trainer.models.load import classify_checkpoint, detect_family, load_models
 
-# ---------------------------------------------------------------------------------------------------------------
-# A diffusers -> LDM key writer for SD1-layout models (test-only; the reading side is diffusers' converter)
-
-_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
-           ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
-_UNET_FIXED = {"conv_in.": "input_blocks.0.0.", "time_embedding.linear_1.": "time_embed.0.",
-               "time_embedding.linear_2.": "time_embed.2.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
-               "add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2."}  # SDXL
-
-
-def _resnet(rest: str) -> str:
-    return next(b + rest[len(a):] for a, b in _RESNET if rest.startswith(a + "."))
-
-
-def _ldm_unet_key(key: str, per_block: int, up_has_attn: list[bool]) -> str:
-    step = per_block + 1
-    for a, b in _UNET_FIXED.items():
-        if key.startswith(a):
-            return b + key[len(a):]
-    m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)", key)
-    if m:
-        side, i, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
-        if kind == "downsamplers":
-            return f"input_blocks.{(i + 1) * step}.0.op.{rest.split('.', 1)[1]}"
-        if kind == "upsamplers":
-            return f"output_blocks.{i * step + per_block}.{2 if up_has_attn[i] else 1}.{rest}"
-        n = 1 + i * step + j if side == "down" else i * step + j
-        block = "input_blocks" if side == "down" else "output_blocks"
-        return f"{block}.{n}.0.{_resnet(rest)}" if kind == "resnets" else f"{block}.{n}.1.{rest}"
-    kind, j, rest = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key).groups()
-    return f"middle_block.1.{rest}" if kind == "attentions" else f"middle_block.{2 * int(j)}.{_resnet(rest)}"
-
-
-def _ldm_vae_key(key: str, levels: int) -> str:
-    key = key.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
-    key = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
-    key = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
-    key = re.sub(r"decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.",
-                 lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}."
-                           f"{'block' if m.group(2) == 'resnets' else 'upsample'}.", key)
-    key = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m.group(1)) + 1}.", key)
-    for a, b in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
-        key = key.replace(f"mid_block.attentions.0.{a}.", f"mid.attn_1.{b}.")
-    return key
-
-
 def to_ldm(unet, vae, text_encoder) -> dict:
-    """The SD1 single-file layout A1111 and sd-scripts read: UNet, VAE and CLIP-L under their LDM prefixes."""
-    up_has_attn = ["CrossAttn" in t for t in unet.config.up_block_types]
-    out = {"model.diffusion_model." + _ldm_unet_key(k, unet.config.layers_per_block, up_has_attn): v
-           for k, v in unet.state_dict().items()}
-    for k, v in vae.state_dict().items():
-        k = _ldm_vae_key(k, len(vae.config.block_out_channels))
-        out["first_stage_model." + k] = v[:, :, None, None] if ".attn_1." in k and v.ndim == 2 else v
-    out.update({"cond_stage_model.transformer.text_model." + k: v for k, v in text_encoder.state_dict().items()})
-    return {k: v.contiguous() for k, v in out.items()}
+    """The SD1 single-file layout, written by trainer.models.export (checked on its own in test_models_export)."""
+    return to_ldm_state_dict(SimpleNamespace(family="sd1", unet=unet, vae=vae, text_encoders=[text_encoder]))
 
 
 def assert_same_weights(a, b, dtype=None):
@@ -190,7 +138,7 @@ def test_single_file_round_trip_fp32(builtin, ldm_file):
 def test_single_file_fp16_loads_in_fp16_and_vae_in_fp32(builtin, tmp_path):
     state = to_ldm(builtin.unet, builtin.vae, builtin.text_encoders[0])
     path = tmp_path / "half.safetensors"
-    save_file({k: v.half() for k, v in state.items()}, str(path))
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, str(path))
     models = load_models(str(path), dtype=torch.float16, vae_dtype=torch.float32)
     assert_same_weights(builtin.unet, models.unet, torch.float16)
     assert_same_weights(builtin.text_encoders[0], models.text_encoders[0], torch.float16)
@@ -396,31 +344,6 @@ def test_shipped_configs_match_the_real_architectures():
     assert "text_encoder_2" in index
 
 
-def test_sd15_layout_from_the_shipped_config_matches_the_real_file_and_converts_back():
-    """Meta device: our SD1.5 configs in LDM layout have the key counts of the real v1-5-pruned file
-    (686 UNet, 248 VAE, 196 CLIP keys without position_ids), and diffusers' converter maps every key back."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from trainer.models.load import CONFIG_DIR
-
-    root = CONFIG_DIR / "sd15"
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(root / "unet")))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(root / "vae")))
-        te = CLIPTextModel(CLIPTextConfig.from_json_file(root / "text_encoder" / "config.json"))
-    ldm = to_ldm(unet, vae, te)
-    counts = [sum(k.startswith(p) for k in ldm) for p in ("model.diffusion_model.", "first_stage_model.",
-                                                            "cond_stage_model.")]
-    assert counts == [686, 248, 196]
-    assert detect_family({k: tuple(v.shape) for k, v in ldm.items()}) == "sd1"
-    for model, convert in ((unet, convert_ldm_unet_checkpoint), (vae, convert_ldm_vae_checkpoint)):
-        back = convert(ldm, model.config)
-        assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in model.state_dict().items()}
-
-
 def test_truncated_ckpt_and_unet_subfolder_and_symlink_name(builtin, ldm_file, tiny_sd1_dir, tmp_path):
     path = tmp_path / "cut.ckpt"
     torch.save({"a": torch.zeros(1000)}, path)
@@ -474,20 +397,3 @@ def test_openclip_text_encoders_map_onto_the_shipped_configs(variant, cls, prefi
     if not hasattr(te, "text_model"):  # transformers 5 flattened CLIPTextModel
         back = {k.removeprefix("text_model."): v for k, v in back.items()}
     assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in te.state_dict().items()}
-
-
-def test_sdxl_unet_layout_has_the_real_key_count_and_converts_back():
-    """Meta device: SDXL base's UNet in LDM layout has 1680 keys (as the real file), all mapped back."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
-    from trainer.models.load import CONFIG_DIR
-
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(CONFIG_DIR / "sdxl" / "unet")))
-    up_has_attn = ["CrossAttn" in t for t in unet.config.up_block_types]
-    ldm = {"model.diffusion_model." + _ldm_unet_key(k, 2, up_has_attn): v for k, v in unet.state_dict().items()}
-    assert len(ldm) == 1680 and tuple(ldm["model.diffusion_model.label_emb.0.0.weight"].shape) == (1280, 2816)
-    back = convert_ldm_unet_checkpoint(ldm, unet.config)
-    assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in unet.state_dict().items()}

@@ -14,6 +14,7 @@ USAGE = """usage: python -m trainer <command> [arguments]
 commands:
   train    train a LoRA; takes sd-scripts' train_network.py arguments (--config_file, --dataset_config, ...)
   demo     train the built-in demo (tiny model, generated images) to check that everything works
+  merge    merge LoRA files into a base model and save one .safetensors checkpoint (A1111 layout)
   setup    install torch and the requirements for this machine (run by setup.ps1 / setup.sh)
   doctor   check the environment (Python, torch, GPU, packages) and say what to fix
   args     write the table of sd-scripts arguments and their status here (docs/compatibility.md)
@@ -78,6 +79,13 @@ def cmd_demo(argv: list[str]) -> int:
     return cmd_train(["--config_file", str(DEMO_PRESET), *argv])
 
 
+def cmd_merge(argv: list[str]) -> int:
+    setup_logging()
+    from trainer import merge
+
+    return merge.main(argv)
+
+
 def cmd_setup(argv: list[str]) -> int:
     from trainer import setup_env
 
@@ -97,7 +105,7 @@ def cmd_args(argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "train": cmd_train, "demo": cmd_demo, "setup": cmd_setup, "doctor": cmd_doctor, "args": cmd_args}
+    "train": cmd_train, "demo": cmd_demo, "merge": cmd_merge, "setup": cmd_setup, "doctor": cmd_doctor, "args": cmd_args}
 
 
 def setup_logging(level: str | None = None, log_file: str | None = None) -> None:

@@ -268,9 +268,10 @@ def merge_lora_into(models, lora_paths: Sequence[str | Path], multipliers: Seque
         _check_lora_fits(weights, path, models)
         try:
             network = LoRANetwork.from_weights(models.text_encoders, models.unet, weights,
-                                               sdxl=models.family == "sdxl", source=f'LoRA "{path}"')
+                                               sdxl=models.family == "sdxl", source="the LoRA")
         except NetworkWeightsError as error:
-            raise NetworkWeightsError(f"{error}\n{_fit_hint(path, models)}") from None
+            raise NetworkWeightsError(f'LoRA "{path}" does not fit the base model "{models.name}" '
+                                      f"({FAMILY_NAMES[models.family]}): {error}\n{_fit_hint(path, models)}") from None
         try:
             network.merge_to_base(float(multiplier))
         except ValueError as error:  # NaN / inf in the LoRA: nothing of it was merged
@@ -286,13 +287,17 @@ def lora_family(weights: Mapping[str, Any], metadata: Mapping[str, str] | None =
     version = (metadata or {}).get("ss_base_model_version", "")
     if version.startswith(("sd_v1", "sd_v2", "sdxl")):
         return {"sd_v1": "sd1", "sd_v2": "sd2"}.get(version[:5], "sdxl")
+    for key, value in weights.items():
+        if not key.endswith(".lora_down.weight") or len(value.shape) < 2:
+            continue
+        if "attn2_to_k" in key:  # input = the text encoder's context width
+            return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(int(value.shape[1]))
+        if key.startswith("lora_te_") and "_self_attn_q_proj" in key:  # input = the text encoder's width
+            return {768: "sd1", 1024: "sd2"}.get(int(value.shape[1]))
     names = [k.partition(".")[0] for k in weights]
     if any(n.startswith(("lora_te1_", "lora_te2_")) or "_input_blocks_" in n or "_output_blocks_" in n
-           for n in names):
+           for n in names):  # SDXL's two text encoders; sd-scripts names SDXL UNet layers the SGM way
         return "sdxl"
-    for key, value in weights.items():
-        if "attn2_to_k" in key and key.endswith("lora_down.weight") and len(value.shape) >= 2:
-            return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(int(value.shape[1]))
     return None
 
 
