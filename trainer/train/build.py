@@ -122,15 +122,16 @@ def build_dataset(cfg: TrainConfig, seed: int):
 
 def resolve_model_family(cfg: TrainConfig) -> TrainConfig:
     """train_network.py vs sdxl_train_network.py (--sdxl): the weights decide, a disagreeing script or flag
-    gets a warning. Only where telling the family is cheap (a folder, a .safetensors header, a hub id):
-    for a pickled .ckpt, load_models checks the flag against the weights and names the right script."""
+    gets a warning. Only where telling the family is cheap (a local folder or .safetensors header; builtin):
+    a pickled .ckpt would be read twice and a hub id downloaded before the dataset is checked, so for those
+    load_models checks the flag against the weights and names the right script."""
     import dataclasses
 
     from trainer.models.load import detect_model_family
 
     spec = str(cfg.pretrained_model_name_or_path or "").strip().strip("\"'")
     path = Path(spec).expanduser()
-    if not (path.is_file() and path.suffix.lower() != ".safetensors"):
+    if path.is_dir() or spec.startswith("builtin:") or (path.is_file() and path.suffix.lower() == ".safetensors"):
         family = detect_model_family(spec)
         if (family == "sdxl") != cfg.sdxl:
             if family == "sdxl":
@@ -141,8 +142,9 @@ def resolve_model_family(cfg: TrainConfig) -> TrainConfig:
                             "use train_network.py to say so).", spec, family.upper())
             cfg = dataclasses.replace(cfg, sdxl=family == "sdxl")
     if cfg.cache_text_encoder_outputs and not cfg.sdxl:
-        raise ConfigError("--cache_text_encoder_outputs(_to_disk) is for SDXL models only (as in sd-scripts); "
-                          f"{spec} is not SDXL. Remove the option.")
+        raise ConfigError(f"--cache_text_encoder_outputs(_to_disk) works for SDXL models only (as in sd-scripts), "
+                          f"and {spec} is not trained as one. Remove the option (for an SDXL .ckpt, use "
+                          "sdxl_train_network.py or --sdxl).")
     return cfg
 
 
@@ -298,7 +300,10 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
     dataset.set_max_train_steps(plan.max_train_steps)
     optimizer, lr_scheduler, optimizer_name = build_optimizer_and_scheduler(cfg, network, plan,
                                                                             accelerator.num_processes)
-    network, optimizer, dataloader, lr_scheduler = accelerator.prepare(network, optimizer, dataloader, lr_scheduler)
+    # The LoRA runs inside the base model's forward through hooks, so a DDP wrapper around it would never
+    # see a forward pass: it is not prepared; the loop averages its gradients across processes itself.
+    optimizer, dataloader, lr_scheduler = accelerator.prepare(optimizer, dataloader, lr_scheduler)
+    accelerator.register_for_checkpointing(network)
 
     metadata = training_metadata(
         cfg, family=models.family, plan=plan, dataset=dataset, optimizer_name=optimizer_name,

@@ -48,8 +48,10 @@ def train(setup: TrainingSetup, reporter: Reporter) -> Path:
                 with acc.accumulate(network):
                     loss = compute_loss(setup, batch)
                     acc.backward(loss)
-                    if acc.sync_gradients and setup.max_grad_norm:
-                        acc.clip_grad_norm_(network.parameters(), setup.max_grad_norm)
+                    if acc.sync_gradients:
+                        average_gradients(network, acc)
+                        if setup.max_grad_norm:
+                            acc.clip_grad_norm_(network.parameters(), setup.max_grad_norm)
                     setup.optimizer.step()
                     setup.lr_scheduler.step()
                     setup.optimizer.zero_grad(set_to_none=True)
@@ -142,6 +144,21 @@ def _nan_latents(batch: dict, family: str, vae_dtype: torch.dtype) -> None:
         _WARNED.add("nan latents")
         log.warning("The VAE produced NaN latents for %s; they were replaced by 0 (as sd-scripts does). If this "
                     "repeats, use --no_half_vae or another VAE.", paths)
+
+
+def average_gradients(network, accelerator) -> None:
+    """Data parallel: every process trained on its own batches; average the LoRA gradients so that all
+    processes take the same optimizer step and keep identical weights. One process: nothing to do."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad for p in network.parameters() if p.grad is not None]
+    if grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = accelerator.reduce(flat, reduction="mean")
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def apply_max_norm(setup: TrainingSetup) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from trainer.config.args import TrainConfig
@@ -30,11 +31,19 @@ def events_file(cfg: TrainConfig) -> Path:
     return Path(cfg.output_dir or "output") / f"{cfg.output_name or 'last'}.events.jsonl"
 
 
+def is_main_process() -> bool:
+    """Before the Accelerator exists: `accelerate launch` / torchrun set RANK for each process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run_training(cfg: TrainConfig, listeners: list[Listener] | None = None) -> Path:
     """Train and return the final LoRA file. User mistakes surface as UserError; Ctrl-C saves and re-raises."""
     from trainer.demo import maybe_write_demo_dataset
 
-    maybe_write_demo_dataset(cfg)
+    if is_main_process():
+        maybe_write_demo_dataset(cfg)
+    if listeners is None and not is_main_process():
+        listeners = []  # data parallel: only the main process reports and writes files
     if listeners is None:
         listeners = [ConsoleListener()]
         try:
