@@ -272,7 +272,8 @@ def test_first_run_installs_records_and_second_run_calls_no_pip(tmp_path):
     world = FakeWorld(tmp_path)
     assert world.main() == 0
     assert world.pip_calls[0][-1] == f"torch=={TORCH_VERSION}"
-    assert len(world.pip_calls) == 3  # torch, requirements, CLIP vocabulary
+    assert len(world.pip_calls) == 4  # torch, requirements, CLIP vocabulary, then the doctor
+    assert world.pip_calls[-1] == ["PY", "-m", "trainer", "doctor"]
     assert world.stamp["choice"]["variant"] == "cpu" and world.stamp["dev"] is False
     assert "Setup finished." in world.text
 

@@ -625,7 +625,11 @@ def verify_and_record(choice: TorchChoice, ctx: Context, *, dev: bool, key: str,
     write_stamp(ctx.venv_dir / STAMP_NAME, stamp)
     say("\nSetup finished.")
     print_summary(stamp, say)
-    return 0
+    say("\n== python -m trainer doctor")
+    code = ctx.run([ctx.python, "-m", "trainer", "doctor"])
+    if code != 0:
+        say("The doctor found a problem (above); training may not work until it is fixed.")
+    return code
 
 
 def print_summary(stamp: dict, say: Callable[[str], None]) -> None:
