@@ -195,3 +195,24 @@ def test_resume_from_a_missing_state_is_an_error_not_a_fresh_start(tiny_sd1_dir,
     assert code == 2
     assert "no training state" in capsys.readouterr().err
     assert not (tmp_path / "my lora.safetensors").exists()
+
+
+def test_fp8_base_weights_and_full_bf16_lora(tiny_sd1_dir, train_data_dir, tmp_path):
+    from trainer.train.build import prepare_training
+    from trainer.train.loop import train
+
+    cfg = parse_train_args(base_args(tiny_sd1_dir, train_data_dir, tmp_path, "--mixed_precision", "bf16",
+                                     "--fp8_base", "--full_bf16", "--max_train_steps", "2"))
+    setup = prepare_training(cfg, Reporter())
+    linear_dtypes = {m.weight.dtype for part in (setup.models.unet, setup.models.text_encoders[0])
+                     for m in part.modules() if isinstance(m, torch.nn.Linear)}
+    assert linear_dtypes == {torch.float8_e4m3fn}  # stored in 8 bits, computed in bf16
+    final = train(setup, Reporter())
+    tensors, _ = read_lora(final)
+    assert {t.dtype for k, t in tensors.items() if k.endswith("weight")} == {torch.bfloat16}
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_up" in k)
+
+
+def test_fp8_without_mixed_precision_is_refused(tiny_sd1_dir, train_data_dir, tmp_path, capsys):
+    assert main(["train", *base_args(tiny_sd1_dir, train_data_dir, tmp_path, "--fp8_base")]) == 2
+    assert "--mixed_precision bf16" in capsys.readouterr().err

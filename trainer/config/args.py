@@ -65,8 +65,8 @@ class TrainConfig:
     highvram: bool = flag("skip CUDA cache clears during latent caching", MEMORY, WARN,
                           note="has no effect on the result")
     lowvram: bool = flag("low-VRAM loading (sd-scripts model-dependent)", MEMORY, WARN, note="has no effect here")
-    fp8_base: bool = flag("store the frozen base model in float8", MEMORY, REFUSE)
-    fp8_base_unet: bool = flag("store the frozen UNet in float8", MEMORY, REFUSE)
+    fp8_base: bool = flag("store the frozen UNet and text encoder(s) in float8 (needs mixed precision)", MEMORY)
+    fp8_base_unet: bool = flag("store only the frozen UNet in float8 (needs mixed precision)", MEMORY)
     disable_mmap_load_safetensors: bool = flag("read safetensors without mmap", MEMORY, WARN,
                                                note="has no effect on the result")
 
@@ -78,18 +78,21 @@ class TrainConfig:
     network_alpha: float = arg(1, "LoRA alpha; scale = alpha / dim; 0 means alpha = dim", NETWORK)
     network_dropout: float | None = arg(None, "dropout on the LoRA down projection's output", NETWORK)
     network_args: list[str] | None = arg(None, "key=value network options (conv_dim, conv_alpha, rank_dropout, "
-                                               "module_dropout)", NETWORK)
+                                               "module_dropout, block_dims, block_alphas, conv_block_dims, "
+                                               "conv_block_alphas, down/mid/up_lr_weight, block_lr_zero_threshold, "
+                                               "loraplus_lr_ratio, loraplus_unet/text_encoder_lr_ratio)", NETWORK)
     network_weights: str | None = arg(None, "LoRA file to start from (ours or sd-scripts')", NETWORK)
-    dim_from_weights: bool = flag("take the network shape from --network_weights", NETWORK, REFUSE)
+    dim_from_weights: bool = flag("take the network shape (modules, ranks, alphas) from --network_weights",
+                                  NETWORK)
     network_train_unet_only: bool = flag("train only the UNet LoRA", NETWORK)
     network_train_text_encoder_only: bool = flag("train only the text-encoder LoRA", NETWORK)
     unet_lr: float | None = arg(None, "learning rate of the UNet LoRA (default: --learning_rate)", NETWORK)
     text_encoder_lr: list[float] | None = arg(None, "learning rate of the text-encoder LoRA (first value used)",
                                               NETWORK)
     scale_weight_norms: float | None = arg(None, "max-norm regularisation of each LoRA delta", NETWORK)
-    base_weights: list[str] | None = arg(None, "LoRA files merged into the base model before training", NETWORK,
-                                         REFUSE)
-    base_weights_multiplier: list[float] | None = arg(None, "multipliers for --base_weights", NETWORK, REFUSE)
+    base_weights: list[str] | None = arg(None, "LoRA files merged into the base model before training", NETWORK)
+    base_weights_multiplier: list[float] | None = arg(None, "multipliers for --base_weights (default 1.0 each)",
+                                                      NETWORK)
     training_comment: str | None = arg(None, "stored as ss_training_comment", METADATA)
     no_metadata: bool = flag("save only the minimum metadata", METADATA)
     save_model_as: str = arg("safetensors", "file format of the LoRA", SAVING,
@@ -157,7 +160,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step", TRAINING)
     mixed_precision: str = arg("no", "autocast precision", TRAINING, choices=("no", "fp16", "bf16"))
     full_fp16: bool = flag("LoRA weights in fp16", MEMORY, REFUSE)
-    full_bf16: bool = flag("LoRA weights in bf16", MEMORY, REFUSE)
+    full_bf16: bool = flag("LoRA weights in bf16 (needs --mixed_precision bf16)", MEMORY)
     max_token_length: int | None = arg(None, "caption tokens: 75 (default), 150 or 225", TRAINING,
                                        choices=(None, 75, 150, 225))
     clip_skip: int | None = arg(None, "use the output of the k-th last text-encoder layer", TRAINING)
@@ -425,6 +428,7 @@ def build_parser(prog: str = "python -m trainer train") -> argparse.ArgumentPars
         group = groups.get(meta["section"]) or groups.setdefault(
             meta["section"], parser.add_argument_group(meta["section"]))
         help_text = meta["help"] + ("" if meta["status"] == DONE else f" [{meta['status']}: {meta['note'] or NOT_YET}]")
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help texts ('10%' in lr_warmup_steps)
         kind = kind_of(f)
         option = f"--{f.name}"
         if kind == "flag":
@@ -488,15 +492,19 @@ def _check_toml_values(file: Path, values: dict[str, Any]) -> tuple[dict[str, An
 # ---------------------------------------------------------------------------------------------------
 # network_args: the keys networks.lora understands (spec §7.5)
 
-NETWORK_ARGS_DONE = ("conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout")
-NETWORK_ARGS_NOT_YET = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
-                        "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
-                        "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+NETWORK_ARGS_DONE = ("conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", "block_dims",
+                     "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight", "mid_lr_weight",
+                     "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+                     "loraplus_text_encoder_lr_ratio")
+NETWORK_ARGS_NOT_YET: tuple[str, ...] = ()  # networks.lora keys recognised but refused (none left)
 SUPPORTED_NETWORK_MODULES = ("networks.lora", "trainer.network.lora")
 
 
-def parse_network_args(items: Iterable[str] | None) -> dict[str, str]:
-    """`["conv_dim=8", "conv_alpha=1"]` -> {"conv_dim": "8", "conv_alpha": "1"}; values stay strings (sd-scripts)."""
+def parse_network_args(items: Iterable[str] | None, sdxl: bool | None = None) -> dict[str, str]:
+    """`["conv_dim=8", "conv_alpha=1"]` -> {"conv_dim": "8", "conv_alpha": "1"}; values stay strings (sd-scripts).
+
+    The values are checked too. Per-block lists must have the block count of the model family (25 SD1.x/SD2.x,
+    23 SDXL); `sdxl=None` means the family is not known yet and either count passes."""
     parsed, problems = {}, []
     for item in items or ():
         key, sep, value = item.partition("=")
@@ -511,9 +519,47 @@ def parse_network_args(items: Iterable[str] | None) -> dict[str, str]:
                             f"; networks.lora understands {', '.join(NETWORK_ARGS_DONE)}.")
         else:
             parsed[key] = value.strip()
+    if not problems:
+        problems = _network_value_problems(parsed, sdxl)
     if problems:
         raise ConfigError(problems)
     return parsed
+
+
+def _network_value_problems(options: dict[str, str], sdxl: bool | None) -> list[str]:
+    from trainer.network.blocks import check_block_options
+
+    problems = []
+    for key, kind, low, high in (("conv_dim", int, 1, None), ("conv_alpha", float, None, None),
+                                 ("rank_dropout", float, 0.0, 1.0), ("module_dropout", float, 0.0, 1.0)):
+        text = options.get(key)
+        if text is None or text == "None":
+            continue
+        try:
+            value = kind(text)
+        except ValueError:
+            problems.append(f"--network_args {key}={text}: expected {'a whole number' if kind is int else 'a number'}")
+            continue
+        if (low is not None and value < low) or (high is not None and value >= high):
+            bounds = f"at least {low}" if high is None else f"from {low} up to (not including) {high}"
+            problems.append(f"--network_args {key}={text}: must be {bounds}")
+    return problems + check_block_options(options, sdxl)
+
+
+def _check_network_files(v: dict[str, Any]) -> list[str]:
+    """--dim_from_weights needs --network_weights; --base_weights files must exist (checked before models load)."""
+    problems = []
+    if v["dim_from_weights"] and not v["network_weights"]:
+        problems.append("--dim_from_weights takes the LoRA shape from --network_weights, which is not given; "
+                        "add --network_weights <file> or remove --dim_from_weights.")
+    for path in v["base_weights"] or ():
+        if not Path(path).is_file():
+            problems.append(f"--base_weights {path}: file not found. Give the path of a LoRA .safetensors file.")
+    multipliers = v["base_weights_multiplier"] or []
+    if len(multipliers) > len(v["base_weights"] or []):
+        log.warning("--base_weights_multiplier has %d values for %d --base_weights files; the extra ones are "
+                    "ignored.", len(multipliers), len(v["base_weights"] or []))
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -621,6 +667,7 @@ def check_combinations(v: dict[str, Any]) -> list[str]:
         parse_network_args(v["network_args"])
     except ConfigError as e:
         problems += e.problems
+    problems += _check_network_files(v)
     return problems
 
 

@@ -165,19 +165,31 @@ def save_dtype_for(save_precision: str | None) -> torch.dtype | None:
 
 
 def build_network(cfg: TrainConfig, models):
-    from trainer.network.lora import LoRANetwork
+    """--base_weights merged into the base model first (sd-scripts does it before the network exists), then the
+    LoRA from --network_args, or shaped like --network_weights with --dim_from_weights, attached to `models`."""
+    from trainer.network.lora import LoRANetwork, apply_lr_options, network_from_args, read_weights_file
 
-    options = parse_network_args(cfg.network_args)
-    conv_rank = int(options["conv_dim"]) if "conv_dim" in options else None
-    conv_alpha = float(options.get("conv_alpha", 1.0)) if conv_rank else None
-    network = LoRANetwork(
-        models.text_encoders, models.unet, sdxl=models.family == "sdxl", rank=cfg.network_dim or 4,
-        alpha=cfg.network_alpha, conv_rank=conv_rank, conv_alpha=conv_alpha, dropout=cfg.network_dropout,
-        rank_dropout=_float_or_none(options.get("rank_dropout")),
-        module_dropout=_float_or_none(options.get("module_dropout")),
-        train_unet=cfg.train_unet, train_text_encoder=cfg.train_text_encoder)
-    network.apply_to()
-    if cfg.network_weights:
+    sdxl = models.family == "sdxl"
+    options = parse_network_args(cfg.network_args, sdxl=sdxl)  # now the block counts can be checked exactly
+    if cfg.base_weights:
+        from trainer.models.export import merge_lora_into
+
+        multipliers = list(cfg.base_weights_multiplier or [])[:len(cfg.base_weights)]
+        multipliers += [1.0] * (len(cfg.base_weights) - len(multipliers))
+        merge_lora_into(models, cfg.base_weights, multipliers)
+        log.info("Merged into the base model: %s", ", ".join(f"{p} x{m}" for p, m in zip(cfg.base_weights,
+                                                                                           multipliers)))
+    if cfg.dim_from_weights:
+        network = LoRANetwork.from_weights(models.text_encoders, models.unet, read_weights_file(cfg.network_weights),
+                                           sdxl=sdxl, source=cfg.network_weights)
+        apply_lr_options(network, options)
+        log.info("Network shape (modules, ranks, alphas) and weights taken from %s", cfg.network_weights)
+    else:
+        network = network_from_args(models.text_encoders, models.unet, options, sdxl=sdxl,
+                                    rank=cfg.network_dim or 4, alpha=cfg.network_alpha, dropout=cfg.network_dropout,
+                                    train_unet=cfg.train_unet, train_text_encoder=cfg.train_text_encoder)
+    network.apply_to(apply_text_encoder=cfg.train_text_encoder, apply_unet=cfg.train_unet)
+    if cfg.network_weights and not cfg.dim_from_weights:
         network.load_weights(cfg.network_weights)
         log.info("Starting from the LoRA weights in %s", cfg.network_weights)
     return network
@@ -187,11 +199,20 @@ def _float_or_none(value: str | None) -> float | None:
     return float(value) if value not in (None, "", "None") else None
 
 
-def freeze_models(models, weight_dtype: torch.dtype, *, no_half_vae: bool, device) -> None:
-    """Frozen base weights in the training dtype on the device; only LoRA parameters get gradients."""
+def freeze_models(models, weight_dtype: torch.dtype, *, no_half_vae: bool, device, fp8_unet: bool = False,
+                  fp8_text_encoders: bool = False) -> None:
+    """Frozen base weights in the training dtype on the device; only LoRA parameters get gradients.
+
+    fp8: weights are *stored* as float8_e4m3fn (half the memory of fp16) and cast up to the training dtype
+    layer by layer as they are used (diffusers' layerwise casting; norms and embeddings stay as they are)."""
     for module in (models.unet, *models.text_encoders):
         module.requires_grad_(False)
         module.to(device=device, dtype=weight_dtype)
+    if fp8_unet or fp8_text_encoders:
+        from diffusers.hooks import apply_layerwise_casting
+
+        for module in ([models.unet] if fp8_unet else []) + (list(models.text_encoders) if fp8_text_encoders else []):
+            apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
     models.vae.requires_grad_(False)
     models.vae.to(device=device, dtype=torch.float32 if no_half_vae else weight_dtype)
     models.vae.eval()
@@ -200,7 +221,9 @@ def freeze_models(models, weight_dtype: torch.dtype, *, no_half_vae: bool, devic
 def build_optimizer_and_scheduler(cfg: TrainConfig, network, plan: RunPlan, num_processes: int):
     from trainer.train.optim import build_optimizer, build_scheduler
 
-    groups, _ = network.prepare_optimizer_params(cfg.text_encoder_lr_value, cfg.unet_lr, cfg.learning_rate)
+    groups, descriptions = network.prepare_optimizer_params(cfg.text_encoder_lr_value, cfg.unet_lr,
+                                                            cfg.learning_rate)
+    log.info("LoRA param groups: %s", ", ".join(f"{d} lr={g['lr']:g}" for d, g in zip(descriptions, groups)))
     if not groups:
         raise ConfigError("Nothing to train: every learning rate is 0 (--unet_lr / --text_encoder_lr / "
                           "--learning_rate).")
@@ -264,6 +287,7 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mixed_precision = select_mixed_precision(cfg.mixed_precision, device_type)
+    fresh_accelerator_state()
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               mixed_precision=mixed_precision, cpu=device_type == "cpu")
     weight_dtype = weight_dtype_for(mixed_precision)
@@ -275,7 +299,13 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
             models.noise_scheduler.config, rescale_betas_zero_snr=True)
     attention = select_attention(models.unet, models.vae, xformers=cfg.xformers, sdpa=cfg.sdpa,
                                  mem_eff_attn=cfg.mem_eff_attn)
-    freeze_models(models, weight_dtype, no_half_vae=cfg.no_half_vae, device=accelerator.device)
+    if (cfg.fp8_base or cfg.fp8_base_unet) and weight_dtype == torch.float32:
+        raise ConfigError("--fp8_base / --fp8_base_unet store weights in 8 bits and compute in 16: they need "
+                          "--mixed_precision bf16 or fp16.")
+    if cfg.full_bf16 and mixed_precision != "bf16":
+        raise ConfigError("--full_bf16 needs --mixed_precision bf16.")
+    freeze_models(models, weight_dtype, no_half_vae=cfg.no_half_vae, device=accelerator.device,
+                  fp8_unet=cfg.fp8_base or cfg.fp8_base_unet, fp8_text_encoders=cfg.fp8_base and not cfg.fp8_base_unet)
 
     if cfg.cache_latents:
         cache_latents(dataset, models.vae, cfg, accelerator.device, models.family)
@@ -287,6 +317,8 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
             dataset, models, max_token_length=cfg.max_token_length, to_disk=cfg.cache_text_encoder_outputs_to_disk,
             batch_size=cfg.train_batch_size, device=accelerator.device, autocast=accelerator.autocast)
     network = build_network(cfg, models)
+    if cfg.full_bf16:
+        network.to(torch.bfloat16)  # LoRA weights and optimizer state in bf16: less memory, coarser updates
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(models, cfg.train_text_encoder)
 
@@ -325,6 +357,15 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
         train_text_encoder=cfg.train_text_encoder and network_has_text_encoder(network, accelerator),
         max_grad_norm=cfg.max_grad_norm, scale_weight_norms=cfg.scale_weight_norms, weight_dtype=weight_dtype,
         text_cache=text_cache)
+
+
+def fresh_accelerator_state() -> None:
+    """accelerate keeps one process-wide state and refuses a second Accelerator with other precision
+    settings; a new run in the same process (tests, a notebook) starts from a clean one. The distributed
+    part (process group) is kept."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def network_has_text_encoder(network, accelerator) -> bool:
