@@ -2,7 +2,10 @@
 
 Long captions (`--max_token_length 150/225`) are cut into 77-token chunks that each start with BOS and end
 with EOS/PAD, encoded separately and stitched back: BOS of the first chunk, the 75 content positions of
-every chunk, the last position of the last chunk -> n*75 + 2 positions."""
+every chunk, the last position of the last chunk -> n*75 + 2 positions.
+
+SDXL (two encoders) conditions the UNet on more than the cross-attention states; see `encode_sdxl_tokens`
+and `sdxl_conditioning`."""
 
 from __future__ import annotations
 
@@ -76,11 +79,62 @@ class Conditioning:
     def unet_kwargs(self, dtype: torch.dtype) -> dict:
         kwargs = {"encoder_hidden_states": self.context.to(dtype)}
         if self.added is not None:
-            kwargs["added_cond_kwargs"] = {k: v.to(dtype) for k, v in self.added.items()}
+            # time_ids stay float32: sizes above 2048 are not exact in fp16, and the UNet turns them into
+            # float32 sinusoids itself before casting the embedding to its own dtype.
+            kwargs["added_cond_kwargs"] = {k: v if k == "time_ids" else v.to(dtype) for k, v in self.added.items()}
         return kwargs
 
 
 def encode_batch(models, batch: dict, *, max_token_length: int | None, clip_skip: int | None, device) -> Conditioning:
-    """The batch's captions through the model's text encoder(s) (SD1/SD2: one encoder)."""
+    """The batch's captions through the model's text encoder(s): SD1/SD2 one encoder, SDXL two (clip_skip
+    does not apply to SDXL, whose layer choice is fixed)."""
+    if len(models.text_encoders) == 2:
+        ids1, ids2 = (tokenize_captions(tok, batch["captions"], max_token_length) for tok in models.tokenizers)
+        hidden1, hidden2, pool2 = encode_sdxl_tokens(models.text_encoders, ids1.to(device), ids2.to(device),
+                                                     eos_token_id=models.tokenizers[1].eos_token_id)
+        return sdxl_conditioning(hidden1, hidden2, pool2, batch)
     ids = tokenize_captions(models.tokenizers[0], batch["captions"], max_token_length)
     return Conditioning(encode_tokens(models.text_encoders[0], ids.to(device), clip_skip))
+
+
+def encode_sdxl_tokens(text_encoders, ids1: torch.Tensor, ids2: torch.Tensor, *, eos_token_id: int):
+    """SDXL's text states, as sd-scripts computes them (spec §4.3):
+
+    hidden1 (B, n*75+2, 768): CLIP-L's hidden_states[11], i.e. the output of layer 11 of 12, no final norm;
+    hidden2 (B, n*75+2, 1280): bigG's penultimate layer, no final norm;
+    pool2 (B, 1280): bigG's text_projection of its final (normed) state at the first EOS of the first chunk.
+    `[-2]` is written instead of `[11]` so that smaller test encoders work the same way; for CLIP-L (12 layers,
+    13 hidden states) the two are the same tensor."""
+    te1, te2 = text_encoders
+    batch, n_chunks, _ = ids1.shape
+    flat1 = ids1.reshape(batch * n_chunks, CHUNK).to(te1.device)
+    flat2 = ids2.reshape(batch * n_chunks, CHUNK).to(te2.device)
+    hidden1 = te1(flat1, output_hidden_states=True).hidden_states[-2]
+    out2 = te2(flat2, output_hidden_states=True)
+    hidden2 = out2.hidden_states[-2]
+    first_eos = (flat2 == eos_token_id).int().argmax(dim=-1)  # sd-scripts' "pool workaround": first EOS
+    pooled = out2.last_hidden_state[torch.arange(flat2.shape[0], device=flat2.device), first_eos]
+    pool2 = te2.text_projection(pooled.to(te2.text_projection.weight.dtype))
+    pool2 = pool2.reshape(batch, n_chunks, -1)[:, 0]
+    hidden1, hidden2 = (h.reshape(batch, n_chunks * CHUNK, -1) for h in (hidden1, hidden2))
+    if n_chunks > 1:
+        hidden1, hidden2 = stitch_chunks(hidden1, n_chunks), stitch_chunks(hidden2, n_chunks)
+    return hidden1, hidden2, pool2
+
+
+def size_time_ids(batch: dict) -> torch.Tensor:
+    """(B, 6) float32: original (h, w), crop (top, left), target (h, w) of each sample, from the dataset.
+
+    diffusers' SDXL UNet embeds each of the 6 numbers with 256 sinusoids (`add_time_proj`: Timesteps with
+    flip_sin_to_cos=True, downscale_freq_shift=0 -> frequencies exp(-ln(10000)*k/128), laid out [cos..., sin...])
+    and puts pool2 first: concat(pool2, emb) -> 1280 + 6*256 = 2816. That is exactly sd-scripts' `y`
+    (spec §10.4), so the numbers are passed as `time_ids` and the UNet makes the embedding itself."""
+    parts = [batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]]
+    return torch.cat([torch.as_tensor(p).reshape(-1, 2) for p in parts], dim=1).float()
+
+
+def sdxl_conditioning(hidden1: torch.Tensor, hidden2: torch.Tensor, pool2: torch.Tensor, batch: dict) -> Conditioning:
+    """Cross-attention context concat(CLIP-L 768, bigG 1280) = 2048 channels, plus pool2 and the size ids."""
+    context = torch.cat([hidden1, hidden2.to(hidden1.dtype)], dim=-1)
+    time_ids = size_time_ids(batch).to(context.device)
+    return Conditioning(context, {"text_embeds": pool2, "time_ids": time_ids})
