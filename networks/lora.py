@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import logging
 
-from trainer.errors import ConfigError
-from trainer.network.lora import LoRANetwork, read_weights_file
+from trainer.config.args import NETWORK_ARGS_DONE, parse_network_args
+from trainer.network.lora import LoRANetwork, apply_lr_options, network_from_args, read_weights_file
 
 logger = logging.getLogger(__name__)
-
-# sd-scripts' networks.lora understands these too; silently ignoring them would train something else.
-NOT_SUPPORTED_YET = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
-                     "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
-                     "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
-KNOWN = ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "dropout")
 
 
 def _text_encoders(text_encoder) -> list:
@@ -22,44 +16,38 @@ def _text_encoders(text_encoder) -> list:
     return list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
 
 
-def _number(kwargs: dict, key: str, kind):
-    """--network_args values arrive as strings ("4", "0.1")."""
-    value = kwargs.get(key)
-    if value is None or value == "None":
-        return None
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--network_args {key}={value!r}: expected a{'n integer' if kind is int else ' number'}") from None
+def _options(kwargs: dict, sdxl: bool) -> dict[str, str]:
+    """The --network_args networks.lora understands, checked like the command line's (values arrive as strings);
+    other keys are warned about and ignored, as sd-scripts ignores them."""
+    for key in kwargs:
+        if key not in NETWORK_ARGS_DONE:
+            logger.warning("--network_args %s is not used by networks.lora and is ignored", key)
+    return parse_network_args([f"{k}={v}" for k, v in kwargs.items() if k in NETWORK_ARGS_DONE and v is not None],
+                              sdxl=sdxl)
 
 
 def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout=None,
                    **kwargs) -> LoRANetwork:
-    """Build the LoRA as train_network.py asks for it; `dropout` in kwargs is ignored (sd-scripts takes
-    neuron dropout from --network_dropout, passed as neuron_dropout)."""
-    refused = [k for k in kwargs if k in NOT_SUPPORTED_YET]
-    if refused:
-        raise ConfigError([f"--network_args {k}: not supported yet by trainer's networks.lora; remove it" for k in refused])
-    for key in kwargs:
-        if key not in KNOWN:
-            logger.warning("--network_args %s is not used by networks.lora and is ignored", key)
+    """Build the LoRA as train_network.py asks for it (block-wise ranks and lrs and LoRA+ included); `dropout`
+    in kwargs is ignored (sd-scripts takes neuron dropout from --network_dropout, passed as neuron_dropout)."""
     text_encoders = _text_encoders(text_encoder)
-    return LoRANetwork(
-        text_encoders, unet, sdxl=len(text_encoders) == 2,
-        rank=4 if network_dim is None else int(network_dim),
+    sdxl = len(text_encoders) == 2
+    return network_from_args(
+        text_encoders, unet, _options(kwargs, sdxl), sdxl=sdxl, rank=4 if network_dim is None else int(network_dim),
         alpha=1.0 if network_alpha is None else network_alpha,  # an int stays int: the int64-alpha QUIRK
-        conv_rank=_number(kwargs, "conv_dim", int), conv_alpha=_number(kwargs, "conv_alpha", float),
-        dropout=neuron_dropout, rank_dropout=_number(kwargs, "rank_dropout", float),
-        module_dropout=_number(kwargs, "module_dropout", float), multiplier=multiplier)
+        dropout=neuron_dropout, multiplier=multiplier)
 
 
 def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, for_inference=False,
                                 **kwargs) -> tuple[LoRANetwork, dict]:
-    """A network shaped like the file (its modules, ranks and alphas), with the weights already loaded.
-    `for_inference` needs nothing different: every module can merge."""
+    """A network shaped like the file (its modules, ranks and alphas), with the weights already loaded; block lr
+    weights and LoRA+ ratios in kwargs apply to its param groups. `for_inference` needs nothing different:
+    every module can merge."""
     if weights_sd is None:
         weights_sd = read_weights_file(file)
     text_encoders = _text_encoders(text_encoder)
-    network = LoRANetwork.from_weights(text_encoders, unet, weights_sd, sdxl=len(text_encoders) == 2,
-                                       multiplier=multiplier, source=str(file))
+    sdxl = len(text_encoders) == 2
+    network = LoRANetwork.from_weights(text_encoders, unet, weights_sd, sdxl=sdxl, multiplier=multiplier,
+                                       source=str(file))
+    apply_lr_options(network, _options(kwargs, sdxl))
     return network, weights_sd

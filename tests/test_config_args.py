@@ -133,8 +133,42 @@ def test_network_args_parsing():
     assert parse_network_args(["conv_dim=8", "conv_alpha=1"]) == {"conv_dim": "8", "conv_alpha": "1"}
     with pytest.raises(ConfigError, match='did you mean "conv_dim"'):
         parse_network_args(["conv_dims=8"])
-    with pytest.raises(ConfigError, match="not supported yet"):
-        parse_network_args(["block_dims=2,2,2"])
+
+
+
+def test_block_and_loraplus_network_args_are_checked_per_model_family():
+    sd_dims, sdxl_dims = ",".join(["4"] * 25), ",".join(["4"] * 23)
+    options = ["block_dims=" + sd_dims, "down_lr_weight=cosine+0.1", "mid_lr_weight=0", "up_lr_weight=1,,0.5",
+               "block_lr_zero_threshold=0.2", "loraplus_lr_ratio=16"]
+    assert parse_network_args(options, sdxl=False)["down_lr_weight"] == "cosine+0.1"
+    assert parse_network_args(["block_dims=" + sdxl_dims], sdxl=True)
+    # The family is only known once the model is read: before that, either count passes.
+    assert parse_network_args(["block_dims=" + sdxl_dims]) and parse_network_args(["block_dims=" + sd_dims])
+    with pytest.raises(ConfigError, match="block_dims has 23 values, but needs 25 values for SD1.x/SD2.x"):
+        parse_network_args(["block_dims=" + sdxl_dims], sdxl=False)
+    with pytest.raises(ConfigError, match="conv_block_alphas has 25 values, but needs 23 values for SDXL"):
+        parse_network_args(["conv_block_alphas=" + sd_dims], sdxl=True)
+    with pytest.raises(ConfigError, match="needs 25 values for SD1.x/SD2.x or 23 for SDXL"):
+        parse_network_args(["block_alphas=2,2,2"])
+    with pytest.raises(ConfigError) as e:
+        parse_network_args(["block_dims=" + sd_dims.replace("4", "4.5", 1), "down_lr_weight=wavy",
+                            "mid_lr_weight=x", "loraplus_unet_lr_ratio=0", "conv_dim=-1", "rank_dropout=1.5"])
+    text = str(e.value)
+    assert len(e.value.problems) == 6
+    assert "'4.5' is not a number" in text and "cosine, sine, linear, reverse_linear, zeros" in text
+    assert "must be above 0" in text and "conv_dim=-1: must be at least 1" in text and "rank_dropout" in text
+
+
+def test_weights_arguments_are_implemented_and_checked(tmp_path):
+    lora = tmp_path / "base lora.safetensors"
+    lora.write_bytes(b"x")
+    cfg = parse_train_args(BASE + ["--base_weights", str(lora), "--base_weights_multiplier", "0.5",
+                                   "--network_weights", str(lora), "--dim_from_weights"])
+    assert cfg.base_weights == [str(lora)] and cfg.base_weights_multiplier == [0.5] and cfg.dim_from_weights
+    with pytest.raises(ConfigError) as e:
+        parse_train_args(BASE + ["--dim_from_weights", "--base_weights", str(tmp_path / "missing.safetensors")])
+    assert "--dim_from_weights takes the LoRA shape from --network_weights" in str(e.value)
+    assert "missing.safetensors: file not found" in str(e.value)
 
 
 def test_other_network_modules_are_refused():

@@ -20,6 +20,8 @@ from torch import nn
 
 from trainer.errors import ModelLoadError
 from trainer.files import atomic_path
+from trainer.network import blocks
+from trainer.network.blocks import BlockDims, block_index
 from trainer.network.keys import (
     UNET_PREFIX,
     expected_attention_targets,
@@ -223,24 +225,31 @@ class LoRANetwork(nn.Module):
     UNet SGM-style names). `conv_rank` turns on LoCon: 3x3 convs get `conv_rank`/`conv_alpha`, Linear and
     1x1 layers always use `rank`/`alpha`. Parts that are not trained get no modules at all, so they are
     not saved. `module_dims` ({name: (rank, alpha)}, as read from a file) creates exactly those modules.
+    `block_dims` (sd-scripts' block mode, trainer.network.blocks) gives the UNet's ranks per block instead of
+    `rank`/`conv_rank`; a block of rank 0 gets no modules. The text encoders keep `rank`/`alpha`.
     """
 
     def __init__(self, text_encoders: Sequence[nn.Module], unet: nn.Module, *, sdxl: bool = False, rank: int = 4,
                  alpha: float | int | None = 1, conv_rank: int | None = None, conv_alpha: float | int | None = None,
                  dropout: float | None = None, rank_dropout: float | None = None,
                  module_dropout: float | None = None, train_unet: bool = True, train_text_encoder: bool = True,
-                 multiplier: float = 1.0, module_dims: Mapping[str, tuple[int, float | int | None]] | None = None):
+                 multiplier: float = 1.0, module_dims: Mapping[str, tuple[int, float | int | None]] | None = None,
+                 block_dims: BlockDims | None = None):
         super().__init__()
         self.sdxl = sdxl
         self.multiplier = multiplier
         self.train_unet = train_unet
         self.train_text_encoder = train_text_encoder
+        self.block_lr_weights: list[float] | None = None
+        self.loraplus_ratios: tuple[float | None, float | None, float | None] = (None, None, None)
         if conv_rank and conv_alpha is None:
             conv_alpha = 1.0  # sd-scripts' default once conv_dim is given (spec §7.5)
 
         def dims_for(target: LoraTarget):
             if module_dims is not None:
                 return module_dims.get(target.name)
+            if block_dims is not None and target.name.startswith(UNET_PREFIX):
+                return block_dims.for_layer(self._block_of(target.name), target.kind == "conv3x3")
             if target.kind == "conv3x3":
                 return (conv_rank, conv_alpha) if conv_rank else None
             return (rank, alpha)
@@ -259,11 +268,16 @@ class LoRANetwork(nn.Module):
                 self._te_names += self._add_modules(targets, dims_for, options)
         if train_unet:
             include_conv = bool(conv_rank) or module_dims is not None
+            if block_dims is not None:
+                include_conv = block_dims.uses_conv
             targets = find_lora_targets(unet, prefix=UNET_PREFIX, is_text_encoder=False,
                                         include_conv=include_conv, sdxl=sdxl)
             if module_dims is None:
                 _check_unet_targets(targets, unet, include_conv)
             self._unet_names = self._add_modules(targets, dims_for, options)
+            if block_dims is not None and len(self._unet_names) < len(targets):
+                logger.info("%d UNet LoRA modules not created: their block's rank or lr weight is 0.",
+                            len(targets) - len(self._unet_names))
             if sdxl:
                 self._sdxl_aliases = {kohya_name(UNET_PREFIX, t.path): t.name for t in targets
                                       if t.name in self._modules}
@@ -274,7 +288,15 @@ class LoRANetwork(nn.Module):
                                           f"model: {_short_list(unknown)}. Is the file for another base model "
                                           "(SD1.x / SD2.x / SDXL)?")
         if not self._modules:
-            raise ValueError("a LoRA network needs train_unet or train_text_encoder")
+            raise ValueError("this LoRA network has no modules: train_unet and train_text_encoder are both off, "
+                             "or every block has rank / lr weight 0")
+
+    def _block_of(self, name: str) -> int:
+        index = block_index(name, self.sdxl)
+        if index < 0:
+            raise ValueError(f"{name} belongs to no UNet block of sd-scripts' numbering; block-wise options need "
+                             "a diffusers UNet2DConditionModel")
+        return index
 
     def _add_modules(self, targets: list[LoraTarget], dims_for, options: dict) -> list[str]:
         names = []
@@ -354,21 +376,48 @@ class LoRANetwork(nn.Module):
         """The LoRA weights: every lora_down and lora_up weight (alpha is a buffer, never trained)."""
         return [p for m in self.lora_modules() for p in (m.lora_down.weight, m.lora_up.weight)]
 
+    def set_block_lr_weight(self, weights: Sequence[float] | None) -> None:
+        """One lr weight per UNet block (trainer.network.blocks.block_lr_weights); the UNet lr is multiplied by
+        the weight of each module's block, one param group per block (sd-scripts' `set_block_lr_weight`)."""
+        self.block_lr_weights = list(weights) if weights is not None else None
+
+    def set_loraplus_lr_ratio(self, ratio: float | None, unet_ratio: float | None = None,
+                              text_encoder_ratio: float | None = None) -> None:
+        """LoRA+: lora_up weights train at lr x ratio, in their own group; a part's own ratio wins."""
+        self.loraplus_ratios = (ratio, unet_ratio, text_encoder_ratio)
+
     def prepare_optimizer_params(self, text_encoder_lr: float | None, unet_lr: float | None,
                                  default_lr: float) -> tuple[list[dict], list[str]]:
-        """One param group per part (spec §7.4): lr = the part's lr, or default_lr when it is None;
-        a group whose lr comes out 0 or None is left out (so `--text_encoder_lr 0` freezes the TE LoRA)."""
+        """Param groups as sd-scripts makes them (spec §7.4): lr = the part's lr, or default_lr when it is None;
+        a group whose lr comes out 0 or None is left out (so `--text_encoder_lr 0` freezes the TE LoRA).
+        With block lr weights the UNet gets one group per block (`unet_block<i>`, lr x the block's weight);
+        with LoRA+ each group's lora_up weights move to a `... plus` group at lr x ratio."""
         for parameter in self.trainable_parameters():
             parameter.requires_grad_(True)
+        ratio, unet_ratio, te_ratio = self.loraplus_ratios
+        parts = [("textencoder", self._te_names, default_lr if text_encoder_lr is None else text_encoder_lr,
+                  te_ratio or ratio)]
+        unet_lr = default_lr if unet_lr is None else unet_lr
+        if self.block_lr_weights is None:
+            parts.append(("unet", self._unet_names, unet_lr, unet_ratio or ratio))
+        else:
+            by_block: dict[int, list[str]] = {}
+            for name in self._unet_names:
+                by_block.setdefault(self._block_of(name), []).append(name)
+            parts += [(f"unet_block{index}", names, unet_lr * self.block_lr_weights[index], unet_ratio or ratio)
+                      for index, names in by_block.items()]
         groups, descriptions = [], []
-        for description, names, lr in (("textencoder", self._te_names, text_encoder_lr),
-                                       ("unet", self._unet_names, unet_lr)):
-            lr = default_lr if lr is None else lr
-            if not names or not lr:
-                continue
-            params = [p for n in names for p in (self._modules[n].lora_down.weight, self._modules[n].lora_up.weight)]
-            groups.append({"params": params, "lr": lr})
-            descriptions.append(description)
+        for description, names, lr, plus_ratio in parts:
+            modules = [self._modules[n] for n in names]
+            if plus_ratio:
+                split = [([m.lora_down.weight for m in modules], lr, description),
+                         ([m.lora_up.weight for m in modules], lr * plus_ratio, f"{description} plus")]
+            else:
+                split = [([p for m in modules for p in (m.lora_down.weight, m.lora_up.weight)], lr, description)]
+            for params, group_lr, group_description in split:
+                if params and group_lr:
+                    groups.append({"params": params, "lr": group_lr})
+                    descriptions.append(group_description)
         return groups, descriptions
 
     def apply_max_norm_regularization(self, max_norm: float, device=None) -> tuple[int, float, float]:
@@ -478,6 +527,33 @@ class LoRANetwork(nn.Module):
                                       + "\n".join(f"- {p}" for p in problems[:12])
                                       + (f"\n- ... ({len(problems) - 12} more)" if len(problems) > 12 else ""))
         return to_load
+
+
+def network_from_args(text_encoders: Sequence[nn.Module], unet: nn.Module, options: Mapping[str, str], *,
+                      sdxl: bool = False, rank: int = 4, alpha: float | int | None = 1, dropout: float | None = None,
+                      multiplier: float = 1.0, train_unet: bool = True, train_text_encoder: bool = True) -> LoRANetwork:
+    """The network sd-scripts' `create_network` builds from --network_args strings (checked beforehand by
+    trainer.config.args.parse_network_args): conv_dim/conv_alpha, rank/module dropout, block-wise ranks,
+    block lr weights and LoRA+ ratios (spec §7.5)."""
+    conv_rank = int(options["conv_dim"]) if options.get("conv_dim") not in (None, "None") else None
+    conv_alpha = blocks.float_option(options, "conv_alpha") if conv_rank else None
+    lr_weights = blocks.block_lr_weights(options, sdxl)
+    dims = blocks.block_dims(options, sdxl, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
+                             lr_weights=lr_weights)
+    network = LoRANetwork(text_encoders, unet, sdxl=sdxl, rank=rank, alpha=alpha, conv_rank=conv_rank,
+                          conv_alpha=conv_alpha, dropout=dropout,
+                          rank_dropout=blocks.float_option(options, "rank_dropout"),
+                          module_dropout=blocks.float_option(options, "module_dropout"), train_unet=train_unet,
+                          train_text_encoder=train_text_encoder, multiplier=multiplier, block_dims=dims)
+    network.set_block_lr_weight(lr_weights)
+    network.set_loraplus_lr_ratio(*blocks.loraplus_ratios(options))
+    return network
+
+
+def apply_lr_options(network: LoRANetwork, options: Mapping[str, str]) -> None:
+    """Block lr weights and LoRA+ ratios from --network_args, for a network whose shape came from a file."""
+    network.set_block_lr_weight(blocks.block_lr_weights(options, network.sdxl))
+    network.set_loraplus_lr_ratio(*blocks.loraplus_ratios(options))
 
 
 def _rename_keys(weights_sd: Mapping[str, torch.Tensor], aliases: Mapping[str, str]):

@@ -194,16 +194,19 @@ class Sampler:
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         modes = [(m, m.training) for m in (self.models.unet, *self.models.text_encoders, self.network)]
-        vae_device = next(self.models.vae.parameters()).device
+        # Cached latents / text-encoder outputs leave the VAE and text encoders on the CPU: bring them back.
+        parked = [(m, next(m.parameters()).device) for m in (self.models.vae, *self.models.text_encoders)]
         try:
             for module, _ in modes:
                 module.eval()
-            self.models.vae.to(self.device)
+            for module, _ in parked:
+                module.to(self.device)
             with torch.no_grad(), self.autocast(), _quiet_deprecations():
                 for index, prompt in enumerate(self.prompts):
                     self._one(prompt, label, index)
         finally:
-            self.models.vae.to(vae_device)
+            for module, device in parked:
+                module.to(device)
             for module, mode in modes:
                 module.train(mode)
             torch.set_rng_state(cpu_rng)
