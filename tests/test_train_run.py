@@ -171,9 +171,29 @@ def test_train_network_shim_and_demo_preset(tmp_path):
                              "--save_every_n_epochs", "1"],
                             cwd=tmp_path, capture_output=True, text=True, encoding="utf-8", timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    tensors, meta = read_lora(tmp_path / "output" / "demo-lora.safetensors")
+    demo_file = tmp_path / "output" / "demo-lora.safetensors"
+    tensors, meta = read_lora(demo_file)
     assert meta["ss_num_epochs"] == "1" and len(tensors) > 0
     assert list((tmp_path / "demo_data" / "train" / "10_shp shape").glob("*.png"))
+    assert_diffusers_uses_every_key(demo_file)
+
+
+def assert_diffusers_uses_every_key(lora_file):
+    """The demo's LoRA in diffusers' pipeline for the same built-in model: every module is taken up."""
+    pytest.importorskip("peft")
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.lora import LoraLayer
+
+    from trainer.models.load import load_models
+
+    m = load_models("builtin:tiny-sd1")
+    pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0],
+                                   unet=m.unet, scheduler=m.noise_scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    layers = [x for part in (pipe.unet, pipe.text_encoder) for x in part.modules() if isinstance(x, LoraLayer)]
+    tensors, _ = read_lora(lora_file)
+    assert len(layers) == sum(k.endswith(".lora_down.weight") for k in tensors)
 
 
 def test_save_state_and_resume_continue_the_same_run(tiny_sd1_dir, train_data_dir, tmp_path):
