@@ -102,3 +102,12 @@ def test_huber_c_schedules():
     assert math.isclose(exp[0].item(), 1.0) and math.isclose(exp[1].item(), 0.1 ** 0.999, rel_tol=1e-5)
     snr_c = N.huber_c(t, ac, loss_type="huber", schedule="snr", c=0.1, scale=1.0)
     assert snr_c[0] > 0.9 and abs(snr_c[1].item() - 0.1) < 0.01  # large at low noise, -> c at high noise
+
+
+def test_loss_mask_is_area_averaged_to_latent_size():
+    loss = torch.ones(1, 4, 2, 2)
+    mask = torch.zeros(1, 16, 16)
+    mask[:, :8, :] = 1.0  # top half of the picture counts
+    masked = N.apply_loss_mask(loss, mask)
+    assert torch.equal(masked[0, :, 0], torch.ones(4, 2)) and torch.equal(masked[0, :, 1], torch.zeros(4, 2))
+    assert N.apply_loss_mask(loss, None) is loss

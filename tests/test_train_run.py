@@ -236,3 +236,20 @@ def test_fp8_base_weights_and_full_bf16_lora(tiny_sd1_dir, train_data_dir, tmp_p
 def test_fp8_without_mixed_precision_is_refused(tiny_sd1_dir, train_data_dir, tmp_path, capsys):
     assert main(["train", *base_args(tiny_sd1_dir, train_data_dir, tmp_path, "--fp8_base")]) == 2
     assert "--mixed_precision bf16" in capsys.readouterr().err
+
+
+def test_alpha_mask_ignores_transparent_pixels(tiny_sd1_dir, tmp_path):
+    from PIL import Image
+
+    folder = make_dreambooth_folder(tmp_path / "train", "10_sks shape", n=2)
+    for png in folder.glob("*.png"):
+        image = Image.open(png).convert("RGBA")
+        image.putalpha(0)  # fully transparent: nothing to learn
+        image.save(png)
+    args = base_args(tiny_sd1_dir, folder.parent, tmp_path / "out", "--max_train_steps", "2")
+    masked = run_training(parse_train_args(args + ["--alpha_mask"]), listeners=[])
+    tensors, _ = read_lora(masked)
+    assert all(not t.any() for k, t in tensors.items() if "lora_up" in k)
+    unmasked = run_training(parse_train_args(args + ["--output_name", "plain"]), listeners=[])
+    tensors, _ = read_lora(unmasked)
+    assert any(t.any() for k, t in tensors.items() if "lora_up" in k)

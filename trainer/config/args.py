@@ -262,7 +262,7 @@ class TrainConfig:
     vae_batch_size: int = arg(1, "batch size of the VAE when caching", MEMORY)
     skip_cache_check: bool = flag("trust existing cache files", MEMORY)
     cache_info: bool = flag("cache image sizes and captions in metadata_cache.json", DATASET)
-    alpha_mask: bool = flag("use PNG alpha as loss mask", LOSS, REFUSE)
+    alpha_mask: bool = flag("use the PNG alpha channel as a loss mask (transparent = ignored)", LOSS)
     debug_dataset: bool = flag("show dataset samples instead of training", DATASET, REFUSE)
     dataset_class: str | None = arg(None, "custom dataset class", DATASET, REFUSE)
 

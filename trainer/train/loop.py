@@ -100,15 +100,18 @@ def compute_loss(setup: TrainingSetup, batch: dict) -> torch.Tensor:
         prediction = models.unet(noisy.to(setup.weight_dtype), timesteps,
                                  **conditioning.unet_kwargs(setup.weight_dtype)).sample
     target = N.training_target(models.noise_scheduler, latents, noise, timesteps, s.v_parameterization)
+    mask = batch.get("alpha_masks")
     return weighted_loss(prediction, target, timesteps, batch["loss_weights"].to(device), s,
-                         models.noise_scheduler.alphas_cumprod)
+                         models.noise_scheduler.alphas_cumprod, mask=None if mask is None else mask.to(device))
 
 
 def weighted_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
-                  loss_weights: torch.Tensor, s: DiffusionSettings, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+                  loss_weights: torch.Tensor, s: DiffusionSettings, alphas_cumprod: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
     c = N.huber_c(timesteps, alphas_cumprod, loss_type=s.loss_type, schedule=s.huber_schedule, c=s.huber_c,
                   scale=s.huber_scale)
-    per_sample = N.elementwise_loss(prediction, target, s.loss_type, c).mean(dim=(1, 2, 3)) * loss_weights
+    elementwise = N.apply_loss_mask(N.elementwise_loss(prediction, target, s.loss_type, c), mask)
+    per_sample = elementwise.mean(dim=(1, 2, 3)) * loss_weights
     per_sample = per_sample * N.sample_weights(
         N.snr(alphas_cumprod, timesteps), v_parameterization=s.v_parameterization, min_snr_gamma=s.min_snr_gamma,
         scale_v_pred_loss_like_noise_pred=s.scale_v_pred_loss_like_noise_pred,

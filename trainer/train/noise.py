@@ -99,6 +99,14 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
     return smooth * c if loss_type == "huber" else smooth
 
 
+def apply_loss_mask(loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """--alpha_mask: a (B, H, W) pixel mask in [0, 1], area-averaged down to the latent size, weights the loss."""
+    if mask is None:
+        return loss
+    small = F.interpolate(mask.float().unsqueeze(1), size=loss.shape[2:], mode="area")
+    return loss * small
+
+
 def sample_weights(snr_t: torch.Tensor, *, v_parameterization: bool, min_snr_gamma: float | None,
                    scale_v_pred_loss_like_noise_pred: bool, v_pred_like_loss: float | None,
                    debiased_estimation: bool) -> torch.Tensor:
