@@ -384,3 +384,68 @@ def test_plugin_create_network_from_weights_takes_ranks_from_the_file(tiny_sd1, 
     assert network.module_names() == source.module_names() and len(weights_sd) == 3 * len(source.module_names())
     for key, value in network.state_dict().items():
         assert torch.equal(value, weights_sd[key].float())
+
+
+# -- --dim_from_weights and --base_weights (through the training build) ----------------------------------------
+
+
+def tiny_models(parts: dict):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(text_encoders=[parts["text_encoder"]], unet=parts["unet"], family="sd1", name="tiny")
+
+
+def test_dim_from_weights_takes_the_network_shape_from_the_file(tiny_sd1, tmp_path):
+    from trainer.config.args import parse_train_args
+    from trainer.train.build import build_network
+
+    source = make_network(tiny_sd1, rank=3, alpha=1.5, conv_rank=2, conv_alpha=0.5)
+    randomize_up(source)
+    path = tmp_path / "開始 lora.safetensors"
+    source.save_weights(path)
+    args = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--network_dim", "8",
+            "--network_weights", str(path)]
+    network = build_network(parse_train_args(args + ["--dim_from_weights", "--network_args", "loraplus_lr_ratio=4"]),
+                            tiny_models(tiny_sd1))
+    shapes = {k: (v.shape, v.dtype) for k, v in network.state_dict().items()}
+    assert shapes == {k: (v.shape, v.dtype) for k, v in source.state_dict().items()}
+    assert {m.rank for m in network.lora_modules()} == {3, 2}  # not --network_dim 8
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in network.state_dict().items())
+    assert all(m.attached for m in network.lora_modules())
+    assert "unet plus" in network.prepare_optimizer_params(None, None, 1e-4)[1]  # network_args lr options apply
+    network.remove()
+
+    unet_only = build_network(parse_train_args(args + ["--dim_from_weights", "--network_train_unet_only"]),
+                              tiny_models(tiny_sd1))
+    assert unet_only.module_names() == [n for n in source.module_names() if n.startswith("lora_unet_")]
+    unet_only.remove()
+    with pytest.raises(NetworkWeightsError, match="match no LoRA module"):  # no conv_dim: no conv modules
+        build_network(parse_train_args(args), tiny_models(tiny_sd1))
+
+
+def test_training_run_merges_base_weights_first(tiny_sd1_dir, train_data_dir, tmp_path):
+    from conftest import make_tiny_sd1
+    from test_train_run import base_args
+    from trainer.cli import main
+
+    base_lora = make_network(make_tiny_sd1(), rank=4, alpha=4.0)  # the weights saved in tiny_sd1_dir
+    randomize_up(base_lora, std=0.5)
+    lora_path = tmp_path / "ベース lora.safetensors"
+    base_lora.save_weights(lora_path)
+
+    def train(name: str, *extra: str) -> dict:
+        out = tmp_path / name
+        assert main(["train", *base_args(tiny_sd1_dir, train_data_dir, out, "--max_train_steps", "2"), *extra]) == 0
+        return read_weights_file(out / "my lora.safetensors")
+
+    def differ(a: dict, b: dict) -> bool:
+        return any(not torch.allclose(a[k], b[k]) for k in a if k.endswith("lora_up.weight"))
+
+    plain = train("plain")
+    merged = train("merged", "--base_weights", str(lora_path))
+    assert plain.keys() == merged.keys() and differ(plain, merged)  # merged into the base, not saved with ours
+    # Multiplier 0 builds the same merge network (same random draws) but adds nothing: with the same seed the
+    # runs are identical, so what sets `merged` apart is the merged weights.
+    zero = train("zero", "--base_weights", str(lora_path), "--base_weights_multiplier", "0")
+    zero_again = train("zero again", "--base_weights", str(lora_path), "--base_weights_multiplier", "0.0")
+    assert all(torch.equal(zero[k], zero_again[k]) for k in zero) and differ(zero, merged)

@@ -144,7 +144,8 @@ class LoRAModule(nn.Module):
         weight = self.base_layer.weight
         with torch.no_grad():
             merged = (weight.float() + multiplier * self.delta_weight().to(weight.device)).to(weight.dtype)
-            if not torch.isfinite(merged).all():
+            # Checked in fp32: isfinite has no float8 kernel (--fp8_base), and a float8 overflow reads back as NaN.
+            if not torch.isfinite(merged.float()).all():
                 raise ValueError(f"merging LoRA {self.lora_name or '?'} would put NaN or infinite values into "
                                  f"the base weights ({weight.dtype}); the LoRA weights are unusable")
             weight.copy_(merged)
