@@ -165,20 +165,12 @@ def save_dtype_for(save_precision: str | None) -> torch.dtype | None:
 
 
 def build_network(cfg: TrainConfig, models):
-    """--base_weights merged into the base model first (sd-scripts does it before the network exists), then the
-    LoRA from --network_args, or shaped like --network_weights with --dim_from_weights, attached to `models`."""
+    """The LoRA from --network_args, or shaped like --network_weights with --dim_from_weights, attached to
+    `models`."""
     from trainer.network.lora import LoRANetwork, apply_lr_options, network_from_args, read_weights_file
 
     sdxl = models.family == "sdxl"
     options = parse_network_args(cfg.network_args, sdxl=sdxl)  # now the block counts can be checked exactly
-    if cfg.base_weights:
-        from trainer.models.export import merge_lora_into
-
-        multipliers = list(cfg.base_weights_multiplier or [])[:len(cfg.base_weights)]
-        multipliers += [1.0] * (len(cfg.base_weights) - len(multipliers))
-        merge_lora_into(models, cfg.base_weights, multipliers)
-        log.info("Merged into the base model: %s", ", ".join(f"{p} x{m}" for p, m in zip(cfg.base_weights,
-                                                                                           multipliers)))
     if cfg.dim_from_weights:
         network = LoRANetwork.from_weights(models.text_encoders, models.unet, read_weights_file(cfg.network_weights),
                                            sdxl=sdxl, source=cfg.network_weights)
@@ -195,8 +187,17 @@ def build_network(cfg: TrainConfig, models):
     return network
 
 
-def _float_or_none(value: str | None) -> float | None:
-    return float(value) if value not in (None, "", "None") else None
+def merge_base_weights(cfg: TrainConfig, models) -> None:
+    """--base_weights: LoRA files merged into the base model before anything else sees it (fp8 storage, the
+    text-encoder output cache), as sd-scripts does before its network exists."""
+    if not cfg.base_weights:
+        return
+    from trainer.models.export import merge_lora_into
+
+    multipliers = list(cfg.base_weights_multiplier or [])[:len(cfg.base_weights)]
+    multipliers += [1.0] * (len(cfg.base_weights) - len(multipliers))
+    merge_lora_into(models, cfg.base_weights, multipliers)
+    log.info("Merged into the base model: %s", ", ".join(f"{p} x{m}" for p, m in zip(cfg.base_weights, multipliers)))
 
 
 def freeze_models(models, weight_dtype: torch.dtype, *, no_half_vae: bool, device, fp8_unet: bool = False,
@@ -294,6 +295,7 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
     models = load_models(cfg.pretrained_model_name_or_path, v2=cfg.v2, v_parameterization=cfg.v_parameterization,
                          sdxl=cfg.sdxl, vae=cfg.vae, tokenizer_cache_dir=cfg.tokenizer_cache_dir,
                          dtype=weight_dtype, vae_dtype=torch.float32 if cfg.no_half_vae else weight_dtype)
+    merge_base_weights(cfg, models)
     if cfg.zero_terminal_snr:
         models.noise_scheduler = type(models.noise_scheduler).from_config(
             models.noise_scheduler.config, rescale_betas_zero_snr=True)
