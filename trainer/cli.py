@@ -135,3 +135,6 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
+    # Their notes (e.g. "CLIPImageProcessor requires torchvision") are about parts a trainer never uses.
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
