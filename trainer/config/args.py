@@ -104,11 +104,13 @@ class TrainConfig:
     initial_step: int | None = arg(None, "start global step", TRAINING, REFUSE)
 
     # ------------------------------------------------------------------ validation
-    validation_seed: int | None = arg(None, "seed for the validation split", VALIDATION, REFUSE)
-    validation_split: float = arg(0.0, "fraction of each subset held out for validation", VALIDATION, REFUSE)
-    validate_every_n_steps: int | None = arg(None, "validation cadence in steps", VALIDATION, REFUSE)
-    validate_every_n_epochs: int | None = arg(None, "validation cadence in epochs", VALIDATION, REFUSE)
-    max_validation_steps: int | None = arg(None, "cap on validation batches", VALIDATION, REFUSE)
+    validation_seed: int | None = arg(None, "seed of the validation split and of the validation noise (else --seed)",
+                                      VALIDATION)
+    validation_split: float = arg(0.0, "fraction of each non-reg subset held out for validation", VALIDATION)
+    validate_every_n_steps: int | None = arg(None, "also validate every N steps", VALIDATION)
+    validate_every_n_epochs: int | None = arg(None, "validate every N epochs (default: every epoch when images are "
+                                              "held out)", VALIDATION)
+    max_validation_steps: int | None = arg(None, "cap on validation batches (0: no validation)", VALIDATION)
 
     # ------------------------------------------------------------------ optimizer and schedule
     optimizer_type: str = arg("", "optimizer name (AdamW by default) or module.Class", OPTIMIZER)
@@ -122,8 +124,10 @@ class TrainConfig:
                             choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                                      "polynomial", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
                                      "piecewise_constant", "adafactor"))
-    lr_scheduler_type: str = arg("", "custom scheduler class", OPTIMIZER, REFUSE)
-    lr_scheduler_args: list[str] | None = arg(None, "custom scheduler arguments", OPTIMIZER, REFUSE)
+    lr_scheduler_type: str = arg("", "custom scheduler class: module.Class, or a torch.optim.lr_scheduler name",
+                                 OPTIMIZER)
+    lr_scheduler_args: list[str] | None = arg(None, "key=value scheduler options (values as Python literals)",
+                                              OPTIMIZER)
     lr_warmup_steps: float = arg(0, "warmup steps (int), or a ratio of total steps (float < 1, or '10%')",
                                  OPTIMIZER, kind="int_or_float")
     lr_decay_steps: float = arg(0, "decay steps for warmup_stable_decay (int or ratio)", OPTIMIZER,
@@ -207,7 +211,7 @@ class TrainConfig:
     scale_v_pred_loss_like_noise_pred: bool = flag("scale v-prediction loss like noise prediction", LOSS)
     v_pred_like_loss: float | None = arg(None, "add a v-prediction-like loss", LOSS)
     debiased_estimation_loss: bool = flag("debiased estimation loss weighting", LOSS)
-    weighted_captions: bool = flag("(word:1.2) attention syntax in captions", TRAINING, REFUSE)
+    weighted_captions: bool = flag("(word:1.2) attention syntax in captions", TRAINING)
     masked_loss: bool = flag("masked loss with conditioning images", LOSS, REFUSE)
     conditioning_data_dir: str | None = arg(None, "mask images folder", LOSS, REFUSE)
 
@@ -653,6 +657,7 @@ def check_combinations(v: dict[str, Any]) -> list[str]:
         log.warning("--clip_skip with --v2: SD2 was trained on the penultimate layer already; this is usually "
                     "not what you want.")
     problems += _check_sdxl(v)
+    problems += _check_optimizer_options(v)
     if v["cache_latents"] and (v["color_aug"] or v["random_crop"]):
         problems.append("--cache_latents cannot be used with --color_aug or --random_crop (cached latents cannot "
                         "be augmented); drop one of them.")
@@ -668,6 +673,35 @@ def check_combinations(v: dict[str, Any]) -> list[str]:
     except ConfigError as e:
         problems += e.problems
     problems += _check_network_files(v)
+    return problems
+
+
+def _check_optimizer_options(v: dict[str, Any]) -> list[str]:
+    """What can be told before any model loads: key=value syntax, warmup with a custom schedule, the
+    piecewise_constant rules, weighted captions with cached text-encoder outputs."""
+    from trainer.train.optim import parse_optimizer_args, parse_scheduler_args  # no torch at import
+
+    problems = []
+    scheduler_args: dict = {}
+    try:
+        parse_optimizer_args(v["optimizer_args"])
+    except ConfigError as e:
+        problems += e.problems
+    try:
+        scheduler_args = parse_scheduler_args(v["lr_scheduler_args"])
+    except ConfigError as e:
+        problems += e.problems
+    schedule_free = (v["optimizer_type"] or "").lower().endswith("schedulefree")  # no schedule is used at all
+    if v["lr_scheduler_type"] and v["lr_warmup_steps"] and not schedule_free:
+        problems.append(f"--lr_scheduler_type {v['lr_scheduler_type']} does not use --lr_warmup_steps (as in "
+                        "sd-scripts); set --lr_warmup_steps 0.")
+    if v["lr_scheduler"] == "piecewise_constant" and not (v["lr_scheduler_type"] or schedule_free or problems) \
+            and "step_rules" not in scheduler_args:
+        problems.append("--lr_scheduler piecewise_constant needs its rules: --lr_scheduler_args "
+                        "\"step_rules=1:10,0.1:20,0.01\" (lr x1 until step 10, x0.1 until step 20, then x0.01).")
+    if v["weighted_captions"] and v["cache_text_encoder_outputs"]:
+        problems.append("--weighted_captions cannot be used with --cache_text_encoder_outputs(_to_disk) here: the "
+                        "cached outputs are unweighted. Remove one of them.")
     return problems
 
 

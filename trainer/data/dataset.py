@@ -9,12 +9,14 @@ caching takes an `encode` callable.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import multiprocessing
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -86,14 +88,19 @@ class DatasetPlan:
 
 def build_train_dataset(specs: list[DatasetSpec], *, seed: int, max_train_steps_hint: int | None = None,
                         prior_loss_weight: float = 1.0) -> "TrainDataset":
-    """Scan images and captions of every dataset, apply repeats and reg balancing, assign buckets."""
+    """Scan images and captions of every dataset, apply repeats and reg balancing, assign buckets.
+
+    Images held out by validation_split (spec §3.3) become `validation_dataset()`."""
     records: list[ImageRecord] = []
+    held_out: list[ImageRecord] = []
     subsets: list[UsedSubset] = []
     plans = []
     for index, spec in enumerate(specs):
         plan = DatasetPlan(spec)
-        scan = _scan_dreambooth if spec.is_dreambooth else _scan_finetune
-        new_records = scan(spec, index, plan, subsets, seed)
+        if spec.is_dreambooth:
+            new_records = _scan_dreambooth(spec, index, plan, subsets, seed, held_out)
+        else:
+            new_records = _scan_finetune(spec, index, plan, subsets, seed)
         _read_image_sizes(new_records)
         first = len(records)
         records.extend(new_records)
@@ -103,35 +110,53 @@ def build_train_dataset(specs: list[DatasetSpec], *, seed: int, max_train_steps_
     if not any(plan.batches for plan in plans):
         raise DatasetError("No training images found in any dataset. Check image_dir / --train_data_dir: images "
                            f"({', '.join(IMAGE_EXTENSIONS)}) must be directly inside the subset folders.")
+    validation = _validation_dataset(held_out, subsets, specs, seed) if held_out else None
     return TrainDataset(records, subsets, plans, seed=seed, prior_loss_weight=prior_loss_weight,
-                        max_train_steps=max_train_steps_hint or 0)
+                        max_train_steps=max_train_steps_hint or 0, validation=validation)
 
 
 def _scan_dreambooth(spec: DatasetSpec, index: int, plan: DatasetPlan, subsets: list[UsedSubset],
-                     seed: int) -> list[ImageRecord]:
+                     seed: int, held_out: list[ImageRecord]) -> list[ImageRecord]:
     train, reg = [], []
     for subset in spec.subsets:
         if subset.num_repeats < 1:
             logger.warning("ignoring subset %s: num_repeats %d is less than 1", subset.image_dir, subset.num_repeats)
             continue
-        paths, captions, sizes = _load_image_folder(subset, spec, plan, seed)
+        paths, captions, sizes = _load_image_folder(subset)
         if not paths:
             continue
+        keep, held = range(len(paths)), []
+        if spec.validation_split > 0 and not subset.is_reg:  # reg images are never held out
+            seed_for_split = spec.validation_seed if spec.validation_seed is not None else seed
+            keep, held = split_train_val(len(paths), spec.validation_split, seed_for_split)
+            plan.num_validation_images += len(held)
         subset_index = len(subsets)
-        subsets.append(UsedSubset(subset, index, len(paths), CaptionRules.from_subset(subset)))
-        count_tags(plan.tag_frequency, Path(subset.image_dir).name, captions)
+        subsets.append(UsedSubset(subset, index, len(keep), CaptionRules.from_subset(subset)))
+        count_tags(plan.tag_frequency, Path(subset.image_dir).name, [captions[i] for i in keep])
         target = reg if subset.is_reg else train
-        for path, caption, size in zip(paths, captions, sizes):
-            target.append(ImageRecord(path, caption, subset.is_reg, subset.num_repeats, subset_index, index, size))
+        for i in keep:
+            target.append(ImageRecord(paths[i], captions[i], subset.is_reg, subset.num_repeats, subset_index,
+                                      index, sizes[i]))
+        held_out.extend(ImageRecord(paths[i], captions[i], False, 1, subset_index, index, sizes[i]) for i in held)
         if subset.is_reg:
-            plan.num_reg_images += subset.num_repeats * len(paths)
+            plan.num_reg_images += subset.num_repeats * len(keep)
         else:
-            plan.num_train_images += subset.num_repeats * len(paths)
+            plan.num_train_images += subset.num_repeats * len(keep)
     return train + balance_reg_images(reg, plan.num_train_images)
 
 
-def _load_image_folder(subset: SubsetSpec, spec: DatasetSpec, plan: DatasetPlan,
-                       seed: int) -> tuple[list[Path], list[str], list[Size | None]]:
+def split_train_val(count: int, split: float, seed: int) -> tuple[list[int], list[int]]:
+    """Spec §3.3: indices shuffled with `seed`; training keeps the first ceil(n * (1 - split)), validation
+    the last round(n * split). As in sd-scripts the two can share an image when both round up (n=3, 0.5)."""
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    train = order[:math.ceil(count * (1 - split))]
+    validation = order[count - round(count * split):]
+    return train, validation
+
+
+def _load_image_folder(subset: SubsetSpec) -> tuple[list[Path], list[str], list[Size | None]]:
+    """Every image of the folder with its caption (and size when --cache_info knows it)."""
     folder = Path(subset.image_dir)
     if not folder.is_dir():
         raise DatasetError(f"Image folder not found: {folder}. Check image_dir (or --train_data_dir); relative "
@@ -145,12 +170,10 @@ def _load_image_folder(subset: SubsetSpec, spec: DatasetSpec, plan: DatasetPlan,
     if not paths:
         _warn_empty_folder(folder)
         return [], [], []
-    if spec.validation_split > 0 and not subset.is_reg:
-        paths, captions, sizes = _training_part(paths, captions, sizes, spec, seed, plan)
     if captions is None:
         captions = read_folder_captions(paths, subset.caption_extension, subset.class_tokens,
                                         subset.enable_wildcard, folder)
-    if subset.cache_info and not info_file.is_file():
+    if subset.cache_info and not info_file.is_file():  # the whole folder: the split is made after reading
         sizes = [read_image_size(path) for path in paths]
         _write_info_cache(info_file, paths, captions, sizes)
     return paths, captions, sizes
@@ -161,19 +184,6 @@ def _warn_empty_folder(folder: Path) -> None:
     hint = (f"; it has subfolders ({', '.join(subfolders[:5])}) but subsets are not searched recursively: "
             "point image_dir at the folder that holds the images") if subfolders else ""
     logger.warning("ignoring subset %s: no images found%s", folder, hint)
-
-
-def _training_part(paths, captions, sizes, spec: DatasetSpec, seed: int, plan: DatasetPlan):
-    """Spec §3.3: shuffle with validation_seed, keep the first ceil(n * (1 - split)) for training."""
-    order = list(range(len(paths)))
-    random.Random(spec.validation_seed if spec.validation_seed is not None else seed).shuffle(order)
-    keep = order[:math.ceil(len(paths) * (1 - spec.validation_split))]
-    plan.num_validation_images += len(paths) - len(keep)
-
-    def pick(items):
-        return None if items is None else [items[i] for i in keep]
-
-    return pick(paths), pick(captions), pick(sizes)
 
 
 def _read_info_cache(info_file: Path) -> tuple[list[Path], list[str], list[Size]]:
@@ -194,6 +204,9 @@ def _write_info_cache(info_file: Path, paths: list[Path], captions: list[str], s
 
 def _scan_finetune(spec: DatasetSpec, index: int, plan: DatasetPlan, subsets: list[UsedSubset],
                    seed: int) -> list[ImageRecord]:
+    if spec.validation_split > 0:
+        logger.warning("validation_split is applied to DreamBooth-style subsets (image folders) only; the "
+                       "fine-tuning dataset %d (metadata_file) is trained on whole.", index)
     records = []
     for subset in spec.subsets:
         if subset.num_repeats < 1:
@@ -212,6 +225,32 @@ def _scan_finetune(spec: DatasetSpec, index: int, plan: DatasetPlan, subsets: li
             records.append(ImageRecord(path, caption, False, subset.num_repeats, subset_index, index, size))
         plan.num_train_images += len(entries) * subset.num_repeats
     return records
+
+
+def _validation_dataset(held_out: list[ImageRecord], subsets: list[UsedSubset], specs: list[DatasetSpec],
+                        seed: int) -> "TrainDataset":
+    """The held-out images once each (no repeats, no reg images), in buckets made by the training rules,
+    with every augmentation and caption randomness off, so each validation sees the same batches."""
+    _read_image_sizes(held_out)
+    counts = Counter(record.subset for record in held_out)
+    plain = [UsedSubset(spec, used.dataset, counts[i], CaptionRules.from_subset(spec))
+             for i, used in enumerate(subsets) for spec in [_without_randomness(used.spec)]]
+    plans = []
+    for index, spec in enumerate(specs):  # held_out is in dataset order
+        plan = DatasetPlan(spec)
+        members = [i for i, record in enumerate(held_out) if record.dataset == index]
+        if members:
+            _assign_buckets(plan, held_out, range(members[0], members[-1] + 1))
+        plan.num_train_images = len(members)
+        plans.append(plan)
+    logger.info("validation: %d held-out images in %d batches", len(held_out), sum(len(p.batches) for p in plans))
+    return TrainDataset(held_out, plain, plans, seed=seed)
+
+
+def _without_randomness(subset: SubsetSpec) -> SubsetSpec:
+    return dataclasses.replace(subset, num_repeats=1, flip_aug=False, color_aug=False, random_crop=False,
+                               face_crop_aug_range=None, shuffle_caption=False, caption_dropout_rate=0.0,
+                               caption_dropout_every_n_epochs=0, caption_tag_dropout_rate=0.0, token_warmup_step=0)
 
 
 def _read_image_sizes(records: list[ImageRecord]) -> None:
@@ -268,7 +307,8 @@ class TrainDataset(torch.utils.data.Dataset):
     """Item i is a whole batch (a dict); see `__getitem__`. Length = batches per epoch."""
 
     def __init__(self, records: list[ImageRecord], subsets: list[UsedSubset], plans: list[DatasetPlan], *,
-                 seed: int, prior_loss_weight: float = 1.0, max_train_steps: int = 0):
+                 seed: int, prior_loss_weight: float = 1.0, max_train_steps: int = 0,
+                 validation: "TrainDataset | None" = None):
         self.records = records
         self.subsets = subsets
         self.plans = plans
@@ -281,6 +321,12 @@ class TrainDataset(torch.utils.data.Dataset):
         self._offsets = np.cumsum([0] + [len(plan.batches) for plan in plans]).tolist()
         self._order_epoch = -1
         self._order: list[tuple[list, list]] = []
+        self._validation = validation
+
+    def validation_dataset(self) -> "TrainDataset | None":
+        """The images held out by validation_split as a dataset of their own (None without a split).
+        Its epoch stays 0, so its batch order never changes."""
+        return self._validation
 
     # counters ---------------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:

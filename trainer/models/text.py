@@ -5,11 +5,20 @@ with EOS/PAD, encoded separately and stitched back: BOS of the first chunk, the 
 every chunk, the last position of the last chunk -> n*75 + 2 positions.
 
 SDXL (two encoders) conditions the UNet on more than the cross-attention states; see `encode_sdxl_tokens`
-and `sdxl_conditioning`."""
+and `sdxl_conditioning`.
+
+`--weighted_captions` (`(word:1.2)` syntax, trainer.models.prompt_weights): each caption is tokenized run by
+run with a weight per token; after encoding, the states at content positions (1..75 of every chunk) are
+multiplied by their token's weight. As in sd-scripts' strategies there is no mean restoration afterwards, and
+SDXL's pooled output is not weighted."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 CHUNK = 77  # CLIP's context length; every SD text encoder has it
 
@@ -22,6 +31,47 @@ def tokenize_captions(tokenizer, captions: list[str], max_token_length: int | No
     if max_length == CHUNK:
         return ids.unsqueeze(1)
     return torch.stack([_chunk(row, tokenizer.eos_token_id, tokenizer.pad_token_id) for row in ids])
+
+
+def tokenize_weighted_captions(tokenizer, captions: list[str],
+                               max_token_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, weights), both (batch, n_chunks, 77): the attention syntax removed from the ids, each token's
+    weight at its position, 1.0 at BOS/EOS/padding."""
+    pairs = [_weighted_ids(tokenizer, caption, (max_token_length or 75) + 2) for caption in captions]
+    return torch.stack([ids for ids, _ in pairs]), torch.stack([weights for _, weights in pairs])
+
+
+def _weighted_ids(tokenizer, caption: str, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from trainer.models.prompt_weights import parse_weighted_caption
+
+    tokens: list[int] = []
+    weights: list[float] = []
+    for text, weight in parse_weighted_caption(caption):
+        ids = tokenizer(text, verbose=False).input_ids[1:-1]  # each run on its own, without BOS/EOS
+        tokens += ids
+        weights += [weight] * len(ids)
+    if len(tokens) > max_length - 2:
+        log.debug("caption longer than %d tokens, cut: %s", max_length - 2, caption)
+        tokens, weights = tokens[:max_length - 2], weights[:max_length - 2]
+    padding = max_length - 2 - len(tokens)
+    ids = torch.tensor([tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding)
+    flat = torch.tensor([1.0, *weights] + [1.0] * (padding + 1))
+    if max_length == CHUNK:
+        return ids.unsqueeze(0), flat.unsqueeze(0)
+    n_chunks = (max_length - 2) // (CHUNK - 2)
+    chunk_weights = torch.ones(n_chunks, CHUNK)
+    for i in range(n_chunks):
+        chunk_weights[i, 1:CHUNK - 1] = flat[1 + i * (CHUNK - 2):1 + (i + 1) * (CHUNK - 2)]
+    return _chunk(ids, tokenizer.eos_token_id, tokenizer.pad_token_id), chunk_weights
+
+
+def apply_token_weights(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Multiply stitched states (batch, n*75 + 2, D) by the content weights of (batch, n, 77): position
+    1 + i*75 + j gets chunk i's weight at j + 1; the first and last positions keep 1."""
+    content = weights[:, :, 1:CHUNK - 1].reshape(weights.shape[0], -1)
+    ones = torch.ones_like(content[:, :1])
+    per_position = torch.cat([ones, content, ones], dim=1).to(states.device, states.dtype)
+    return states * per_position.unsqueeze(-1)
 
 
 def _chunk(ids: torch.Tensor, eos: int, pad: int) -> torch.Tensor:
@@ -85,16 +135,36 @@ class Conditioning:
         return kwargs
 
 
-def encode_batch(models, batch: dict, *, max_token_length: int | None, clip_skip: int | None, device) -> Conditioning:
+def encode_batch(models, batch: dict, *, max_token_length: int | None, clip_skip: int | None, device,
+                 weighted: bool = False) -> Conditioning:
     """The batch's captions through the model's text encoder(s): SD1/SD2 one encoder, SDXL two (clip_skip
-    does not apply to SDXL, whose layer choice is fixed)."""
+    does not apply to SDXL, whose layer choice is fixed). `weighted`: --weighted_captions."""
+    states = encode_captions(models, batch["captions"], max_token_length=max_token_length, clip_skip=clip_skip,
+                             device=device, weighted=weighted)
+    if len(states) == 3:
+        return sdxl_conditioning(*states, batch)
+    return Conditioning(states[0])
+
+
+def encode_captions(models, captions: list[str], *, max_token_length: int | None, clip_skip: int | None, device,
+                    weighted: bool = False) -> tuple[torch.Tensor, ...]:
+    """SD1/SD2: (states,); SDXL: (hidden1, hidden2, pool2). With `weighted`, the attention syntax is parsed
+    and the cross-attention states weighted per token (pool2 is not)."""
+    def tokenize(tokenizer):
+        if weighted:
+            return tokenize_weighted_captions(tokenizer, captions, max_token_length)
+        return tokenize_captions(tokenizer, captions, max_token_length), None
+
     if len(models.text_encoders) == 2:
-        ids1, ids2 = (tokenize_captions(tok, batch["captions"], max_token_length) for tok in models.tokenizers)
+        (ids1, weights1), (ids2, weights2) = (tokenize(tok) for tok in models.tokenizers)
         hidden1, hidden2, pool2 = encode_sdxl_tokens(models.text_encoders, ids1.to(device), ids2.to(device),
                                                      eos_token_id=models.tokenizers[1].eos_token_id)
-        return sdxl_conditioning(hidden1, hidden2, pool2, batch)
-    ids = tokenize_captions(models.tokenizers[0], batch["captions"], max_token_length)
-    return Conditioning(encode_tokens(models.text_encoders[0], ids.to(device), clip_skip))
+        if weighted:
+            hidden1, hidden2 = apply_token_weights(hidden1, weights1), apply_token_weights(hidden2, weights2)
+        return hidden1, hidden2, pool2
+    ids, weights = tokenize(models.tokenizers[0])
+    states = encode_tokens(models.text_encoders[0], ids.to(device), clip_skip)
+    return (apply_token_weights(states, weights),) if weighted else (states,)
 
 
 def encode_sdxl_tokens(text_encoders, ids1: torch.Tensor, ids2: torch.Tensor, *, eos_token_id: int):

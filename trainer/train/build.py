@@ -10,8 +10,9 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from trainer.config.args import TrainConfig, parse_network_args
 from trainer.errors import ConfigError
 from trainer.train.checkpoint import SavePolicy, Saver, check_output_dir
 from trainer.train.events import Reporter
+from trainer.train.validate import NoValidator
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class DiffusionSettings:
     scale_v_pred_loss_like_noise_pred: bool
     v_pred_like_loss: float | None
     debiased_estimation_loss: bool
+    weighted_captions: bool = False  # `(word:1.2)` syntax in captions (trainer.models.prompt_weights)
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, *, v_parameterization: bool, latent_scale: float) -> "DiffusionSettings":
@@ -98,6 +101,7 @@ class TrainingSetup:
     scale_weight_norms: float | None
     weight_dtype: torch.dtype
     text_cache: Any = None  # SDXL --cache_text_encoder_outputs: trainer.train.text_cache.TextEncoderOutputCache
+    validator: Any = field(default_factory=NoValidator)  # train.validate.Validator when images are held out
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -230,19 +234,22 @@ def build_optimizer_and_scheduler(cfg: TrainConfig, network, plan: RunPlan, num_
                           "--learning_rate).")
     optimizer, name = build_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, cfg.optimizer_args)
     scheduler_name = cfg.lr_scheduler
-    if name.endswith("Adafactor") and getattr(optimizer, "defaults", {}).get("relative_step") and \
-            scheduler_name != "adafactor":
-        log.warning("Adafactor with relative_step sets its own learning rate; using the adafactor schedule.")
+    if type(optimizer).__name__ == "Adafactor" and optimizer.defaults.get("relative_step") and \
+            scheduler_name != "adafactor" and not cfg.lr_scheduler_type:
+        log.warning("Adafactor with relative_step sets its own learning rate: using the adafactor schedule "
+                    "instead of --lr_scheduler %s (as sd-scripts does).", scheduler_name)
         scheduler_name = "adafactor"
     scheduler = build_scheduler(
         scheduler_name, optimizer, total_steps=plan.max_train_steps * num_processes,
         warmup=cfg.lr_warmup_steps, decay=cfg.lr_decay_steps, num_cycles=cfg.lr_scheduler_num_cycles,
         power=cfg.lr_scheduler_power, timescale=cfg.lr_scheduler_timescale,
-        min_lr_ratio=cfg.lr_scheduler_min_lr_ratio)
+        min_lr_ratio=cfg.lr_scheduler_min_lr_ratio, scheduler_type=cfg.lr_scheduler_type,
+        scheduler_args=cfg.lr_scheduler_args, initial_lr=cfg.learning_rate)
     return optimizer, scheduler, name
 
 
-def build_saver(cfg: TrainConfig, network, metadata: dict[str, str], reporter: Reporter, accelerator) -> Saver:
+def build_saver(cfg: TrainConfig, network, metadata: dict[str, str], reporter: Reporter, accelerator,
+                eval_mode=None) -> Saver:
     from trainer.train.metadata import with_progress
 
     policy = SavePolicy(output_dir=Path(cfg.output_dir or "output"), output_name=cfg.output_name,
@@ -266,7 +273,8 @@ def build_saver(cfg: TrainConfig, network, metadata: dict[str, str], reporter: R
 
     return Saver(policy, save,
                  metadata=lambda step, epoch: with_progress(metadata, step, epoch, minimal=cfg.no_metadata),
-                 on_saved=lambda path: reporter.emit("saved", path=str(path)), save_state=save_state)
+                 on_saved=lambda path: reporter.emit("saved", path=str(path)), save_state=save_state,
+                 **({"eval_mode": eval_mode} if eval_mode else {}))
 
 
 def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
@@ -277,6 +285,7 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
     from trainer.models.attention import select_attention
     from trainer.models.load import load_models
     from trainer.train.metadata import training_metadata
+    from trainer.train.validate import build_validator
 
     started_at = time.time()
     seed = resolve_seed(cfg.seed)
@@ -315,9 +324,12 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
     if cfg.cache_text_encoder_outputs:
         from trainer.train.text_cache import cache_text_encoder_outputs
 
+        validation = dataset.validation_dataset()  # held-out images are scored with cached outputs too
+        records = dataset.records + (validation.records if validation is not None else [])
         text_cache = cache_text_encoder_outputs(
-            dataset, models, max_token_length=cfg.max_token_length, to_disk=cfg.cache_text_encoder_outputs_to_disk,
-            batch_size=cfg.train_batch_size, device=accelerator.device, autocast=accelerator.autocast)
+            SimpleNamespace(records=records), models, max_token_length=cfg.max_token_length,
+            to_disk=cfg.cache_text_encoder_outputs_to_disk, batch_size=cfg.train_batch_size,
+            device=accelerator.device, autocast=accelerator.autocast)
     network = build_network(cfg, models)
     if cfg.full_bf16:
         network.to(torch.bfloat16)  # LoRA weights and optimizer state in bf16: less memory, coarser updates
@@ -346,12 +358,15 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
     if cfg.save_n_epoch_ratio and not cfg.save_every_n_epochs:
         import dataclasses
         cfg = dataclasses.replace(cfg, save_every_n_epochs=max(1, plan.num_epochs // cfg.save_n_epoch_ratio))
-    saver = build_saver(cfg, accelerator.unwrap_model(network), metadata, reporter, accelerator)
+    from trainer.train.optim import eval_mode_for
+
+    eval_mode = eval_mode_for(optimizer)  # schedule-free optimizers sample and save their averaged weights
+    saver = build_saver(cfg, accelerator.unwrap_model(network), metadata, reporter, accelerator, eval_mode)
     resume = restore_state(cfg, accelerator, plan)
-    sampler = build_sampler(cfg, prompts, models, network, accelerator, reporter)
+    sampler = build_sampler(cfg, prompts, models, network, accelerator, reporter, eval_mode)
     reporter.emit("info", message=f"attention: {attention}; device: {accelerator.device}; "
                                   f"precision: {mixed_precision}; optimizer: {optimizer_name}")
-    return TrainingSetup(
+    setup = TrainingSetup(
         accelerator=accelerator, models=models, network=network, dataset=dataset, dataloader=dataloader,
         optimizer=optimizer, lr_scheduler=lr_scheduler, plan=plan, resume=resume, saver=saver, sampler=sampler,
         settings=DiffusionSettings.from_config(cfg, v_parameterization=models.v_parameterization,
@@ -359,6 +374,8 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
         train_text_encoder=cfg.train_text_encoder and network_has_text_encoder(network, accelerator),
         max_grad_norm=cfg.max_grad_norm, scale_weight_norms=cfg.scale_weight_norms, weight_dtype=weight_dtype,
         text_cache=text_cache)
+    setup.validator = build_validator(cfg, setup, reporter)
+    return setup
 
 
 def fresh_accelerator_state() -> None:
@@ -382,8 +399,10 @@ def cache_latents(dataset, vae, cfg: TrainConfig, device, family: str) -> None:
     def encode(images: torch.Tensor) -> torch.Tensor:
         return vae.encode(images.to(device, vae_dtype)).latent_dist.sample().float().cpu()
 
-    dataset.cache_latents(encode, vae_batch_size=cfg.vae_batch_size, to_disk=cfg.cache_latents_to_disk,
-                          family=family)
+    for images in (dataset, dataset.validation_dataset()):  # held-out images are validated from latents too
+        if images is not None:
+            images.cache_latents(encode, vae_batch_size=cfg.vae_batch_size, to_disk=cfg.cache_latents_to_disk,
+                                 family=family)
     vae.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -410,7 +429,8 @@ def load_sample_prompts(cfg: TrainConfig) -> list:
     return load_prompts(cfg.sample_prompts)
 
 
-def build_sampler(cfg: TrainConfig, prompts: list, models, network, accelerator, reporter: Reporter):
+def build_sampler(cfg: TrainConfig, prompts: list, models, network, accelerator, reporter: Reporter,
+                  eval_mode=None):
     from trainer.train.sample import NoSampler, SampleSchedule, Sampler
 
     schedule = SampleSchedule(every_n_steps=cfg.sample_every_n_steps if (cfg.sample_every_n_steps or 0) > 0 else None,
@@ -422,7 +442,8 @@ def build_sampler(cfg: TrainConfig, prompts: list, models, network, accelerator,
                    default_sampler=cfg.sample_sampler, models=models,
                    network=accelerator.unwrap_model(network), clip_skip=cfg.clip_skip,
                    device=accelerator.device, autocast=accelerator.autocast,
-                   on_image=lambda path, prompt: reporter.emit("sample", path=str(path), prompt=prompt))
+                   on_image=lambda path, prompt: reporter.emit("sample", path=str(path), prompt=prompt),
+                   **({"eval_mode": eval_mode} if eval_mode else {}))
 
 
 def restore_state(cfg: TrainConfig, accelerator, plan: RunPlan):

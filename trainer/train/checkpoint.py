@@ -5,10 +5,11 @@ Ctrl-C never leaves a half-written `.safetensors` under a real name."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager
 
 from trainer.errors import UserError
 
@@ -100,15 +101,18 @@ class Saver:
 
     def __init__(self, policy: SavePolicy, save: Callable[[Path, dict[str, str]], None],
                  metadata: Callable[[int, int], dict[str, str]], on_saved: Callable[[Path], None],
-                 save_state: Callable[[Path, int, int], None] | None = None):
+                 save_state: Callable[[Path, int, int], None] | None = None,
+                 eval_mode: Callable[[], ContextManager] = contextlib.nullcontext):
         self.policy = policy
+        self._eval_mode = eval_mode  # schedule-free optimizers: save the averaged weights (train.optim)
         self._save = save
         self._metadata = metadata
         self._on_saved = on_saved
         self._save_state = save_state if (policy.save_state or policy.save_state_at_end) else None
 
     def save(self, path: Path, step: int, epoch: int) -> Path:
-        self._save(path, self._metadata(step, epoch))
+        with self._eval_mode():
+            self._save(path, self._metadata(step, epoch))
         self._on_saved(path)
         return path
 

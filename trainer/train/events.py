@@ -13,7 +13,8 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # "run_started" | "step" | "saved" | "warning" | "finished" | "failed" | "interrupted" | "info"
+    kind: str  # "run_started" | "step" | "validation" | "saved" | "warning" | "finished" | "failed" |
+    #            "interrupted" | "info"
     data: dict[str, Any] = field(default_factory=dict)
     time: float = field(default_factory=time.time)
 
@@ -108,6 +109,10 @@ class ConsoleListener:
                   "speed": f"{d['it_per_s']:.2f} it/s" if d.get("it_per_s") else "",
                   "vram": f"VRAM {d['vram_gb']:.1f} GB" if d.get("vram_gb") else ""}
         self.progress.update(self.task, completed=d["step"], description=f"epoch {d['epoch']}", **fields)
+
+    def on_validation(self, d: dict) -> None:
+        divergence = f", {d['divergence']:+.4f} from training" if d.get("divergence") is not None else ""
+        self.console.print(f"validation loss at step {d['step']} (epoch {d['epoch']}): {d['loss']:.4f}{divergence}")
 
     def on_saved(self, d: dict) -> None:
         self.console.print(f"saved {d['path']}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ def train(setup: TrainingSetup, reporter: Reporter) -> Path:
     reporter.emit("run_started", total_steps=plan.max_train_steps, num_epochs=plan.num_epochs,
                   summary=summary_lines(setup))
     start = setup.resume
-    meter = StepMeter(plan.max_train_steps, start_step=start.step)
+    meter = StepMeter(plan.max_train_steps, start_step=start.step, window=plan.num_batches_per_epoch)
     step, epoch = start.step, start.epoch
     if not start.step:
         setup.sampler.at_first()
@@ -64,10 +65,12 @@ def train(setup: TrainingSetup, reporter: Reporter) -> Path:
                 report_step(reporter, meter, step, epoch, setup)
                 setup.saver.at_step(step, plan.max_train_steps, epoch)
                 setup.sampler.at_step(step)
+                setup.validator.at_step(step, epoch, meter.moving_average)
                 if step >= plan.max_train_steps:
                     break
             setup.saver.at_epoch_end(epoch, plan.num_epochs, step)
             setup.sampler.at_epoch_end(epoch)
+            setup.validator.at_epoch_end(epoch, step, meter.moving_average)
             if step >= plan.max_train_steps:
                 break
     except KeyboardInterrupt:
@@ -80,17 +83,20 @@ def train(setup: TrainingSetup, reporter: Reporter) -> Path:
     return final
 
 
-def compute_loss(setup: TrainingSetup, batch: dict) -> torch.Tensor:
-    """One micro-batch's loss (a scalar), sd-scripts' order of noise, prediction and weighting."""
+def compute_loss(setup: TrainingSetup, batch: dict, *, timestep: int | None = None) -> torch.Tensor:
+    """One micro-batch's loss (a scalar), sd-scripts' order of noise, prediction and weighting.
+
+    `timestep` fixes the timestep of the whole batch (validation) instead of sampling one per image."""
     s, models, device = setup.settings, setup.models, setup.accelerator.device
     latents = batch_latents(batch, models.vae, s.latent_scale, device, setup.weight_dtype, family=models.family)
     if setup.text_cache is not None:  # SDXL --cache_text_encoder_outputs
         conditioning = setup.text_cache.conditioning(batch, device)
     else:
-        with torch.set_grad_enabled(setup.train_text_encoder):
+        with torch.set_grad_enabled(setup.train_text_encoder and torch.is_grad_enabled()):
             conditioning = encode_batch(models, batch, max_token_length=s.max_token_length, clip_skip=s.clip_skip,
-                                        device=device)
-    timesteps = N.sample_timesteps(latents.shape[0], s.min_timestep, s.max_timestep, device)
+                                        device=device, weighted=s.weighted_captions)
+    low, high = (s.min_timestep, s.max_timestep) if timestep is None else (timestep, timestep)
+    timesteps = N.sample_timesteps(latents.shape[0], low, high, device)
     noise = N.make_noise(latents, noise_offset=s.noise_offset, offset_random_strength=s.noise_offset_random_strength,
                          adaptive_noise_scale=s.adaptive_noise_scale, multires_iterations=s.multires_noise_iterations,
                          multires_discount=s.multires_noise_discount)
@@ -173,7 +179,7 @@ class StepMeter:
     """Loss average and speed without a GPU sync every step: losses stay on the device and are read
     (one `.item()`) only when the console is refreshed, at most a few times a second."""
 
-    def __init__(self, total_steps: int, refresh_seconds: float = 0.25, start_step: int = 0):
+    def __init__(self, total_steps: int, refresh_seconds: float = 0.25, start_step: int = 0, window: int = 1):
         self.total_steps = total_steps
         self.start_step = start_step
         self.refresh_seconds = refresh_seconds
@@ -181,9 +187,15 @@ class StepMeter:
         self.last_report = 0.0
         self.losses: list[torch.Tensor] = []
         self.loss: float | None = None
+        self.recent: deque[torch.Tensor] = deque(maxlen=max(1, window))
 
     def add(self, loss: torch.Tensor) -> None:
         self.losses.append(loss)
+        self.recent.append(loss)
+
+    def moving_average(self) -> float | None:
+        """Mean loss of the last `window` micro-batches (an epoch's worth: sd-scripts' loss/average)."""
+        return torch.stack(list(self.recent)).float().mean().item() if self.recent else None
 
     def due(self, step: int) -> bool:
         return step in (1, self.total_steps) or time.time() - self.last_report >= self.refresh_seconds

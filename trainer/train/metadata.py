@@ -29,7 +29,7 @@ def training_metadata(cfg: TrainConfig, *, family: str, plan, dataset, optimizer
         "ss_text_encoder_lr": cfg.text_encoder_lr_value,
         "ss_unet_lr": cfg.unet_lr,
         "ss_num_train_images": dataset.num_train_images,
-        "ss_num_validation_images": 0,
+        "ss_num_validation_images": dataset.num_validation_images,
         "ss_num_reg_images": dataset.num_reg_images,
         "ss_num_batches_per_epoch": plan.num_batches_per_epoch,
         "ss_num_epochs": plan.num_epochs,

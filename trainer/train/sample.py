@@ -164,8 +164,9 @@ class Sampler:
 
     def __init__(self, prompts: list[SamplePrompt], schedule: SampleSchedule, *, output_dir: Path,
                  output_name: str | None, default_sampler: str, models, network, clip_skip: int | None,
-                 device, autocast, on_image):
+                 device, autocast, on_image, eval_mode=contextlib.nullcontext):
         self.prompts = prompts
+        self.eval_mode = eval_mode  # schedule-free optimizers: sample with the averaged weights (train.optim)
         self.schedule = schedule
         self.folder = output_dir / "sample"
         self.output_name = output_name
@@ -201,7 +202,7 @@ class Sampler:
                 module.eval()
             for module, _ in parked:
                 module.to(self.device)
-            with torch.no_grad(), self.autocast(), _quiet_deprecations():
+            with torch.no_grad(), self.autocast(), _quiet_deprecations(), self.eval_mode():
                 for index, prompt in enumerate(self.prompts):
                     self._one(prompt, label, index)
         finally:
