@@ -94,3 +94,51 @@ def test_report_exit_code_follows_failures_only():
     assert doctor.report([Check(OK, "a", "x"), Check(WARN, "b", "y", "do z")], lines.append) == 0
     assert any("fix: do z" in line for line in lines)
     assert doctor.report([Check(FAIL, "c", "broken", "fix it")], lines.append) == 1
+
+
+# --- doctor --config: does the config fit this card ------------------------------------------------------------
+
+PRESETS = Path(__file__).resolve().parents[1] / "presets"
+
+
+def test_stated_peak_is_read_from_the_preset_comment(tmp_path):
+    assert doctor.stated_peak_gb(PRESETS / "sd15-6gb.toml") == 4.5  # "about 3.5-4.5 GB at 512 px"
+    measured = tmp_path / "p.toml"
+    measured.write_text("# SD for a 6 GB card\n# Expected peak VRAM: 4.2 GB (measured on an RTX 2060)\n\n"
+                        "[model]\n", encoding="utf-8")
+    assert doctor.stated_peak_gb(measured) == 4.2
+    plain = tmp_path / "plain.toml"
+    plain.write_text("# for an 8 GB card\n[model]\n", encoding="utf-8")
+    assert doctor.stated_peak_gb(plain) is None and doctor.stated_peak_gb(tmp_path / "missing.toml") is None
+
+
+def test_config_that_fits_is_ok_and_low_free_memory_warns():
+    config = str(PRESETS / "sd15-8gb.toml")
+    card = doctor.Card("RTX 3070", total_gb=8.0, free_gb=7.6)
+    (fits,) = doctor.check_vram(config, detect=lambda: card, estimate=lambda c: (4.2, "estimated"))
+    assert fits.level == OK and "4.2 GB" in fits.detail and "RTX 3070" in fits.detail
+    busy = doctor.Card("RTX 3070", total_gb=8.0, free_gb=3.0)
+    checks = doctor.check_vram(config, detect=lambda: busy, estimate=lambda c: (4.2, "estimated"))
+    assert [c.level for c in checks] == [OK, WARN] and "close GPU programs" in checks[1].fix
+
+
+def test_config_too_big_for_the_card_names_the_tier_and_settings_to_step_down_to():
+    card = doctor.Card("GTX 1660", total_gb=6.0, free_gb=5.8)
+    (check,) = doctor.check_vram(str(PRESETS / "sd15-12gb.toml"), detect=lambda: card,
+                                 estimate=lambda c: (9.0, "estimated"))
+    assert check.level == WARN and "does not fit" in check.detail
+    assert "presets/sd15-6gb.toml" in check.fix.replace("\\", "/") and "gradient_checkpointing = true" in check.fix
+
+
+def test_without_estimate_the_stated_peak_is_used_and_without_gpu_it_is_a_note():
+    def no_estimate(config):
+        raise ImportError("no torch")
+
+    (check,) = doctor.check_vram(str(PRESETS / "sd15-6gb.toml"), detect=lambda: None, estimate=no_estimate)
+    assert check.level == NOTE and "no NVIDIA GPU" in check.detail and "5.0 GB" in check.detail  # 4.5 + 0.5
+
+
+def test_doctor_config_estimates_the_memory_of_a_real_config(capsys):
+    assert doctor.main(["--config", str(PRESETS / "demo.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "VRAM" in out and "tiny-sd1 at 64x64, batch 4" in out

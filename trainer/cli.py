@@ -15,6 +15,7 @@ commands:
   train    train a LoRA; takes sd-scripts' train_network.py arguments (--config_file, --dataset_config, ...)
   demo     train the built-in demo (tiny model, generated images) to check that everything works
   merge    merge LoRA files into a base model and save one .safetensors checkpoint (A1111 layout)
+  bench    speed and peak VRAM of a preset on its full-size model with random weights (--estimate: no run)
   setup    install torch and the requirements for this machine (run by setup.ps1 / setup.sh)
   doctor   check the environment (Python, torch, GPU, packages) and say what to fix
   args     write the table of sd-scripts arguments and their status here (docs/compatibility.md)
@@ -86,6 +87,13 @@ def cmd_merge(argv: list[str]) -> int:
     return merge.main(argv)
 
 
+def cmd_bench(argv: list[str]) -> int:
+    setup_logging()
+    from trainer import bench
+
+    return bench.main(argv)
+
+
 def cmd_setup(argv: list[str]) -> int:
     from trainer import setup_env
 
@@ -105,7 +113,7 @@ def cmd_args(argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "train": cmd_train, "demo": cmd_demo, "merge": cmd_merge, "setup": cmd_setup, "doctor": cmd_doctor, "args": cmd_args}
+    "train": cmd_train, "demo": cmd_demo, "merge": cmd_merge, "bench": cmd_bench, "setup": cmd_setup, "doctor": cmd_doctor, "args": cmd_args}
 
 
 def setup_logging(level: str | None = None, log_file: str | None = None) -> None:

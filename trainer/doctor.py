@@ -190,12 +190,174 @@ def check_config(config: str, importer: Importer = importlib.import_module) -> l
     return [Check(OK, "config", f"{config} parses")]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Does a training config fit this card?
+
+PRESETS_DIR = REPO_ROOT / "presets"
+_PRESET_PREFIX = {"sd15": "sd15", "tiny-sd1": "sd15", "sd2-512": "sd2", "sd2-768-v": "sd2", "sdxl": "sdxl"}
+
+
+@dataclass(frozen=True)
+class Card:
+    name: str
+    total_gb: float
+    free_gb: float | None = None
+
+
+def detect_card(importer: Importer = importlib.import_module) -> Card | None:
+    """The first NVIDIA GPU's memory: from torch when it sees CUDA, else from nvidia-smi (CPU-only torch)."""
+    try:
+        torch = importer("torch")
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info(0)
+            return Card(torch.cuda.get_device_name(0), total / 2**30, free / 2**30)
+    except Exception:  # no torch, or a broken CUDA setup: nvidia-smi may still answer
+        pass
+    return _card_from_nvidia_smi()
+
+
+def _card_from_nvidia_smi() -> Card | None:
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=15, check=True).stdout
+        name, total, free = [part.strip() for part in out.strip().splitlines()[0].split(",")]
+        return Card(name, float(total) / 1024, float(free) / 1024)
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+def stated_peak_gb(config: str | Path) -> float | None:
+    """The (upper) GB figure of a preset's "# Expected peak VRAM: ..." comment, or None."""
+    import re
+
+    try:
+        lines = Path(config).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    start = next((i for i, line in enumerate(lines) if "expected peak vram" in line.lower()), None)
+    if start is None:
+        return None
+    for line in lines[start:]:
+        if not line.lstrip().startswith("#"):
+            break
+        match = re.search(r"(\d+(?:\.\d+)?)(?:\s*[-–]\s*(\d+(?:\.\d+)?))?\s*GB", line, re.IGNORECASE)
+        if match:
+            return float(match.group(2) or match.group(1))
+    return None
+
+
+def estimate_needs(config: str) -> tuple[float, str] | None:
+    """GB a card needs for this config, from trainer.memory's estimate; None without torch/diffusers."""
+    try:
+        from trainer.bench import family_for_config, load_preset
+        from trainer.memory import estimate_for_config
+    except ImportError:
+        return None
+    cfg = load_preset(config)
+    family = family_for_config(cfg)
+    estimate = estimate_for_config(cfg, family)
+    return estimate.needs_card_gb, (f"estimated peak {max(estimate.total_gb, estimate.caching_gb):.1f} GB for "
+                                    f"{family} at {estimate.details['resolution'][0]}x"
+                                    f"{estimate.details['resolution'][1]}, batch {estimate.details['batch_size']}")
+
+
+def check_vram(config: str, detect: Callable[[], Card | None] = detect_card,
+               estimate: Callable[[str], tuple[float, str] | None] = estimate_needs,
+               presets_dir: Path = PRESETS_DIR) -> list[Check]:
+    """Compare what the config needs (the estimator, else the preset's stated peak + 0.5 GB for the CUDA
+    context) with the card, and name the preset tier or setting to step down to when it does not fit."""
+    try:
+        found = estimate(config)
+    except Exception as e:  # the estimate is advice: never let it hide the rest of the report
+        found, error = None, f"{type(e).__name__}: {e}"
+    else:
+        error = None
+    stated = stated_peak_gb(config)
+    if found is not None:
+        needs, how = found
+    elif stated is not None:
+        needs, how = stated + 0.5, f"the preset states a peak of {stated:g} GB"
+    else:
+        return [Check(NOTE, "VRAM", f"{config}: no expected peak stated and no estimate"
+                                    f"{f' ({error})' if error else ''}")]
+    card = detect()
+    if card is None:
+        return [Check(NOTE, "VRAM", f"no NVIDIA GPU found; {config} needs a card with about {needs:.1f} GB ({how})")]
+    detail = f"needs about {needs:.1f} GB ({how}); {card.name} has {card.total_gb:.1f} GB"
+    if needs > card.total_gb:
+        advice = step_down_advice(config, card.total_gb, presets_dir)
+        return [Check(WARN, "VRAM", f"does not fit: {detail}", advice)]
+    checks = [Check(OK, "VRAM", f"fits: {detail}")]
+    if card.free_gb is not None and needs > card.free_gb:
+        checks.append(Check(WARN, "free VRAM", f"only {card.free_gb:.1f} GB free now: other programs hold "
+                                               f"{card.total_gb - card.free_gb:.1f} GB",
+                            "close GPU programs (browsers with hardware acceleration, games, other UIs) "
+                            "before training"))
+    return checks
+
+
+def step_down_advice(config: str | Path, card_gb: float, presets_dir: Path = PRESETS_DIR) -> str:
+    """Which shipped preset tier fits `card_gb`, and the settings that save the most memory, for this config."""
+    import re
+
+    cfg = None
+    try:
+        from trainer.bench import family_for_config, load_preset
+
+        cfg = load_preset(str(config))
+        prefix = _PRESET_PREFIX[family_for_config(cfg)]
+    except Exception:  # the advice must come even when the config cannot be read here
+        prefix = Path(config).stem.lower().split("-")[0]
+    tiers = sorted((int(m.group(1)), p) for p in presets_dir.glob(f"{prefix}-*gb.toml")
+                   if (m := re.fullmatch(rf"{prefix}-(\d+)gb", p.stem)))
+    # A card sold as 6 GB reports a little less (5.8-6.0 GiB), hence the half-gigabyte of slack.
+    fitting = [(gb, p) for gb, p in tiers if gb <= card_gb + 0.5 and p.resolve() != Path(config).resolve()]
+    parts = [f"use {_short_path(fitting[-1][1])} (the {fitting[-1][0]} GB tier)"] if fitting else []
+    parts += memory_savers(cfg) if cfg is not None else []
+    return "; or ".join(parts) if parts else "lower the resolution (e.g. 448 for SD 1.5) or network_dim"
+
+
+def _short_path(path: Path) -> Path:
+    try:
+        return path.resolve().relative_to(REPO_ROOT)
+    except ValueError:
+        return path
+
+
+def memory_savers(cfg) -> list[str]:
+    """Settings of this config that are not yet at their memory-saving value, biggest saving first."""
+    savers = []
+    if not cfg.gradient_checkpointing:
+        savers.append("gradient_checkpointing = true")
+    if cfg.train_batch_size > 1:
+        savers.append(f"train_batch_size = 1 with gradient_accumulation_steps = {cfg.train_batch_size}")
+    if cfg.sdxl and not cfg.cache_text_encoder_outputs:
+        savers.append("cache_text_encoder_outputs = true with network_train_unet_only = true")
+    if not cfg.cache_latents:
+        savers.append("cache_latents = true")
+    if cfg.mixed_precision == "no":
+        savers.append('mixed_precision = "fp16" (or "bf16" on RTX 30xx and newer)')
+    if (cfg.network_dim or 4) > 32:
+        savers.append("network_dim = 32 or less")
+    if cfg.train_text_encoder:
+        savers.append("network_train_unet_only = true")
+    return savers
+
+
 def run_checks(args: argparse.Namespace) -> list[Check]:
     checks = check_python() + check_venv() + check_torch() + check_modules() + check_clip_vocab()
     checks += check_paths({"trainer folder": REPO_ROOT, "current folder": Path.cwd(), "Python env": Path(sys.prefix)})
     checks += check_long_paths() + check_disk(REPO_ROOT)
     if args.config:
-        checks += check_config(args.config)
+        config_checks = check_config(args.config)
+        checks += config_checks
+        if all(c.level == OK for c in config_checks):
+            checks += check_vram(args.config)
     return checks
 
 
@@ -215,6 +377,6 @@ def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer doctor",
                                 description="Check Python, torch/CUDA, libraries, paths and disk; say how to fix "
                                             "what is wrong.")
-    p.add_argument("--config", help="also check that this training TOML parses")
+    p.add_argument("--config", help="also check that this training TOML parses and fits this GPU's memory")
     args = p.parse_args(list(argv))
     return report(run_checks(args))

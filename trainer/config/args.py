@@ -99,9 +99,16 @@ class TrainConfig:
                              choices=("safetensors", "ckpt", "pt"))
     cpu_offload_checkpointing: bool = flag("offload activations while checkpointing (SDXL)", MEMORY, WARN,
                                            note="only meaningful for SDXL")
-    skip_until_initial_step: bool = flag("skip batches up to the initial step", TRAINING, REFUSE)
-    initial_epoch: int | None = arg(None, "start epoch (1-based)", TRAINING, REFUSE)
-    initial_step: int | None = arg(None, "start global step", TRAINING, REFUSE)
+    skip_until_initial_step: bool = flag(
+        "continue exactly at the initial step (--initial_step/--initial_epoch/--resume): the step counter starts "
+        "there and the batches already trained on are skipped", TRAINING,
+        note="without it, as in sd-scripts, only the epoch counter moves on: the step counter restarts at 0 and "
+             "up to max_train_steps new steps are trained")
+    initial_epoch: int | None = arg(None, "start at this epoch (1-based); the step is (epoch - 1) x steps per epoch",
+                                    TRAINING, note="used instead of the --resume state's step")
+    initial_step: int | None = arg(None, "start at this global step (0-based; wins over --initial_epoch)", TRAINING,
+                                   note="used instead of the --resume state's step; the LR schedule restarts "
+                                        "unless resuming")
 
     # ------------------------------------------------------------------ validation
     validation_seed: int | None = arg(None, "seed of the validation split and of the validation noise (else --seed)",
@@ -153,7 +160,9 @@ class TrainConfig:
     save_last_n_steps_state: int | None = arg(None, "keep only the states of the last N steps", SAVING)
     save_state: bool = flag("also save a state folder (optimizer, scheduler, RNG) for --resume", SAVING)
     save_state_on_train_end: bool = flag("save a state folder at the end", SAVING)
-    resume: str | None = arg(None, "state folder to continue from", SAVING)
+    resume: str | None = arg(None, "state folder to continue from; add --skip_until_initial_step to go on from its "
+                                   "step (without it, as in sd-scripts, only its epoch is taken and the step count "
+                                   "restarts at 0)", SAVING)
     train_batch_size: int = arg(1, "images per step", TRAINING)
     max_train_steps: int = arg(1600, "number of optimizer steps", TRAINING)
     max_train_epochs: int | None = arg(None, "number of epochs (overrides --max_train_steps)", TRAINING)
@@ -163,7 +172,8 @@ class TrainConfig:
     gradient_checkpointing: bool = flag("trade compute for memory", MEMORY)
     gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step", TRAINING)
     mixed_precision: str = arg("no", "autocast precision", TRAINING, choices=("no", "fp16", "bf16"))
-    full_fp16: bool = flag("LoRA weights in fp16", MEMORY, REFUSE)
+    full_fp16: bool = flag("LoRA weights, gradients and optimizer state in fp16 (needs --mixed_precision fp16 "
+                           "and a CUDA GPU)", MEMORY)
     full_bf16: bool = flag("LoRA weights in bf16 (needs --mixed_precision bf16)", MEMORY)
     max_token_length: int | None = arg(None, "caption tokens: 75 (default), 150 or 225", TRAINING,
                                        choices=(None, 75, 150, 225))
@@ -171,8 +181,9 @@ class TrainConfig:
     xformers: bool = flag("xformers attention (falls back to SDPA with a warning when unavailable)", MEMORY)
     sdpa: bool = flag("PyTorch scaled-dot-product attention", MEMORY)
     mem_eff_attn: bool = flag("memory-efficient attention", MEMORY)
-    torch_compile: bool = flag("torch.compile the UNet", MEMORY, REFUSE)
-    dynamo_backend: str = arg("inductor", "torch.compile backend", MEMORY, REFUSE)
+    torch_compile: bool = flag("torch.compile the UNet (a backend that does not work here: one warning, then "
+                               "eager)", MEMORY)
+    dynamo_backend: str = arg("inductor", "torch.compile backend (with --torch_compile)", MEMORY)
     ddp_timeout: int | None = arg(None, "DDP timeout in minutes", DISTRIBUTED, WARN, note="single process only")
     ddp_gradient_as_bucket_view: bool = flag("DDP option", DISTRIBUTED, WARN, note="single process only")
     ddp_static_graph: bool = flag("DDP option", DISTRIBUTED, WARN, note="single process only")
@@ -212,8 +223,10 @@ class TrainConfig:
     v_pred_like_loss: float | None = arg(None, "add a v-prediction-like loss", LOSS)
     debiased_estimation_loss: bool = flag("debiased estimation loss weighting", LOSS)
     weighted_captions: bool = flag("(word:1.2) attention syntax in captions", TRAINING)
-    masked_loss: bool = flag("masked loss with conditioning images", LOSS, REFUSE)
-    conditioning_data_dir: str | None = arg(None, "mask images folder", LOSS, REFUSE)
+    masked_loss: bool = flag("weight the loss by mask images (white = trained, black = ignored): allows "
+                             "image_dir + conditioning_data_dir subsets in the dataset config", LOSS)
+    conditioning_data_dir: str | None = arg(None, "mask images named like the images in --train_data_dir (used "
+                                                  "with --masked_loss and no --dataset_config)", LOSS)
 
     # ------------------------------------------------------------------ samples
     sample_prompts: str | None = arg(None, "prompt file for sample images (.txt, .toml or .json)", SAMPLING)
@@ -267,8 +280,15 @@ class TrainConfig:
     skip_cache_check: bool = flag("trust existing cache files", MEMORY)
     cache_info: bool = flag("cache image sizes and captions in metadata_cache.json", DATASET)
     alpha_mask: bool = flag("use the PNG alpha channel as a loss mask (transparent = ignored)", LOSS)
-    debug_dataset: bool = flag("show dataset samples instead of training", DATASET, REFUSE)
-    dataset_class: str | None = arg(None, "custom dataset class", DATASET, REFUSE)
+    debug_dataset: bool = flag("instead of training, go through one epoch of the dataset: print each batch "
+                               "(images, bucket, captions as processed, loss weights) and write its images to "
+                               "debug_dataset/ in --output_dir; loads no model", DATASET,
+                               note="PNG files instead of sd-scripts' OpenCV window")
+    dataset_class: str | None = arg(
+        None, "your dataset class pkg.module.Class, built as Class(None, max_token_length, resolution, "
+              "debug_dataset); item i is a batch dict with \"images\" (B,3,H,W) in [-1,1] (or \"latents\") and "
+              "\"captions\" (docs/dataset_class.md)", DATASET,
+        note="tokenizer is None and input_ids are ignored (captions are tokenized here); no --cache_latents")
 
     # ------------------------------------------------------------------ SDXL script only
     cache_text_encoder_outputs: bool = flag("encode captions once before training (SDXL; implies "
@@ -635,10 +655,10 @@ def _check_statuses(values: dict[str, Any]) -> list[str]:
 def check_combinations(v: dict[str, Any]) -> list[str]:
     """sd-scripts' cross-argument rules (spec §1.11) and a few of ours; returns the problems found."""
     problems = []
-    if not v["pretrained_model_name_or_path"] and not v["output_config"]:
+    if not v["pretrained_model_name_or_path"] and not v["output_config"] and not v["debug_dataset"]:
         problems.append("--pretrained_model_name_or_path is required: a .safetensors/.ckpt file, a diffusers folder "
                         "or builtin:tiny-sd1 (the demo model).")
-    if not (v["train_data_dir"] or v["dataset_config"] or v["in_json"]) and not v["output_config"]:
+    if not (v["train_data_dir"] or v["dataset_config"] or v["in_json"] or v["dataset_class"]) and not v["output_config"]:
         problems.append("No training images given: set --train_data_dir (the parent of folders like '10_mychar') "
                         "or --dataset_config.")
     if v["network_module"] not in SUPPORTED_NETWORK_MODULES:
@@ -656,6 +676,7 @@ def check_combinations(v: dict[str, Any]) -> list[str]:
     if v["v2"] and v["clip_skip"] is not None:
         log.warning("--clip_skip with --v2: SD2 was trained on the penultimate layer already; this is usually "
                     "not what you want.")
+    problems += _check_precision(v)
     problems += _check_sdxl(v)
     problems += _check_optimizer_options(v)
     if v["cache_latents"] and (v["color_aug"] or v["random_crop"]):
@@ -668,11 +689,25 @@ def check_combinations(v: dict[str, Any]) -> list[str]:
         problems.append(f"--network_dim must be at least 1 (got {v['network_dim']}).")
     if v["max_train_epochs"] is not None and v["max_train_epochs"] < 1:
         problems.append(f"--max_train_epochs must be at least 1 (got {v['max_train_epochs']}).")
+    if v["initial_epoch"] is not None and v["initial_epoch"] < 1:
+        problems.append(f"--initial_epoch counts from 1 (got {v['initial_epoch']}).")
+    if v["initial_step"] is not None and v["initial_step"] < 0:
+        problems.append(f"--initial_step must be 0 or more (got {v['initial_step']}).")
+    problems += _check_dataset_class(v)
     try:
         parse_network_args(v["network_args"])
     except ConfigError as e:
         problems += e.problems
     problems += _check_network_files(v)
+    return problems
+
+
+def _check_precision(v: dict[str, Any]) -> list[str]:
+    """--full_fp16/--full_bf16 keep the LoRA itself in the autocast dtype (spec §1.11)."""
+    problems = [f"--full_{p} needs --mixed_precision {p} (got {v['mixed_precision']})."
+                for p in ("fp16", "bf16") if v[f"full_{p}"] and v["mixed_precision"] != p]
+    if v["dynamo_backend"] != "inductor" and not v["torch_compile"]:
+        log.warning("--dynamo_backend %s has no effect without --torch_compile.", v["dynamo_backend"])
     return problems
 
 
@@ -703,6 +738,19 @@ def _check_optimizer_options(v: dict[str, Any]) -> list[str]:
         problems.append("--weighted_captions cannot be used with --cache_text_encoder_outputs(_to_disk) here: the "
                         "cached outputs are unweighted. Remove one of them.")
     return problems
+
+
+def _check_dataset_class(v: dict[str, Any]) -> list[str]:
+    """--dataset_class replaces the folders and dataset TOMLs, as in sd-scripts."""
+    if not v["dataset_class"]:
+        return []
+    ignored = [f"--{n}" for n in ("train_data_dir", "reg_data_dir", "dataset_config", "in_json") if v[n]]
+    if ignored or v["validation_split"]:
+        log.warning("--dataset_class: %s not used (the class serves every batch; no validation split).",
+                    ", ".join(ignored + (["--validation_split"] if v["validation_split"] else [])))
+    return [f"--{n} cannot be used with --dataset_class {v['dataset_class']}: the class serves its own batches "
+            "(return \"latents\" from it to train on cached latents)." for n in
+            ("cache_latents", "cache_text_encoder_outputs") if v[n]]
 
 
 # Caption options that change a caption every step; cached text-encoder outputs cannot follow them.

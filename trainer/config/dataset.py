@@ -3,6 +3,9 @@
 sd-scripts' schema (library/config_util.py, spec §3.1) is kept key for key, but every problem in a file
 is reported at once, each with its full key path and the fix. Values resolve as in spec §3.2:
 subset > dataset > [general] > command-line argument > default.
+
+With --masked_loss, sd-scripts' ControlNet-style subsets (`image_dir` + `conditioning_data_dir`, spec §1.6)
+are legal: every subset of such a dataset has a folder of mask images (same file stems as the images).
 """
 
 from __future__ import annotations
@@ -38,9 +41,12 @@ SUBSET_COMMON_KEYS = {
 DREAMBOOTH_ASCENDABLE_KEYS = {"caption_extension": "str", "class_tokens": "str", "cache_info": "bool"}
 DREAMBOOTH_SUBSET_ONLY_KEYS = {"image_dir": "str", "is_reg": "bool", "alpha_mask": "bool"}
 FINETUNE_SUBSET_ONLY_KEYS = {"metadata_file": "str", "image_dir": "str", "alpha_mask": "bool"}
+# ControlNet-style (mask) subsets, legal only with --masked_loss (sd-scripts' CN_SUBSET_* schemas)
+MASK_ASCENDABLE_KEYS = {"caption_extension": "str", "cache_info": "bool"}
+MASK_SUBSET_ONLY_KEYS = {"image_dir": "str", "conditioning_data_dir": "str"}
 # Keys sd-scripts takes only from the command line; its schema rejects them in the dataset file.
 COMMAND_LINE_ONLY_KEYS = ("prior_loss_weight", "max_token_length", "debug_dataset")
-SUBSET_ONLY_KEYS = ("image_dir", "is_reg", "metadata_file", "alpha_mask")
+SUBSET_ONLY_KEYS = ("image_dir", "is_reg", "metadata_file", "alpha_mask", "conditioning_data_dir")
 RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 
 GENERAL_KEYS = {**DATASET_KEYS, **SUBSET_COMMON_KEYS, **DREAMBOOTH_ASCENDABLE_KEYS}
@@ -48,6 +54,14 @@ DREAMBOOTH_DATASET_KEYS = {**DATASET_KEYS, **SUBSET_COMMON_KEYS, **DREAMBOOTH_AS
 FINETUNE_DATASET_KEYS = {**DATASET_KEYS, **SUBSET_COMMON_KEYS, "subsets": "list"}
 DREAMBOOTH_SUBSET_KEYS = {**SUBSET_COMMON_KEYS, **DREAMBOOTH_ASCENDABLE_KEYS, **DREAMBOOTH_SUBSET_ONLY_KEYS}
 FINETUNE_SUBSET_KEYS = {**SUBSET_COMMON_KEYS, **FINETUNE_SUBSET_ONLY_KEYS}
+MASK_DATASET_KEYS = {**DATASET_KEYS, **SUBSET_COMMON_KEYS, **MASK_ASCENDABLE_KEYS, "subsets": "list"}
+MASK_SUBSET_KEYS = {**SUBSET_COMMON_KEYS, **MASK_ASCENDABLE_KEYS, **MASK_SUBSET_ONLY_KEYS}
+DATASET_KEYS_BY_KIND = {"dreambooth": DREAMBOOTH_DATASET_KEYS, "finetune": FINETUNE_DATASET_KEYS,
+                        "mask": MASK_DATASET_KEYS}
+SUBSET_KEYS_BY_KIND = {"dreambooth": DREAMBOOTH_SUBSET_KEYS, "finetune": FINETUNE_SUBSET_KEYS,
+                       "mask": MASK_SUBSET_KEYS}
+REQUIRED_SUBSET_KEYS = {"dreambooth": ("image_dir",), "finetune": ("metadata_file",),
+                        "mask": ("image_dir", "conditioning_data_dir")}
 
 # Command-line names that differ from the dataset-config names (config_util.ARGPARSE_OPTNAME_TO_CONFIG_OPTNAME).
 ARGUMENT_NAME_FOR_KEY = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
@@ -90,6 +104,7 @@ class SubsetSpec:
     random_crop: bool = False
     face_crop_aug_range: tuple[float, float] | None = None
     alpha_mask: bool = False
+    conditioning_data_dir: str | None = None  # mask images (--masked_loss), matched to images by file stem
     cache_info: bool = False
     resize_interpolation: str | None = None
     custom_attributes: dict | None = field(default=None, hash=False, compare=False)
@@ -116,11 +131,12 @@ class DatasetSpec:
 
 # --- reading and checking the file --------------------------------------------------------------------
 
-def load_dataset_config(path: str | Path) -> dict:
+def load_dataset_config(path: str | Path, *, masked_loss: bool = False) -> dict:
     """Read a dataset config (.toml or .json, UTF-8) and check it against sd-scripts' schema.
 
     Raises ConfigError listing every problem (file, key path, fix). The returned dict has
-    `resolution` and `face_crop_aug_range` converted to tuples.
+    `resolution` and `face_crop_aug_range` converted to tuples. `masked_loss` (--masked_loss) makes
+    mask subsets (`conditioning_data_dir`) legal.
     """
     path = Path(path)
     if not path.is_file():
@@ -133,7 +149,7 @@ def load_dataset_config(path: str | Path) -> dict:
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}). Save the file as UTF-8.") from None
     config = _parse_json(path, text) if suffix == ".json" else _parse_toml(path, text)
-    return validate_dataset_config(config, source=str(path))
+    return validate_dataset_config(config, source=str(path), masked_loss=masked_loss)
 
 
 def _parse_toml(path: Path, text: str) -> dict:
@@ -154,7 +170,7 @@ def _parse_json(path: Path, text: str) -> dict:
             from None
 
 
-def validate_dataset_config(config: Any, source: str = "dataset config") -> dict:
+def validate_dataset_config(config: Any, source: str = "dataset config", *, masked_loss: bool = False) -> dict:
     """Check a parsed dataset config; return it with tuples converted, or raise one ConfigError."""
     problems: list[str] = []
     if not isinstance(config, dict):
@@ -162,9 +178,10 @@ def validate_dataset_config(config: Any, source: str = "dataset config") -> dict
     checked: dict[str, Any] = {}
     for key, value in config.items():
         if key == "general":
-            checked["general"] = _check_table(value, "general", GENERAL_KEYS, "general", source, problems)
+            checked["general"] = _check_table(value, "general", GENERAL_KEYS, "general", source, problems,
+                                              masked_loss)
         elif key == "datasets":
-            checked["datasets"] = _check_datasets(value, source, problems)
+            checked["datasets"] = _check_datasets(value, source, problems, masked_loss)
         else:
             problems.append(_unknown_key_message(source, key, key, {"general": "", "datasets": ""}, "top"))
     if problems:
@@ -172,32 +189,32 @@ def validate_dataset_config(config: Any, source: str = "dataset config") -> dict
     return checked
 
 
-def _check_datasets(value: Any, source: str, problems: list[str]) -> list[dict]:
+def _check_datasets(value: Any, source: str, problems: list[str], masked_loss: bool) -> list[dict]:
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
         problems.append(f"{source}: datasets: expected an array of tables ([[datasets]]), given {_given(value)}")
         return []
     result = []
     for i, dataset in enumerate(value):
         path = f"datasets[{i}]"
-        kind = _dataset_kind(dataset, path, source, problems)
-        keys = DREAMBOOTH_DATASET_KEYS if kind == "dreambooth" else FINETUNE_DATASET_KEYS
-        checked = _check_table(dataset, path, keys, f"{kind}-dataset", source, problems)
+        kind = _dataset_kind(dataset, path, source, problems, masked_loss)
+        checked = _check_table(dataset, path, DATASET_KEYS_BY_KIND[kind], f"{kind}-dataset", source, problems,
+                               masked_loss)
         subsets = dataset.get("subsets", [])
         if isinstance(subsets, list) and all(isinstance(s, dict) for s in subsets):
-            subset_keys = DREAMBOOTH_SUBSET_KEYS if kind == "dreambooth" else FINETUNE_SUBSET_KEYS
-            required = "image_dir" if kind == "dreambooth" else "metadata_file"
-            checked["subsets"] = [
-                _check_subset(subset, f"{path}.subsets[{j}]", subset_keys, required, kind, source, problems)
-                for j, subset in enumerate(subsets)]
+            checked["subsets"] = [_check_subset(subset, f"{path}.subsets[{j}]", kind, source, problems, masked_loss)
+                                  for j, subset in enumerate(subsets)]
         result.append(checked)
     return result
 
 
-def _dataset_kind(dataset: dict, path: str, source: str, problems: list[str]) -> str:
-    """DreamBooth unless every subset has metadata_file (config_util's flex validator)."""
+def _dataset_kind(dataset: dict, path: str, source: str, problems: list[str], masked_loss: bool) -> str:
+    """config_util's flex validator: "mask" when --masked_loss and every subset has conditioning_data_dir,
+    else "finetune" when every subset has metadata_file, else "dreambooth"."""
     subsets = dataset.get("subsets", [])
     if not isinstance(subsets, list) or not subsets or not all(isinstance(s, dict) for s in subsets):
         return "dreambooth"
+    if masked_loss and all("conditioning_data_dir" in subset for subset in subsets):
+        return "mask"
     with_metadata = ["metadata_file" in subset for subset in subsets]
     if all(with_metadata):
         return "finetune"
@@ -207,16 +224,17 @@ def _dataset_kind(dataset: dict, path: str, source: str, problems: list[str]) ->
     return "dreambooth"
 
 
-def _check_subset(subset: dict, path: str, keys: dict, required: str, kind: str, source: str,
-                  problems: list[str]) -> dict:
-    checked = _check_table(subset, path, keys, f"{kind}-subset", source, problems)
-    if required not in subset:
-        what = "the folder of images" if required == "image_dir" else "the metadata JSON of this subset"
-        problems.append(f"{source}: {path}.{required}: required key is missing ({what}).")
+def _check_subset(subset: dict, path: str, kind: str, source: str, problems: list[str], masked_loss: bool) -> dict:
+    checked = _check_table(subset, path, SUBSET_KEYS_BY_KIND[kind], f"{kind}-subset", source, problems, masked_loss)
+    what = {"image_dir": "the folder of images", "metadata_file": "the metadata JSON of this subset"}
+    for required in REQUIRED_SUBSET_KEYS[kind]:
+        if required not in subset:
+            problems.append(f"{source}: {path}.{required}: required key is missing ({what[required]}).")
     return checked
 
 
-def _check_table(table: Any, path: str, keys: dict, level: str, source: str, problems: list[str]) -> dict:
+def _check_table(table: Any, path: str, keys: dict, level: str, source: str, problems: list[str],
+                 masked_loss: bool = False) -> dict:
     if not isinstance(table, dict):
         problems.append(f"{source}: {path}: expected a table, given {_given(table)}")
         return {}
@@ -224,7 +242,7 @@ def _check_table(table: Any, path: str, keys: dict, level: str, source: str, pro
     for key, value in table.items():
         key_path = f"{path}.{key}"
         if key not in keys:
-            problems.append(_unknown_key_message(source, key_path, key, keys, level))
+            problems.append(_unknown_key_message(source, key_path, key, keys, level, masked_loss))
             continue
         if key == "subsets":
             if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
@@ -238,15 +256,17 @@ def _check_table(table: Any, path: str, keys: dict, level: str, source: str, pro
     return checked
 
 
-def _unknown_key_message(source: str, key_path: str, key: str, allowed: dict, level: str) -> str:
+def _unknown_key_message(source: str, key_path: str, key: str, allowed: dict, level: str,
+                         masked_loss: bool = False) -> str:
     """Say why a key is not allowed here: command-line only, wrong level, another dataset kind, or a typo."""
     where = f"{source}: {key_path}:"
     if key in COMMAND_LINE_ONLY_KEYS:
         return f"{where} '{key}' is a command-line setting, not a dataset-config key; pass --{key} instead."
     if level == "top" and key in GENERAL_KEYS:
         return f"{where} '{key}' must be inside a table: write it under [general] (or in a [[datasets]] table)."
-    if key == "conditioning_data_dir":
-        return f"{where} masked-loss/ControlNet subsets (conditioning_data_dir) are not supported yet."
+    if key == "conditioning_data_dir" and not masked_loss:
+        return (f"{where} mask subsets (image_dir + conditioning_data_dir) need --masked_loss on the command line "
+                "(or masked_loss = true in the --config_file), as in sd-scripts.")
     if key in SUBSET_ONLY_KEYS and not level.endswith("subset"):
         return f"{where} '{key}' is only allowed inside a [[datasets.subsets]] table; move it there."
     if key == "subsets" and level == "general":
@@ -258,6 +278,12 @@ def _unknown_key_message(source: str, key_path: str, key: str, allowed: dict, le
                 "because its subsets have metadata_file.")
     if key == "metadata_file" and level.startswith("dreambooth"):
         return f"{where} 'metadata_file' is a fine-tuning key; every subset of this dataset would need one."
+    if key == "conditioning_data_dir":  # with --masked_loss, in a subset of a dataset that is not all masks
+        return (f"{where} every subset of a dataset must have conditioning_data_dir (mask images) or none may; "
+                "put the subsets without masks in a separate [[datasets]].")
+    if level.startswith("mask") and key in {**DREAMBOOTH_SUBSET_KEYS, **FINETUNE_SUBSET_KEYS}:
+        return (f"{where} '{key}' is not available for mask subsets (those with conditioning_data_dir), as in "
+                "sd-scripts; remove it, or train these images in a separate [[datasets]] without masks.")
     return f"{where} unknown key{did_you_mean(key, allowed)}."
 
 
@@ -303,15 +329,18 @@ def resolve_datasets(args: Any, user_config: dict | None) -> list[DatasetSpec]:
     """Resolve every dataset and subset value (spec §3.2-§3.4).
 
     `args` is any object with sd-scripts argument names as attributes (missing ones count as unset).
-    Without `user_config`, the dataset comes from --train_data_dir/--reg_data_dir folders or --in_json.
+    Without `user_config`, the dataset comes from --train_data_dir/--reg_data_dir folders or --in_json
+    (plus --conditioning_data_dir masks with --masked_loss).
     """
+    masked_loss = bool(getattr(args, "masked_loss", False))
     source = str(getattr(args, "dataset_config", None) or "dataset config")
-    if user_config is None:
+    from_arguments = user_config is None
+    if from_arguments:
         user_config = _config_from_arguments(args)
         source = "command line"
     else:
         _warn_ignored_folder_arguments(args)
-    config = validate_dataset_config(user_config, source)
+    config = validate_dataset_config(user_config, source, masked_loss=masked_loss)
     general = config.get("general", {})
     arguments = _argument_values(args)
     problems: list[str] = []
@@ -325,6 +354,11 @@ def resolve_datasets(args: Any, user_config: dict | None) -> list[DatasetSpec]:
     if not specs:
         raise ConfigError(f"{source}: no [[datasets]] with [[datasets.subsets]] found; add at least one subset "
                           "with image_dir = \"path/to/images\".")
+    if from_arguments:
+        specs = _with_command_line_masks(specs, args)
+    if masked_loss and not any(s.conditioning_data_dir or s.alpha_mask for spec in specs for s in spec.subsets):
+        logger.warning("--masked_loss has no effect: no subset has conditioning_data_dir (mask images) or "
+                       "alpha_mask, so every pixel counts (as in sd-scripts)")
     return specs
 
 
@@ -349,6 +383,8 @@ def _resolve_dataset(dataset: dict, general: dict, arguments: dict, where: str, 
         spec = _resolve_subset(subset, (subset, dataset, general, arguments), f"{where}.subsets[{j}]", problems)
         identity = spec.image_dir if is_dreambooth else spec.metadata_file
         identity = os.path.normcase(os.path.abspath(identity)) if identity else str(j)
+        if spec.conditioning_data_dir:  # sd-scripts' ControlNetSubset compares both folders
+            identity += "|" + os.path.normcase(os.path.abspath(spec.conditioning_data_dir))
         if identity in seen:  # config_util: a subset repeated in one dataset is ignored (first one wins)
             logger.warning("%s.subsets[%d]: ignoring duplicate subset %s (the first one is used)",
                            where, j, spec.image_dir if is_dreambooth else spec.metadata_file)
@@ -365,6 +401,13 @@ def _resolve_subset(subset: dict, chain: tuple, where: str, problems: list[str])
         # subset-only keys skip [[datasets]] and [general]; the command line (--alpha_mask) still applies
         levels = (subset_level, arguments) if f.name in SUBSET_ONLY_KEYS else chain
         values[f.name] = _first_set(f.name, levels, f.default)
+    if subset_level.get("conditioning_data_dir") is None:
+        values["conditioning_data_dir"] = None  # only a mask subset's own key names its masks
+    else:
+        values["alpha_mask"] = False  # sd-scripts' mask subsets have no alpha_mask: the mask images are the mask
+        if values["random_crop"]:
+            problems.append(f"{where}.random_crop: not supported for mask subsets (conditioning_data_dir), as in "
+                            "sd-scripts; set random_crop = false for this subset (or drop --random_crop).")
     extension = values["caption_extension"]
     if extension and not extension.startswith("."):  # sd-scripts adds the dot: "txt" -> ".txt"
         values["caption_extension"] = "." + extension
@@ -489,6 +532,9 @@ def _warn_ignored_folder_arguments(args: Any) -> None:
     for name in ("train_data_dir", "reg_data_dir", "in_json"):
         if getattr(args, name, None) is not None:
             logger.warning("--%s is ignored because --dataset_config is given (as in sd-scripts)", name)
+    if getattr(args, "conditioning_data_dir", None) is not None:
+        logger.warning("--conditioning_data_dir is ignored because --dataset_config is given: each subset names "
+                       "its masks with conditioning_data_dir (as in sd-scripts)")
 
 
 def _config_from_arguments(args: Any) -> dict:
@@ -497,6 +543,11 @@ def _config_from_arguments(args: Any) -> dict:
 
     train_data_dir = getattr(args, "train_data_dir", None)
     in_json = getattr(args, "in_json", None)
+    with_masks = getattr(args, "conditioning_data_dir", None) is not None and getattr(args, "masked_loss", False)
+    if with_masks and in_json is not None:
+        raise ConfigError("--conditioning_data_dir cannot be combined with --in_json: mask images are matched to "
+                          "image folders. Use --train_data_dir, or a --dataset_config with image_dir and "
+                          "conditioning_data_dir per subset.")
     if in_json is not None:
         subset = {"metadata_file": str(in_json)}
         if train_data_dir is not None:
@@ -505,8 +556,49 @@ def _config_from_arguments(args: Any) -> dict:
     if train_data_dir is None:
         raise ConfigError("No training images given: pass --train_data_dir (the parent of folders such as "
                           "'10_sks dog') or --dataset_config.")
-    subsets = find_dreambooth_subsets(Path(train_data_dir), is_reg=False)
+    if with_masks and _is_flat_image_folder(Path(train_data_dir)):
+        # sd-scripts' ControlNet layout: the images themselves, each used once per epoch
+        subsets = [{"image_dir": str(train_data_dir), "num_repeats": 1}]
+    else:
+        subsets = find_dreambooth_subsets(Path(train_data_dir), is_reg=False)
     reg_data_dir = getattr(args, "reg_data_dir", None)
     if reg_data_dir is not None:
         subsets += find_dreambooth_subsets(Path(reg_data_dir), is_reg=True)
     return {"datasets": [{"subsets": subsets}]}
+
+
+def _is_flat_image_folder(folder: Path) -> bool:
+    """Images directly inside and no `N_tokens` subfolders (sd-scripts' ControlNet train_data_dir)."""
+    from trainer.data.folders import list_images, parse_repeats_folder
+
+    if not folder.is_dir() or not list_images(folder):
+        return False
+    return not any(p.is_dir() and parse_repeats_folder(p.name) for p in folder.iterdir())
+
+
+def _with_command_line_masks(specs: list[DatasetSpec], args: Any) -> list[DatasetSpec]:
+    """--conditioning_data_dir without a dataset config: each training subset gets its masks from
+    `<conditioning_data_dir>/<image folder name>` when that folder exists, else from the folder itself.
+    Regularisation subsets stay unmasked. sd-scripts' train_network.py ignores the option here; without
+    --masked_loss we ignore it too."""
+    mask_dir = getattr(args, "conditioning_data_dir", None)
+    if mask_dir is None:
+        return specs
+    if not getattr(args, "masked_loss", False):
+        logger.warning("--conditioning_data_dir is ignored without --masked_loss (as in sd-scripts); add "
+                       "--masked_loss to train with the mask images")
+        return specs
+    if getattr(args, "random_crop", False):
+        raise ConfigError("--random_crop cannot be used with --conditioning_data_dir masks (as in sd-scripts); "
+                          "drop --random_crop.")
+    result = []
+    for spec in specs:
+        subsets = []
+        for subset in spec.subsets:
+            if not subset.is_reg:
+                per_folder = Path(mask_dir) / Path(subset.image_dir).name
+                masks = per_folder if per_folder.is_dir() else Path(mask_dir)
+                subset = dataclasses.replace(subset, conditioning_data_dir=str(masks), alpha_mask=False)
+            subsets.append(subset)
+        result.append(dataclasses.replace(spec, subsets=tuple(subsets)))
+    return result

@@ -5,6 +5,13 @@ of regularisation images, buckets whose batches never mix, per-epoch reshuffles 
 `seed + epoch`. The epoch, step and max-steps counters live in shared memory so DataLoader worker
 processes (forked or spawned) see what the training loop sets. The dataset never loads models: latent
 caching takes an `encode` callable.
+
+Loss masks (spec §5.4) come from the PNG alpha (`alpha_mask`) or, for --masked_loss subsets, from a mask
+image with the image's file stem in `conditioning_data_dir` (R channel / 255, white = 1). A mask of another
+size than its image is first resized (bilinear) to the image size; it is then resized, cropped and flipped
+exactly like its image and delivered as "alpha_masks". With latents cached in RAM the cropped mask is kept
+with them; with the disk cache it is read from its file each time (sd-scripts' npz `alpha_mask` key means
+the image's own alpha, and a mask edited later must not be served stale).
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ class ImageRecord:
     alpha_mask: torch.Tensor | None = None
     crop_ltrb: tuple | None = None
     npz_path: Path | None = None  # disk cache
+    mask_path: Path | None = None  # --masked_loss: the mask image in the subset's conditioning_data_dir
 
 
 @dataclass
@@ -125,6 +133,7 @@ def _scan_dreambooth(spec: DatasetSpec, index: int, plan: DatasetPlan, subsets: 
         paths, captions, sizes = _load_image_folder(subset)
         if not paths:
             continue
+        masks = find_mask_images(subset, paths) if subset.conditioning_data_dir else [None] * len(paths)
         keep, held = range(len(paths)), []
         if spec.validation_split > 0 and not subset.is_reg:  # reg images are never held out
             seed_for_split = spec.validation_seed if spec.validation_seed is not None else seed
@@ -136,8 +145,9 @@ def _scan_dreambooth(spec: DatasetSpec, index: int, plan: DatasetPlan, subsets: 
         target = reg if subset.is_reg else train
         for i in keep:
             target.append(ImageRecord(paths[i], captions[i], subset.is_reg, subset.num_repeats, subset_index,
-                                      index, sizes[i]))
-        held_out.extend(ImageRecord(paths[i], captions[i], False, 1, subset_index, index, sizes[i]) for i in held)
+                                      index, sizes[i], mask_path=masks[i]))
+        held_out.extend(ImageRecord(paths[i], captions[i], False, 1, subset_index, index, sizes[i],
+                                    mask_path=masks[i]) for i in held)
         if subset.is_reg:
             plan.num_reg_images += subset.num_repeats * len(keep)
         else:
@@ -177,6 +187,38 @@ def _load_image_folder(subset: SubsetSpec) -> tuple[list[Path], list[str], list[
         sizes = [read_image_size(path) for path in paths]
         _write_info_cache(info_file, paths, captions, sizes)
     return paths, captions, sizes
+
+
+def find_mask_images(subset: SubsetSpec, images: list[Path]) -> list[Path]:
+    """The mask of each image: the file with the image's stem in `conditioning_data_dir` (any image
+    extension; .png first, as sd-scripts globs). A missing mask is a DatasetError naming the image and
+    the expected path; masks without an image are only reported."""
+    folder = Path(subset.conditioning_data_dir)
+    if not folder.is_dir():
+        raise DatasetError(f"Mask folder not found: {folder} (conditioning_data_dir of the subset {subset.image_dir}). "
+                           "Check the path; relative paths are taken from the current folder "
+                           f"{Path.cwd()}.")
+    if os.path.samefile(folder, subset.image_dir):
+        raise DatasetError(f"conditioning_data_dir {folder} is the image folder itself; put the mask images in a "
+                           "folder of their own (with the same file names as the images).")
+    exact: dict[str, Path] = {}
+    folded: dict[str, Path] = {}  # Windows users name files case-insensitively
+    for mask in sorted(list_images(folder), key=lambda p: IMAGE_EXTENSIONS.index(p.suffix.lower())):
+        exact.setdefault(mask.stem, mask)
+        folded.setdefault(mask.stem.casefold(), mask)
+    masks = [exact.get(image.stem) or folded.get(image.stem.casefold()) for image in images]
+    missing = [image for image, mask in zip(images, masks) if mask is None]
+    if missing:
+        shown = "\n".join(f"  {image} -> expected {folder / (image.stem + '.png')}" for image in missing[:5])
+        more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise DatasetError(f"No mask image for {len(missing)} of {len(images)} image(s) of {subset.image_dir}: each "
+                           f"image needs a mask with the same file name (any image extension) in {folder}:\n"
+                           f"{shown}{more}")
+    unused = len(set(exact.values()) - set(masks))
+    if unused:
+        logger.warning("%s: %d mask image(s) have no image of the same name in %s and are not used",
+                       folder, unused, subset.image_dir)
+    return masks
 
 
 def _warn_empty_folder(folder: Path) -> None:
@@ -394,7 +436,7 @@ class TrainDataset(torch.utils.data.Dataset):
         subset = used.spec
         flipped = subset.flip_aug and rng.random() < 0.5
         if record.latents is not None or record.npz_path is not None:
-            sample = self._cached_sample(record, flipped)
+            sample = self._cached_sample(record, subset, flipped)
         else:
             sample = self._image_sample(record, subset, flipped, rng)
         target_w, target_h = sample["target_size"]
@@ -411,7 +453,7 @@ class TrainDataset(torch.utils.data.Dataset):
                                     max_train_steps=max_steps))
         return sample
 
-    def _cached_sample(self, record: ImageRecord, flipped: bool) -> dict:
+    def _cached_sample(self, record: ImageRecord, subset: SubsetSpec, flipped: bool) -> dict:
         if record.latents is not None:
             latents = record.latents_flipped if flipped else record.latents
             mask, crop, original = record.alpha_mask, record.crop_ltrb, record.image_size
@@ -421,7 +463,11 @@ class TrainDataset(torch.utils.data.Dataset):
                 raise DatasetError(f"{record.npz_path} has no flipped latents (needed by flip_aug). Delete the file "
                                    "or run without --skip_cache_check so it is made again.")
             latents = torch.from_numpy(cached.latents_flipped if flipped else cached.latents)
-            mask = None if cached.alpha_mask is None else torch.from_numpy(cached.alpha_mask)
+            # a file may carry an alpha mask from an earlier --alpha_mask run: use it only when asked for
+            use_alpha = subset.alpha_mask and cached.alpha_mask is not None
+            mask = torch.from_numpy(cached.alpha_mask) if use_alpha else None
+            if record.mask_path is not None:
+                mask = self._bucket_mask(record)
             crop, original = cached.crop_ltrb, cached.original_size
         if mask is not None and flipped:
             mask = torch.flip(mask, dims=[1])
@@ -430,26 +476,48 @@ class TrainDataset(torch.utils.data.Dataset):
                     original_size=original)
 
     def _image_sample(self, record: ImageRecord, subset: SubsetSpec, flipped: bool, rng: random.Random) -> dict:
-        spec = self.plans[record.dataset].spec
         image = load_image(record.path, alpha=subset.alpha_mask)
-        if spec.enable_bucket:
-            array, crop = resize_and_crop(image, record.resized_size, record.bucket_reso,
-                                          random_crop=subset.random_crop, rng=rng,
-                                          interpolation=subset.resize_interpolation)
-            original = image.size
-        else:
-            face = face_info_from_name(record.path.stem) if subset.face_crop_aug_range else None
-            array, original, crop = fit_to_resolution(
-                image, record.resized_size, spec.resolution, face=face, face_range=subset.face_crop_aug_range,
-                random_crop=subset.random_crop, rng=rng, interpolation=subset.resize_interpolation)
+        state = rng.getstate()
+        array, original, crop = self._fit(image, record, subset, rng)
+        mask_array = None
+        if record.mask_path is not None:
+            # the same function, sizes and random draws as the image, so the mask covers the same pixels
+            same_draws = random.Random()
+            same_draws.setstate(state)
+            mask_array = self._fit(load_mask(record.mask_path, image.size), record, subset, same_draws)[0]
         if subset.color_aug:
             array = color_augment(array, rng)
         if flipped:
             array = array[:, ::-1]
-        mask = alpha_mask_of(array) if subset.alpha_mask else None
+            mask_array = None if mask_array is None else mask_array[:, ::-1]
+        if mask_array is not None:
+            mask = mask_to_tensor(mask_array)
+        else:
+            mask = alpha_mask_of(array) if subset.alpha_mask else None
         tensor = image_to_tensor(array[:, :, :3])
         return dict(image=tensor, latents=None, alpha_mask=mask, target_size=(tensor.shape[2], tensor.shape[1]),
                     crop_ltrb=crop, original_size=original)
+
+    def _fit(self, image, record: ImageRecord, subset: SubsetSpec, rng: random.Random) -> tuple:
+        """(array, original size, crop_ltrb): the image (or its mask) resized and cropped to its bucket."""
+        spec = self.plans[record.dataset].spec
+        if spec.enable_bucket:
+            array, crop = resize_and_crop(image, record.resized_size, record.bucket_reso,
+                                          random_crop=subset.random_crop, rng=rng,
+                                          interpolation=subset.resize_interpolation)
+            return array, image.size, crop
+        face = face_info_from_name(record.path.stem) if subset.face_crop_aug_range else None
+        return fit_to_resolution(image, record.resized_size, spec.resolution, face=face,
+                                 face_range=subset.face_crop_aug_range, random_crop=subset.random_crop, rng=rng,
+                                 interpolation=subset.resize_interpolation)
+
+    def _bucket_mask(self, record: ImageRecord) -> torch.Tensor:
+        """The mask cropped as latent caching crops the image (cover-resize, centre crop), not flipped."""
+        subset = self.subsets[record.subset].spec
+        array, _ = resize_and_crop(load_mask(record.mask_path, record.image_size), record.resized_size,
+                                   record.bucket_reso, random_crop=False, rng=random.Random(0),
+                                   interpolation=subset.resize_interpolation)
+        return mask_to_tensor(array)
 
     # latent caching ---------------------------------------------------------------------------------------
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], *, vae_batch_size: int, to_disk: bool,
@@ -514,12 +582,13 @@ class TrainDataset(torch.utils.data.Dataset):
         for i, record in enumerate(chunk):
             mask = alpha_mask_of(arrays[i]) if alpha_mask else None
             latents_flipped = None if flipped is None else flipped[i]
-            if to_disk:
+            if to_disk:  # mask images are not written into the npz (see the module docstring)
                 cache_files.save_latents_npz(record.npz_path, latents[i], record.image_size, crops[i],
                                              latents_flipped, mask)
             else:
                 record.latents, record.latents_flipped = latents[i].clone(), latents_flipped
-                record.alpha_mask, record.crop_ltrb = mask, crops[i]
+                record.crop_ltrb = crops[i]
+                record.alpha_mask = self._bucket_mask(record) if record.mask_path is not None else mask
 
     # information for metadata -----------------------------------------------------------------------------
     @property
@@ -609,6 +678,29 @@ def image_to_tensor(array: np.ndarray) -> torch.Tensor:
     """H x W x 3 uint8 -> (3, H, W) float in [-1, 1] (ToTensor + Normalize(0.5, 0.5))."""
     channels_first = np.array(np.transpose(array, (2, 0, 1)), dtype=np.float32)  # a writable copy
     return torch.from_numpy(channels_first).div_(127.5).sub_(1.0)
+
+
+def load_mask(path: Path, image_size: Size):
+    """A mask image's R channel as an 8-bit PIL image of `image_size` (W, H); a mask of another size is
+    resized to the image first (bilinear), so it can be cropped exactly like the image."""
+    from PIL import Image
+
+    mask = load_image(path).getchannel("R")
+    if mask.size != tuple(image_size):
+        if path not in _RESIZED_MASKS_REPORTED:  # once per file and process, not every epoch
+            _RESIZED_MASKS_REPORTED.add(path)
+            logger.warning("mask %s is %dx%d but its image is %dx%d: the mask is stretched to the image size",
+                           path, *mask.size, *image_size)
+        mask = mask.resize(tuple(image_size), resample=Image.BILINEAR)
+    return mask
+
+
+_RESIZED_MASKS_REPORTED: set[Path] = set()
+
+
+def mask_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """(H, W) uint8 mask -> float32 in [0, 1] (white = 1)."""
+    return torch.from_numpy(np.asarray(array, dtype=np.float32) / 255.0)
 
 
 def alpha_mask_of(array: np.ndarray) -> torch.Tensor:

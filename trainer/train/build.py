@@ -6,6 +6,7 @@ optimizer/scheduler -> saver."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -112,7 +113,12 @@ def build_dataset(cfg: TrainConfig, seed: int):
     from trainer.config.dataset import load_dataset_config, resolve_datasets, verify_bucket_reso_steps
     from trainer.data.dataset import build_train_dataset
 
-    user_config = load_dataset_config(cfg.dataset_config) if cfg.dataset_config else None
+    if cfg.dataset_class:  # the user's class instead of folders and dataset TOMLs (trainer.data.custom)
+        from trainer.data.custom import load_dataset_class
+
+        return load_dataset_class(cfg.dataset_class, resolution=cfg.resolution,
+                                  max_token_length=cfg.max_token_length, debug_dataset=cfg.debug_dataset)
+    user_config = load_dataset_config(cfg.dataset_config, masked_loss=cfg.masked_loss) if cfg.dataset_config else None
     specs = resolve_datasets(cfg, user_config)
     verify_bucket_reso_steps(specs, 32 if cfg.sdxl else 64)  # the UNet's downsampling (spec §1.4)
     dataset = build_train_dataset(specs, seed=seed, prior_loss_weight=cfg.prior_loss_weight,
@@ -283,7 +289,9 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
     from accelerate.utils import set_seed
 
     from trainer.models.attention import select_attention
+    from trainer.models.compile import check_backend, compile_unet
     from trainer.models.load import load_models
+    from trainer.train.precision import allow_fp16_unscale, fp16_optimizer_args, resolve_full_fp16
     from trainer.train.metadata import training_metadata
     from trainer.train.validate import build_validator
 
@@ -297,10 +305,20 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mixed_precision = select_mixed_precision(cfg.mixed_precision, device_type)
+    if cfg.full_fp16 and not resolve_full_fp16(cfg.full_fp16, mixed_precision):
+        cfg = dataclasses.replace(cfg, full_fp16=False)  # fp16 fell back to fp32 on the CPU, and so does the LoRA
+    compile_backend = check_backend(cfg.dynamo_backend) if cfg.torch_compile else None  # a typo stops here
     fresh_accelerator_state()
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               mixed_precision=mixed_precision, cpu=device_type == "cpu")
+    if cfg.full_fp16:
+        allow_fp16_unscale(accelerator.scaler)  # fp16 LoRA gradients (trainer.train.precision says why)
     weight_dtype = weight_dtype_for(mixed_precision)
+    # every dataset item is one batch, so the plan and the start point are known before any model loads
+    plan = plan_run(len(dataset), max_train_steps=cfg.max_train_steps, max_train_epochs=cfg.max_train_epochs,
+                    batch_size=cfg.train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                    seed=seed, num_processes=accelerator.num_processes)
+    resume = plan_start(cfg, plan)
     models = load_models(cfg.pretrained_model_name_or_path, v2=cfg.v2, v_parameterization=cfg.v_parameterization,
                          sdxl=cfg.sdxl, vae=cfg.vae, tokenizer_cache_dir=cfg.tokenizer_cache_dir,
                          dtype=weight_dtype, vae_dtype=torch.float32 if cfg.no_half_vae else weight_dtype)
@@ -333,18 +351,21 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
     network = build_network(cfg, models)
     if cfg.full_bf16:
         network.to(torch.bfloat16)  # LoRA weights and optimizer state in bf16: less memory, coarser updates
+    if cfg.full_fp16:
+        network.to(torch.float16)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(models, cfg.train_text_encoder)
+    if compile_backend:
+        compile_unet(models.unet, compile_backend, accelerator.device)  # after the LoRA hooks are attached
 
     from trainer.data.dataset import make_dataloader
 
     dataloader = make_dataloader(dataset, num_workers=cfg.max_data_loader_n_workers,
                                  persistent_workers=cfg.persistent_data_loader_workers, seed=seed)
-    plan = plan_run(len(dataloader), max_train_steps=cfg.max_train_steps, max_train_epochs=cfg.max_train_epochs,
-                    batch_size=cfg.train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                    seed=seed, num_processes=accelerator.num_processes)
     dataset.set_max_train_steps(plan.max_train_steps)
-    optimizer, lr_scheduler, optimizer_name = build_optimizer_and_scheduler(cfg, network, plan,
+    optimizer_cfg = dataclasses.replace(cfg, optimizer_args=fp16_optimizer_args(
+        cfg.optimizer_type, cfg.optimizer_args)) if cfg.full_fp16 else cfg
+    optimizer, lr_scheduler, optimizer_name = build_optimizer_and_scheduler(optimizer_cfg, network, plan,
                                                                             accelerator.num_processes)
     # The LoRA runs inside the base model's forward through hooks, so a DDP wrapper around it would never
     # see a forward pass: it is not prepared; the loop averages its gradients across processes itself.
@@ -356,13 +377,12 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
         model_name=models.name, model_file=models.source_file, seed=seed, mixed_precision=mixed_precision,
         started_at=started_at, used_dataset_config=bool(cfg.dataset_config))
     if cfg.save_n_epoch_ratio and not cfg.save_every_n_epochs:
-        import dataclasses
         cfg = dataclasses.replace(cfg, save_every_n_epochs=max(1, plan.num_epochs // cfg.save_n_epoch_ratio))
     from trainer.train.optim import eval_mode_for
 
     eval_mode = eval_mode_for(optimizer)  # schedule-free optimizers sample and save their averaged weights
     saver = build_saver(cfg, accelerator.unwrap_model(network), metadata, reporter, accelerator, eval_mode)
-    resume = restore_state(cfg, accelerator, plan)
+    restore_state(cfg, accelerator)
     sampler = build_sampler(cfg, prompts, models, network, accelerator, reporter, eval_mode)
     reporter.emit("info", message=f"attention: {attention}; device: {accelerator.device}; "
                                   f"precision: {mixed_precision}; optimizer: {optimizer_name}")
@@ -446,15 +466,45 @@ def build_sampler(cfg: TrainConfig, prompts: list, models, network, accelerator,
                    **({"eval_mode": eval_mode} if eval_mode else {}))
 
 
-def restore_state(cfg: TrainConfig, accelerator, plan: RunPlan):
-    """--resume: load the state folder and say where the loop continues; a fresh run starts at step 0."""
-    from trainer.train.state import ResumePoint, load_training_state, resume_point
+def plan_start(cfg: TrainConfig, plan: RunPlan):
+    """Where the loop starts (spec §1.2, §8.4): --initial_step / --initial_epoch, else the --resume state's
+    step, counted on or not by --skip_until_initial_step (see train.state.start_point). Decided before any
+    model loads, so a start past the end fails at once."""
+    from trainer.train.state import ResumePoint, initial_step_of, read_state_step, start_point
 
-    if not cfg.resume:
+    state_step = read_state_step(cfg.resume) if cfg.resume else None
+    explicit = cfg.initial_step is not None or cfg.initial_epoch is not None
+    if state_step is not None and explicit:
+        log.warning("--resume: the state's step %d is not used because --initial_step/--initial_epoch is given "
+                    "(as in sd-scripts).", state_step)
+    initial = initial_step_of(initial_step=cfg.initial_step, initial_epoch=cfg.initial_epoch,
+                              state_step=state_step, steps_per_epoch=plan.steps_per_epoch)
+    if initial <= 0:
         return ResumePoint()
-    done = load_training_state(accelerator, cfg.resume)
-    if done >= plan.max_train_steps:
-        raise ConfigError(f"--resume {cfg.resume}: that run already did {done} steps, and this one has "
-                          f"{plan.max_train_steps} in all. Raise --max_train_steps / --max_train_epochs to train more.")
-    log.info("Resuming from %s after step %d.", cfg.resume, done)
-    return resume_point(done, plan.steps_per_epoch, cfg.gradient_accumulation_steps)
+    if initial >= plan.max_train_steps:
+        source = (f"--resume {cfg.resume}: that run already did {initial} steps" if not explicit else
+                  f"--initial_step/--initial_epoch: the run would start at step {initial}")
+        raise ConfigError(f"{source}, and this one has {plan.max_train_steps} in all "
+                          f"({plan.steps_per_epoch} per epoch). Raise --max_train_steps / --max_train_epochs "
+                          "to train more, or start earlier.")
+    start = start_point(initial, skip_until_initial_step=cfg.skip_until_initial_step,
+                        steps_per_epoch=plan.steps_per_epoch,
+                        gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    if cfg.skip_until_initial_step:
+        log.info("Continuing after step %d: epoch %d, skipping its first %d batch(es).", initial, start.epoch,
+                 start.batches_to_skip)
+        if not cfg.resume:
+            log.info("--initial_step without --resume: the LR schedule starts from its beginning (as in sd-scripts).")
+    else:
+        log.info("Starting at epoch %d (initial step %d); the step counter starts at 0 because "
+                 "--skip_until_initial_step is not given (as in sd-scripts).", start.epoch, initial)
+    return start
+
+
+def restore_state(cfg: TrainConfig, accelerator) -> None:
+    """--resume: load the LoRA weights, optimizer, scheduler and random states of the state folder."""
+    from trainer.train.state import load_training_state
+
+    if cfg.resume:
+        done = load_training_state(accelerator, cfg.resume)
+        log.info("Restored the training state of %s (saved after step %d).", cfg.resume, done)

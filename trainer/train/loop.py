@@ -31,16 +31,16 @@ class NonFiniteLoss(RuntimeError):
 def train(setup: TrainingSetup, reporter: Reporter) -> Path:
     """Run the whole plan; returns the final LoRA file. Ctrl-C saves the weights so far and re-raises."""
     acc, plan, network = setup.accelerator, setup.plan, setup.network
+    start = setup.resume  # build.plan_start: a fresh run, --resume, --initial_step/--initial_epoch
     reporter.emit("run_started", total_steps=plan.max_train_steps, num_epochs=plan.num_epochs,
-                  summary=summary_lines(setup))
-    start = setup.resume
+                  start_step=start.step, start_epoch=start.epoch, summary=summary_lines(setup))
     meter = StepMeter(plan.max_train_steps, start_step=start.step, window=plan.num_batches_per_epoch)
     step, epoch = start.step, start.epoch
     if not start.step:
         setup.sampler.at_first()
     try:
         for epoch in range(start.epoch, plan.num_epochs + 1):
-            setup.dataset.set_epoch(epoch)
+            set_epoch(setup, epoch)
             network.train()
             batches = setup.dataloader
             if epoch == start.epoch and start.batches_to_skip:
@@ -81,6 +81,15 @@ def train(setup: TrainingSetup, reporter: Reporter) -> Path:
     final = setup.saver.final(step, epoch)
     reporter.emit("finished", path=str(final), steps=step, seconds=time.time() - meter.started)
     return final
+
+
+def set_epoch(setup: TrainingSetup, epoch: int) -> None:
+    """The dataset's epoch (1-based: it seeds the batch order and caption dropout). accelerate's DataLoader
+    passes its own count of iterations to `dataset.set_epoch` each time it starts one, which would be 0-based
+    and wrong after --resume / --initial_epoch; so its count is set to ours too."""
+    setup.dataset.set_epoch(epoch)
+    if hasattr(setup.dataloader, "set_epoch"):
+        setup.dataloader.set_epoch(epoch)
 
 
 def compute_loss(setup: TrainingSetup, batch: dict, *, timestep: int | None = None) -> torch.Tensor:

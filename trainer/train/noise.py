@@ -100,7 +100,8 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
 
 
 def apply_loss_mask(loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """--alpha_mask: a (B, H, W) pixel mask in [0, 1], area-averaged down to the latent size, weights the loss."""
+    """--alpha_mask / --masked_loss: a (B, H, W) pixel mask in [0, 1] (alpha / 255 or a mask image's R / 255),
+    area-averaged down to the latent size, weights the per-element loss."""
     if mask is None:
         return loss
     small = F.interpolate(mask.float().unsqueeze(1), size=loss.shape[2:], mode="area")

@@ -37,7 +37,8 @@ def is_main_process() -> bool:
 
 
 def run_training(cfg: TrainConfig, listeners: list[Listener] | None = None) -> Path:
-    """Train and return the final LoRA file. User mistakes surface as UserError; Ctrl-C saves and re-raises."""
+    """Train and return the final LoRA file (with --debug_dataset: the folder of batch images). User mistakes
+    surface as UserError; Ctrl-C saves and re-raises."""
     from trainer.demo import maybe_write_demo_dataset
 
     if is_main_process():
@@ -54,6 +55,10 @@ def run_training(cfg: TrainConfig, listeners: list[Listener] | None = None) -> P
     bridge = WarningsToEvents(reporter)
     logging.getLogger("trainer").addHandler(bridge)
     try:
+        if cfg.debug_dataset:  # look at the batches instead of training; no model is loaded
+            from trainer.train.debug_dataset import debug_dataset
+
+            return debug_dataset(cfg, reporter)
         from trainer.train.build import prepare_training
         from trainer.train.loop import NonFiniteLoss, train
 
