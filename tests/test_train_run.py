@@ -255,3 +255,38 @@ def test_alpha_mask_ignores_transparent_pixels(tiny_sd1_dir, tmp_path):
     unmasked = run_training(parse_train_args(args + ["--output_name", "plain"]), listeners=[])
     tensors, _ = read_lora(unmasked)
     assert any(t.any() for k, t in tensors.items() if "lora_up" in k)
+
+
+def test_fp8_base_with_gradient_checkpointing_gives_the_same_gradients(tiny_sd1_dir, train_data_dir, tmp_path):
+    """Recomputing fp8-stored layers re-casts their weights; torch's checkpoint check must not call that a
+    mismatch, and the LoRA gradients must equal those without checkpointing."""
+    from trainer.train.build import prepare_training
+    from trainer.train.loop import compute_loss
+
+    grads = []
+    for extra in ([], ["--gradient_checkpointing"]):
+        cfg = parse_train_args(base_args(tiny_sd1_dir, train_data_dir, tmp_path, "--mixed_precision", "bf16",
+                                         "--fp8_base", "--network_weights", str(_nonzero_lora(tmp_path)), *extra))
+        setup = prepare_training(cfg, Reporter())
+        setup.dataset.set_epoch(1)
+        batch = next(iter(setup.dataloader))
+        torch.manual_seed(0)
+        compute_loss(setup, batch).backward()
+        grads.append(torch.cat([p.grad.flatten().float() for p in setup.network.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-2, atol=1e-4)
+
+
+def _nonzero_lora(tmp_path):
+    """A LoRA file with non-zero up weights, so that gradients reach every LoRA parameter."""
+    path = tmp_path / "start.safetensors"
+    if not path.exists():
+        import conftest
+        from trainer.network.lora import LoRANetwork
+
+        m = conftest.make_tiny_sd1()
+        net = LoRANetwork([m["text_encoder"]], m["unet"], rank=4, alpha=4.0)
+        for module in net.lora_modules():
+            torch.nn.init.normal_(module.lora_up.weight, std=0.1)
+        net.save_weights(path)
+    return path

@@ -555,10 +555,9 @@ class _CachedText:
 
 
 def caching_peak_bytes(parts: dict, batch: int, size: tuple[int, int], dtype: torch.dtype) -> int:
-    """Peak while latents are cached. trainer.train.build.prepare_training moves every model to the GPU
-    (freeze_models) before cache_latents, so all weights count, plus one no-grad VAE encode of `batch`."""
-    everything = [parts["unet"], parts["vae"], *parts["text_encoders"]]
-    weights = allocated_bytes(t for m in everything for t in (*m.parameters(), *m.buffers()))
+    """Peak while latents are cached: trainer.train.build.prepare_training puts only the VAE on the GPU for
+    caching (the UNet and text encoders follow afterwards), plus one no-grad VAE encode of `batch`."""
+    weights = allocated_bytes(t for t in (*parts["vae"].parameters(), *parts["vae"].buffers()))
     tracker = LiveBytes()
     tracker.known(t for t in (*parts["vae"].parameters(), *parts["vae"].buffers()))
     width, height = size
