@@ -246,6 +246,48 @@ image_dir = 'a'
     assert "min_bucket_reso (640)" in str(caught.value) and "max_bucket_reso (448)" in str(caught.value)
 
 
+def test_min_bucket_reso_below_the_step_is_a_config_error_not_a_zero_bucket(tmp_path):
+    """--resolution 64 --enable_bucket --min_bucket_reso 32 used to snap the minimum to 0 and divide by it."""
+    train = tmp_path / "学習 data"
+    make_dreambooth_folder(train, "2_sks", n=1, size=(64, 64))
+    args = cli(train_data_dir=str(train), resolution="64", enable_bucket=True, min_bucket_reso=32)
+    with pytest.raises(ConfigError) as caught:
+        resolve_datasets(args, None)
+    message = str(caught.value)
+    assert "--min_bucket_reso 32 is below --bucket_reso_steps 64" in message
+    assert "--min_bucket_reso to at least 64" in message and "--bucket_reso_steps to 32 (SDXL" in message
+    [spec] = resolve_datasets(cli(train_data_dir=str(train), resolution="64", enable_bucket=True,
+                                  min_bucket_reso=32, bucket_reso_steps=32), None)  # the SDXL fix works
+    assert (spec.min_bucket_reso, spec.bucket_reso_steps) == (32, 32)
+
+
+def test_min_bucket_reso_below_the_step_is_checked_per_dataset_in_the_file(config_dir):
+    path = write(config_dir / "d.toml", """
+[general]
+resolution = 64
+enable_bucket = true
+max_bucket_reso = 128
+[[datasets]]
+min_bucket_reso = 64
+  [[datasets.subsets]]
+  image_dir = 'a'
+[[datasets]]
+min_bucket_reso = 16
+  [[datasets.subsets]]
+  image_dir = 'b'
+[[datasets]]
+min_bucket_reso = 16
+bucket_no_upscale = true
+  [[datasets.subsets]]
+  image_dir = 'c'
+""")
+    with pytest.raises(ConfigError) as caught:
+        resolve_datasets(cli(dataset_config=str(path)), load_dataset_config(path))
+    [problem] = caught.value.problems  # only datasets[1]: buckets are not made with bucket_no_upscale
+    assert str(path) in problem and "datasets[1]: min_bucket_reso 16 is below bucket_reso_steps 64" in problem
+    assert "min_bucket_reso to at least 64" in problem and "--" not in problem
+
+
 def test_bucket_reso_steps_must_suit_the_model(config_dir):
     path = write(config_dir / "d.toml", "[[datasets]]\nresolution=512\nenable_bucket=true\nbucket_reso_steps=32\n"
                                         "[[datasets.subsets]]\nimage_dir='a'\n")

@@ -10,6 +10,7 @@ from PIL import Image
 
 from trainer.data.buckets import (BucketManager, color_augment, crop_around_face, crop_ltrb_for,
                                   face_info_from_name, make_bucket_resolutions, resize_and_crop)
+from trainer.errors import ConfigError
 
 
 def gradient_image(width: int, height: int) -> Image.Image:
@@ -50,6 +51,18 @@ def test_select_bucket_no_upscale_only_shrinks_and_floors_to_steps():
     assert manager.select_bucket(300, 200)[:2] == ((256, 192), (300, 200))  # small: not resized, cropped
     # 2000x1000 -> area 512^2 keeping 2:1 -> 724x362; rounding the height keeps 2:1 exactly
     assert manager.select_bucket(2000, 1000)[:2] == ((640, 320), (640, 320))
+
+
+@pytest.mark.parametrize("max_reso, min_size, steps", [((64, 64), 0, 64), ((32, 32), 32, 64), ((64, 64), 64, 0)])
+def test_settings_that_make_a_zero_size_bucket_are_a_config_error(max_reso, min_size, steps):
+    with pytest.raises(ConfigError, match="bucket of size 0"):
+        BucketManager(False, max_reso, min_size, 128, steps)
+
+
+def test_no_upscale_image_thinner_than_a_step_does_not_divide_by_zero():
+    manager = BucketManager(True, (512, 512), 256, 1024, 64)
+    bucket, resized, _ = manager.select_bucket(100, 40)  # the caller reports the 0-high bucket with the file
+    assert (bucket, resized) == ((64, 0), (100, 40))
 
 
 def test_single_bucket_covers_the_resolution():

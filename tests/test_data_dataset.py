@@ -166,6 +166,15 @@ def test_corrupt_image_is_an_error_naming_the_file(root):
     assert str(folder / "broken.png") in str(caught.value) and "re-save" in str(caught.value)
 
 
+def test_no_upscale_image_thinner_than_a_step_is_an_error_naming_it(root):
+    folder = root / "1_thin"
+    make_image(folder / "細い.png", size=(100, 40))
+    spec = dataset(subset(folder), resolution=(64, 64), enable_bucket=True, bucket_no_upscale=True,
+                   min_bucket_reso=64, max_bucket_reso=128, bucket_reso_steps=64)
+    with pytest.raises(DatasetError, match="細い.png.*too small"):
+        build_train_dataset([spec], seed=0)
+
+
 def test_missing_and_empty_folders(root, caplog):
     with pytest.raises(DatasetError, match="Image folder not found"):
         build_train_dataset([dataset(subset(root / "nowhere"))], seed=0)

@@ -192,6 +192,30 @@ def test_mask_stays_on_the_marked_half_after_crop_and_flip(root, enable_bucket):
         assert torch.all((mask[:, keep] < 0.02) | (mask[:, keep] > 0.98))
 
 
+@pytest.mark.parametrize("enable_bucket", [False, True])
+def test_alpha_mask_resize_keeps_colours_under_zero_alpha(root, enable_bucket):
+    """Pillow premultiplies RGBA when resizing, which blackens colours under alpha 0; sd-scripts (OpenCV) keeps
+    them for the VAE. Left half pure red with alpha 0, right half blue and opaque; 192x128 -> 96x64 -> crop 64."""
+    rgba = np.zeros((128, 192, 4), dtype=np.uint8)
+    rgba[:, :96] = (255, 0, 0, 0)
+    rgba[:, 96:] = (0, 0, 255, 255)
+    folder = root / "1_half"
+    folder.mkdir(parents=True)
+    Image.fromarray(rgba, "RGBA").save(folder / "半分.png")
+    (folder / "半分.txt").write_text("half", encoding="utf-8")
+    args = arguments(train_data_dir=str(root), masked_loss=False, alpha_mask=True, enable_bucket=enable_bucket,
+                     min_bucket_reso=64, max_bucket_reso=128, bucket_reso_steps=64)
+    data = build_train_dataset(resolve_datasets(args, None), seed=0)
+    data.set_epoch(1)
+    batch = data[0]
+    image, mask = batch["images"][0], batch["alpha_masks"][0]
+    assert image.shape == (3, 64, 64) and mask.shape == (64, 64)
+    red, blue = torch.tensor([1.0, -1.0, -1.0]), torch.tensor([-1.0, -1.0, 1.0])
+    assert torch.allclose(image[:, :, :32], red[:, None, None].expand(3, 64, 32))  # not black
+    assert torch.allclose(image[:, :, 32:], blue[:, None, None].expand(3, 64, 32))
+    assert torch.equal(mask[:, :32], torch.zeros(64, 32)) and torch.equal(mask[:, 32:], torch.ones(64, 32))
+
+
 def fake_encode(images: torch.Tensor) -> torch.Tensor:
     pooled = torch.nn.functional.avg_pool2d(images, 8)
     return torch.cat([pooled, pooled[:, :1]], dim=1)  # 4 "latent" channels

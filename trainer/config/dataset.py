@@ -453,7 +453,13 @@ def _snap_bucket_limits(values: dict, where: str, problems: list[str]) -> None:
         problems.append(f"{where}.bucket_reso_steps: must be positive (given {steps}); 64 is usual.")
         return
     low, high = values["min_bucket_reso"], values["max_bucket_reso"]
-    if low % steps:
+    width, height = values["resolution"]
+    # snapped down, such a minimum would be 0: sd-scripts then divides by a zero bucket width. Buckets
+    # are unused with bucket_no_upscale, where sd-scripts accepts it, so there it is only snapped.
+    min_is_usable = low >= steps or values["bucket_no_upscale"]
+    if not min_is_usable:
+        problems.append(_min_below_steps_message(where, low, steps, min(width, height)))
+    elif low % steps:
         values["min_bucket_reso"] = low - low % steps
         logger.warning("%s: min_bucket_reso %d adjusted to %d, a multiple of bucket_reso_steps %d",
                        where, low, values["min_bucket_reso"], steps)
@@ -461,13 +467,27 @@ def _snap_bucket_limits(values: dict, where: str, problems: list[str]) -> None:
         values["max_bucket_reso"] = high + steps - high % steps
         logger.warning("%s: max_bucket_reso %d adjusted to %d, a multiple of bucket_reso_steps %d",
                        where, high, values["max_bucket_reso"], steps)
-    width, height = values["resolution"]
-    if min(width, height) < values["min_bucket_reso"]:
+    if min_is_usable and min(width, height) < values["min_bucket_reso"]:
         problems.append(f"{where}: min_bucket_reso ({values['min_bucket_reso']}) is larger than the short side of "
                         f"resolution {width}x{height}; lower min_bucket_reso or raise the resolution.")
     if max(width, height) > values["max_bucket_reso"]:
         problems.append(f"{where}: max_bucket_reso ({values['max_bucket_reso']}) is smaller than the long side of "
                         f"resolution {width}x{height}; raise max_bucket_reso or lower the resolution.")
+
+
+def _min_below_steps_message(where: str, low: int, steps: int, short_side: int) -> str:
+    """The fix for a min_bucket_reso below one bucket step (snapped down it would be 0 or less)."""
+    dash = "--" if where.startswith("command line") else ""  # name flags as flags, file keys as keys
+    fixes = [f"set {dash}min_bucket_reso to at least {steps}"]
+    if 0 < low and low % 64 == 0:
+        fixes.append(f"{dash}bucket_reso_steps to 64")
+    elif 0 < low and low % 32 == 0:
+        fixes.append(f"{dash}bucket_reso_steps to 32 (SDXL only; SD 1.x/2.x need a multiple of 64)")
+    message = (f"{where}: {dash}min_bucket_reso {low} is below {dash}bucket_reso_steps {steps} and would be rounded "
+               f"down to {low - low % steps}, so no bucket could be made: {', or '.join(fixes)}")
+    if short_side < steps:
+        message += f"; the short side of the resolution ({short_side}) must then be at least {steps} too"
+    return message + "."
 
 
 def verify_bucket_reso_steps(specs: list[DatasetSpec], multiple: int) -> None:

@@ -24,9 +24,18 @@ _PIL_FILTERS = {
 
 
 def make_bucket_resolutions(max_reso: Size, min_size: int, max_size: int, divisible: int) -> list[Size]:
-    """All bucket sizes with about the area of `max_reso`, sides in [min_size, max_size] (spec §5.1)."""
+    """All bucket sizes with about the area of `max_reso`, sides in [min_size, max_size] (spec §5.1).
+
+    Settings that would make a bucket side 0 (and divide by it later) are a ConfigError.
+    """
     area = max_reso[0] * max_reso[1]
-    square = int(math.sqrt(area) // divisible) * divisible
+    square = int(math.sqrt(area) // divisible) * divisible if divisible > 0 else 0
+    if min_size < 1 or square < 1:
+        from trainer.errors import ConfigError
+
+        raise ConfigError(f"Bucket settings make a bucket of size 0 (resolution {max_reso[0]}x{max_reso[1]}, "
+                          f"min_bucket_reso {min_size}, bucket_reso_steps {divisible}): bucket_reso_steps must be "
+                          "positive, and min_bucket_reso and the resolution's sides at least bucket_reso_steps.")
     resos = {(square, square)}
     for width in range(min_size, max_size + 1, divisible):
         height = min(max_size, int((area // width) // divisible) * divisible)
@@ -77,7 +86,9 @@ class BucketManager:
             else:
                 scale = bucket[0] / width
             resized = (int(width * scale + 0.5), int(height * scale + 0.5))
-        return bucket, resized, bucket[0] / bucket[1] - aspect
+        # no_upscale floors tiny images to a 0 side; the caller reports such an image, so do not divide by it
+        ar_error = bucket[0] / bucket[1] - aspect if bucket[1] else math.inf
+        return bucket, resized, ar_error
 
     def _round_to_steps(self, value: float) -> int:
         value = int(value + 0.5)
@@ -118,11 +129,22 @@ def crop_ltrb_for(bucket_reso: Size, image_size: Size) -> tuple[float, float, fl
 
 
 def resize_image(image: Image.Image, size: Size, interpolation: str | None) -> Image.Image:
-    """Resize with the named filter; by default box ("area") when shrinking both sides, else Lanczos."""
+    """Resize with the named filter; by default box ("area") when shrinking both sides, else Lanczos.
+
+    RGBA is resized channel group by channel group: Pillow premultiplies alpha when resampling RGBA, which
+    turns the colours under alpha 0 black. sd-scripts (OpenCV) keeps them, and the VAE sees them, so RGB
+    and alpha are resized separately with the same size and filter (the mask stays aligned).
+    """
     if interpolation is None:
         shrinking = image.width >= size[0] and image.height >= size[1]
         interpolation = "area" if shrinking else "lanczos"
-    return image.resize(tuple(size), resample=_PIL_FILTERS[interpolation])
+    resample = _PIL_FILTERS[interpolation]
+    if image.mode == "RGBA":
+        rgb = image.convert("RGB").resize(tuple(size), resample=resample)
+        alpha = image.getchannel("A").resize(tuple(size), resample=resample)
+        rgb.putalpha(alpha)
+        return rgb
+    return image.resize(tuple(size), resample=resample)
 
 
 def resize_and_crop(image: Image.Image, resized_size: Size, bucket_reso: Size, *, random_crop: bool,
