@@ -305,26 +305,16 @@ def run_steps(setup, steps: int, losses: list | None = None) -> list[float]:
     """`steps` optimizer steps as trainer.train.loop.train makes them (its inner step, minus reporting, saving,
     sampling and validation); seconds per step, data loading included, the device synchronised at each
     step's end so the time is the step's own."""
-    from trainer.train.loop import apply_max_norm, average_gradients, compute_loss
+    from trainer.train.loop import apply_max_norm, micro_step
 
-    acc, network = setup.accelerator, setup.network
-    network.train()
+    acc = setup.accelerator
+    setup.network.train()
     times: list[float] = []
     batches = _endless(setup)
     while len(times) < steps:
         started = time.perf_counter()
         while True:
-            batch = next(batches)
-            with acc.accumulate(network):
-                loss = compute_loss(setup, batch)
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    average_gradients(network, acc)
-                    if setup.max_grad_norm:
-                        acc.clip_grad_norm_(network.parameters(), setup.max_grad_norm)
-                setup.optimizer.step()
-                setup.lr_scheduler.step()
-                setup.optimizer.zero_grad(set_to_none=True)
+            loss = micro_step(setup, next(batches))
             if losses is not None:
                 losses.append(loss.detach())
             if acc.sync_gradients:

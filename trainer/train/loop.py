@@ -46,16 +46,7 @@ def train(setup: TrainingSetup, reporter: Reporter) -> Path:
             if epoch == start.epoch and start.batches_to_skip:
                 batches = acc.skip_first_batches(setup.dataloader, start.batches_to_skip)
             for batch in batches:
-                with acc.accumulate(network):
-                    loss = compute_loss(setup, batch)
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        average_gradients(network, acc)
-                        if setup.max_grad_norm:
-                            acc.clip_grad_norm_(network.parameters(), setup.max_grad_norm)
-                    setup.optimizer.step()
-                    setup.lr_scheduler.step()
-                    setup.optimizer.zero_grad(set_to_none=True)
+                loss = micro_step(setup, batch)
                 meter.add(loss.detach())
                 if not acc.sync_gradients:
                     continue
@@ -90,6 +81,23 @@ def set_epoch(setup: TrainingSetup, epoch: int) -> None:
     setup.dataset.set_epoch(epoch)
     if hasattr(setup.dataloader, "set_epoch"):
         setup.dataloader.set_epoch(epoch)
+
+
+def micro_step(setup: TrainingSetup, batch: dict) -> torch.Tensor:
+    """Forward and backward of one batch; on the last micro-batch of an accumulation the gradients are
+    averaged across processes, clipped, and the optimizer and scheduler step. Returns the batch's loss."""
+    acc, network = setup.accelerator, setup.network
+    with acc.accumulate(network):
+        loss = compute_loss(setup, batch)
+        acc.backward(loss)
+        if acc.sync_gradients:
+            average_gradients(network, acc)
+            if setup.max_grad_norm:
+                acc.clip_grad_norm_(network.parameters(), setup.max_grad_norm)
+        setup.optimizer.step()
+        setup.lr_scheduler.step()
+        setup.optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def compute_loss(setup: TrainingSetup, batch: dict, *, timestep: int | None = None) -> torch.Tensor:
