@@ -17,7 +17,6 @@ takes each item as a whole batch. We do the same; the contract (docs/dataset_cla
 from __future__ import annotations
 
 import importlib
-import multiprocessing
 import sys
 import traceback
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from trainer.data.dataset import SharedProgress
 from trainer.errors import ConfigError, DatasetError, did_you_mean
 
 CONTRACT_DOC = "docs/dataset_class.md"
@@ -72,16 +72,14 @@ def _where(error: BaseException) -> str:
     return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
 
 
-class CustomDataset(torch.utils.data.Dataset):
+class CustomDataset(SharedProgress, torch.utils.data.Dataset):
     """The user's dataset with our TrainDataset's interface: counters shared with DataLoader workers and
     forwarded before each item, batches checked and completed with defaults, no metadata or validation."""
 
     def __init__(self, inner: Any, name: str):
         self.inner = inner
         self.name = name
-        self._epoch = multiprocessing.Value("i", 0, lock=False)
-        self._step = multiprocessing.Value("i", 0, lock=False)
-        self._max_train_steps = multiprocessing.Value("i", 0, lock=False)
+        self._init_progress()
         self._forwarded: dict[str, int] = {}  # per process: what the inner object was last told
         self.records: list = []
         self.subsets: list = []
@@ -101,19 +99,6 @@ class CustomDataset(torch.utils.data.Dataset):
                 self._forwarded[method] = value
 
     # the TrainDataset interface ---------------------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.value = int(epoch)
-
-    def set_current_step(self, step: int) -> None:
-        self._step.value = int(step)
-
-    def set_max_train_steps(self, max_train_steps: int) -> None:
-        self._max_train_steps.value = int(max_train_steps)
-
-    @property
-    def current_epoch(self) -> int:
-        return self._epoch.value
-
     def validation_dataset(self) -> None:
         return None
 

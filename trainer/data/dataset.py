@@ -345,34 +345,17 @@ def _log_plan(index: int, plan: DatasetPlan) -> None:
 
 # --- the torch Dataset ------------------------------------------------------------------------------------
 
-class TrainDataset(torch.utils.data.Dataset):
-    """Item i is a whole batch (a dict); see `__getitem__`. Length = batches per epoch."""
+class SharedProgress:
+    """Epoch, step and total steps that the loop sets and DataLoader worker processes read (captions depend
+    on them). Plain ints in shared memory are written atomically, so no lock is needed."""
 
-    def __init__(self, records: list[ImageRecord], subsets: list[UsedSubset], plans: list[DatasetPlan], *,
-                 seed: int, prior_loss_weight: float = 1.0, max_train_steps: int = 0,
-                 validation: "TrainDataset | None" = None):
-        self.records = records
-        self.subsets = subsets
-        self.plans = plans
-        self.seed = seed
-        self.prior_loss_weight = prior_loss_weight
-        # shared with DataLoader workers; plain ints are written atomically, so no lock is needed
+    def _init_progress(self, max_train_steps: int = 0) -> None:
         self._epoch = multiprocessing.Value("i", 0, lock=False)
         self._step = multiprocessing.Value("i", 0, lock=False)
         self._max_train_steps = multiprocessing.Value("i", int(max_train_steps), lock=False)
-        self._offsets = np.cumsum([0] + [len(plan.batches) for plan in plans]).tolist()
-        self._order_epoch = -1
-        self._order: list[tuple[list, list]] = []
-        self._validation = validation
 
-    def validation_dataset(self) -> "TrainDataset | None":
-        """The images held out by validation_split as a dataset of their own (None without a split).
-        Its epoch stays 0, so its batch order never changes."""
-        return self._validation
-
-    # counters ---------------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
-        """Epochs are 1-based; each reshuffles bucket contents and batch order with seed + epoch."""
+        """Epochs are 1-based."""
         self._epoch.value = int(epoch)
 
     def set_current_step(self, step: int) -> None:
@@ -384,6 +367,30 @@ class TrainDataset(torch.utils.data.Dataset):
     @property
     def current_epoch(self) -> int:
         return self._epoch.value
+
+
+class TrainDataset(SharedProgress, torch.utils.data.Dataset):
+    """Item i is a whole batch (a dict); see `__getitem__`. Length = batches per epoch. Each epoch reshuffles
+    bucket contents and batch order with seed + epoch."""
+
+    def __init__(self, records: list[ImageRecord], subsets: list[UsedSubset], plans: list[DatasetPlan], *,
+                 seed: int, prior_loss_weight: float = 1.0, max_train_steps: int = 0,
+                 validation: "TrainDataset | None" = None):
+        self.records = records
+        self.subsets = subsets
+        self.plans = plans
+        self.seed = seed
+        self.prior_loss_weight = prior_loss_weight
+        self._init_progress(max_train_steps)
+        self._offsets = np.cumsum([0] + [len(plan.batches) for plan in plans]).tolist()
+        self._order_epoch = -1
+        self._order: list[tuple[list, list]] = []
+        self._validation = validation
+
+    def validation_dataset(self) -> "TrainDataset | None":
+        """The images held out by validation_split as a dataset of their own (None without a split).
+        Its epoch stays 0, so its batch order never changes."""
+        return self._validation
 
     def __len__(self) -> int:
         return self._offsets[-1]
