@@ -46,7 +46,8 @@ def flag(help: str, section: str, status: str = DONE, note: str = "") -> Any:
 
 
 NOT_YET = "not supported yet"
-LOGGING_NOTE = "experiment trackers are not wired up yet; progress is in the console and in <output_dir>/<name>.events.jsonl"
+LOGGING_NOTE = ("TensorBoard needs `pip install tensorboard`, wandb `pip install wandb`; without them the run warns "
+                "once and trains without that tracker")
 
 
 @dataclass(frozen=True)
@@ -189,14 +190,18 @@ class TrainConfig:
     ddp_static_graph: bool = flag("DDP option", DISTRIBUTED, WARN, note="single process only")
 
     # ------------------------------------------------------------------ logging
-    logging_dir: str | None = arg(None, "TensorBoard log folder", LOGGING, WARN, note=LOGGING_NOTE)
-    log_with: str | None = arg(None, "tensorboard/wandb/all", LOGGING, WARN, note=LOGGING_NOTE)
-    log_prefix: str | None = arg(None, "prefix of the log run name", LOGGING, WARN, note=LOGGING_NOTE)
-    log_tracker_name: str | None = arg(None, "tracker name", LOGGING, WARN, note=LOGGING_NOTE)
-    wandb_run_name: str | None = arg(None, "wandb run name", LOGGING, WARN, note=LOGGING_NOTE)
-    log_tracker_config: str | None = arg(None, "tracker config file", LOGGING, WARN, note=LOGGING_NOTE)
-    wandb_api_key: str | None = arg(None, "wandb API key", LOGGING, WARN, note=LOGGING_NOTE)
-    log_config: bool = flag("log the arguments to the tracker", LOGGING, WARN, note=LOGGING_NOTE)
+    logging_dir: str | None = arg(None, "log folder: TensorBoard logs go to <logging_dir>/<log_prefix><YYYYmmddHHMMSS>/"
+                                        "network_train/ (sd-scripts' tags)", LOGGING, note=LOGGING_NOTE)
+    log_with: str | None = arg(None, "tracker: tensorboard (needs --logging_dir; the default with it), wandb or all",
+                               LOGGING, choices=("tensorboard", "wandb", "all"), note=LOGGING_NOTE)
+    log_prefix: str | None = arg(None, "prefix of the run folder name in --logging_dir", LOGGING)
+    log_tracker_name: str | None = arg(None, "tracker name: TensorBoard subfolder and wandb project "
+                                             "(default network_train)", LOGGING)
+    wandb_run_name: str | None = arg(None, "wandb run name", LOGGING)
+    log_tracker_config: str | None = arg(None, "TOML with one table of init options per tracker ([wandb] for "
+                                               "wandb.init, [tensorboard] for SummaryWriter)", LOGGING)
+    wandb_api_key: str | None = arg(None, "wandb API key (wandb.login before the run)", LOGGING)
+    log_config: bool = flag("log the arguments (without paths and secrets) to the tracker", LOGGING)
     console_log_level: str | None = arg(None, "console log level", LOGGING,
                                         choices=(None, "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     console_log_file: str | None = arg(None, "also write the log to this file", LOGGING)
@@ -676,6 +681,9 @@ def check_combinations(v: dict[str, Any]) -> list[str]:
     if v["v2"] and v["clip_skip"] is not None:
         log.warning("--clip_skip with --v2: SD2 was trained on the penultimate layer already; this is usually "
                     "not what you want.")
+    if v["log_with"] in ("tensorboard", "all") and not v["logging_dir"]:
+        problems.append(f"--log_with {v['log_with']} writes TensorBoard logs, which need --logging_dir <folder>; "
+                        "add it (or use --log_with wandb).")
     problems += _check_precision(v)
     problems += _check_sdxl(v)
     problems += _check_optimizer_options(v)

@@ -103,6 +103,7 @@ class TrainingSetup:
     weight_dtype: torch.dtype
     text_cache: Any = None  # SDXL --cache_text_encoder_outputs: trainer.train.text_cache.TextEncoderOutputCache
     validator: Any = field(default_factory=NoValidator)  # train.validate.Validator when images are held out
+    lr_descriptions: list[str] = field(default_factory=list)  # per optimizer param group: "textencoder", "unet"...
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -237,11 +238,15 @@ def place_on_device(models, device) -> None:
         module.to(device)
 
 
-def build_optimizer_and_scheduler(cfg: TrainConfig, network, plan: RunPlan, num_processes: int):
+def build_optimizer_and_scheduler(cfg: TrainConfig, network, plan: RunPlan, num_processes: int,
+                                  descriptions_out: list[str] | None = None):
+    """(optimizer, scheduler, optimizer name); `descriptions_out` receives the param groups' names."""
     from trainer.train.optim import build_optimizer, build_scheduler
 
     groups, descriptions = network.prepare_optimizer_params(cfg.text_encoder_lr_value, cfg.unet_lr,
                                                             cfg.learning_rate)
+    if descriptions_out is not None:
+        descriptions_out[:] = descriptions
     log.info("LoRA param groups: %s", ", ".join(f"{d} lr={g['lr']:g}" for d, g in zip(descriptions, groups)))
     if not groups:
         raise ConfigError("Nothing to train: every learning rate is 0 (--unet_lr / --text_encoder_lr / "
@@ -375,8 +380,9 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
     dataset.set_max_train_steps(plan.max_train_steps)
     optimizer_cfg = dataclasses.replace(cfg, optimizer_args=fp16_optimizer_args(
         cfg.optimizer_type, cfg.optimizer_args)) if cfg.full_fp16 else cfg
+    lr_descriptions: list[str] = []
     optimizer, lr_scheduler, optimizer_name = build_optimizer_and_scheduler(optimizer_cfg, network, plan,
-                                                                            accelerator.num_processes)
+                                                                            accelerator.num_processes, lr_descriptions)
     # The LoRA runs inside the base model's forward through hooks, so a DDP wrapper around it would never
     # see a forward pass: it is not prepared; the loop averages its gradients across processes itself.
     optimizer, dataloader, lr_scheduler = accelerator.prepare(optimizer, dataloader, lr_scheduler)
@@ -403,7 +409,7 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
                                                latent_scale=models.latent_scale),
         train_text_encoder=cfg.train_text_encoder and network_has_text_encoder(network, accelerator),
         max_grad_norm=cfg.max_grad_norm, scale_weight_norms=cfg.scale_weight_norms, weight_dtype=weight_dtype,
-        text_cache=text_cache)
+        text_cache=text_cache, lr_descriptions=lr_descriptions)
     setup.validator = build_validator(cfg, setup, reporter)
     return setup
 

@@ -19,6 +19,8 @@ from trainer.models.text import encode_batch
 from trainer.train import noise as N
 from trainer.train.build import DiffusionSettings, TrainingSetup
 from trainer.train.events import Reporter
+from trainer.train.oom import stopped_by_oom
+from trainer.train.watch import NO_WATCH, SpillWatch
 
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()
@@ -28,12 +30,14 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train(setup: TrainingSetup, reporter: Reporter) -> Path:
-    """Run the whole plan; returns the final LoRA file. Ctrl-C saves the weights so far and re-raises."""
+def train(setup: TrainingSetup, reporter: Reporter, watch: SpillWatch = NO_WATCH) -> Path:
+    """Run the whole plan; returns the final LoRA file. Ctrl-C saves the weights so far and re-raises; so does
+    running out of GPU memory, as `oom.TrainingOutOfMemory`. `watch` times each step (watch.py says why)."""
     acc, plan, network = setup.accelerator, setup.plan, setup.network
     start = setup.resume  # build.plan_start: a fresh run, --resume, --initial_step/--initial_epoch
     reporter.emit("run_started", total_steps=plan.max_train_steps, num_epochs=plan.num_epochs,
-                  start_step=start.step, start_epoch=start.epoch, summary=summary_lines(setup))
+                  start_step=start.step, start_epoch=start.epoch, summary=summary_lines(setup),
+                  lr_descriptions=list(getattr(setup, "lr_descriptions", None) or []))
     meter = StepMeter(plan.max_train_steps, start_step=start.step, window=plan.num_batches_per_epoch)
     step, epoch = start.step, start.epoch
     if not start.step:
@@ -46,12 +50,13 @@ def train(setup: TrainingSetup, reporter: Reporter) -> Path:
             if epoch == start.epoch and start.batches_to_skip:
                 batches = acc.skip_first_batches(setup.dataloader, start.batches_to_skip)
             for batch in batches:
-                loss = micro_step(setup, batch)
+                with watch.timing():  # the step alone: data loading and sample/save pauses are not timed
+                    loss = micro_step(setup, batch)
                 meter.add(loss.detach())
                 if not acc.sync_gradients:
                     continue
                 step += 1
-                apply_max_norm(setup)
+                meter.max_norm = apply_max_norm(setup)  # the trackers' max_norm/* of this step
                 setup.dataset.set_current_step(step)
                 report_step(reporter, meter, step, epoch, setup)
                 setup.saver.at_step(step, plan.max_train_steps, epoch)
@@ -64,6 +69,8 @@ def train(setup: TrainingSetup, reporter: Reporter) -> Path:
             setup.validator.at_epoch_end(epoch, step, meter.moving_average)
             if step >= plan.max_train_steps:
                 break
+    except torch.cuda.OutOfMemoryError as e:
+        raise stopped_by_oom(e, setup, step, epoch) from None
     except KeyboardInterrupt:
         path = setup.saver.interrupted(step, epoch) if step > 0 else None
         reporter.emit("interrupted", step=step, message=f"Saved the LoRA so far to {path}." if path else
@@ -187,14 +194,17 @@ def average_gradients(network, accelerator) -> None:
             offset += g.numel()
 
 
-def apply_max_norm(setup: TrainingSetup) -> None:
+def apply_max_norm(setup: TrainingSetup) -> tuple[int, float, float] | None:
+    """--scale_weight_norms: (modules scaled, mean norm, max norm) for the trackers; None when off."""
     if setup.scale_weight_norms:
-        setup.accelerator.unwrap_model(setup.network).apply_max_norm_regularization(setup.scale_weight_norms)
+        return setup.accelerator.unwrap_model(setup.network).apply_max_norm_regularization(setup.scale_weight_norms)
+    return None
 
 
 class StepMeter:
     """Loss average and speed without a GPU sync every step: losses stay on the device and are read
-    (one `.item()`) only when the console is refreshed, at most a few times a second."""
+    (one `.tolist()`) only when the console is refreshed, at most a few times a second. Each optimizer step is
+    marked, so a read also gives every step since the last one (`steps`: what trackers log per step)."""
 
     def __init__(self, total_steps: int, refresh_seconds: float = 0.25, start_step: int = 0, window: int = 1):
         self.total_steps = total_steps
@@ -205,6 +215,9 @@ class StepMeter:
         self.losses: list[torch.Tensor] = []
         self.loss: float | None = None
         self.recent: deque[torch.Tensor] = deque(maxlen=max(1, window))
+        self.marks: list[dict] = []  # per optimizer step since the last read: its data and len(self.losses)
+        self.max_norm: tuple | None = None  # --scale_weight_norms result of the current step
+        self.window: deque[float] = deque(maxlen=max(1, window))  # read values, for each step's average
 
     def add(self, loss: torch.Tensor) -> None:
         self.losses.append(loss)
@@ -214,26 +227,49 @@ class StepMeter:
         """Mean loss of the last `window` micro-batches (an epoch's worth: sd-scripts' loss/average)."""
         return torch.stack(list(self.recent)).float().mean().item() if self.recent else None
 
+    def mark(self, step: int, epoch: int, lrs: list[float], ds: list[float | None] | None = None,
+             max_norm: tuple | None = None) -> None:
+        """An optimizer step ended after the micro-batches added so far (floats only: no GPU sync)."""
+        self.marks.append({"step": step, "epoch": epoch, "lr": lrs, "d": ds, "max_norm": max_norm,
+                           "_end": len(self.losses)})
+
     def due(self, step: int) -> bool:
         return step in (1, self.total_steps) or time.time() - self.last_report >= self.refresh_seconds
 
     def read(self, step: int) -> dict:
         self.last_report = time.time()
-        if self.losses:
-            self.loss = torch.stack(self.losses).float().mean().item()
+        values = torch.stack(self.losses).float().tolist() if self.losses else []
+        if values:
+            self.loss = sum(values) / len(values)
             self.losses.clear()
         if self.loss is not None and not math.isfinite(self.loss):
             raise NonFiniteLoss(f"the loss became {self.loss} at step {step}")
         elapsed = time.time() - self.started
         done = step - self.start_step
-        return {"loss": self.loss, "it_per_s": done / elapsed if elapsed > 0 else None}
+        return {"loss": self.loss, "it_per_s": done / elapsed if elapsed > 0 else None, "steps": self._steps(values)}
+
+    def _steps(self, values: list[float]) -> list[dict]:
+        """Each marked step's loss (its last micro-batch, sd-scripts' loss/current) and the moving average
+        of the last `window` micro-batches at that point (loss/average)."""
+        steps, start = [], 0
+        for mark in self.marks:
+            end = mark.pop("_end")
+            self.window.extend(values[start:end])
+            start = end
+            if end:
+                steps.append({**mark, "loss": values[end - 1], "average": sum(self.window) / len(self.window)})
+        self.window.extend(values[start:])  # micro-batches of a step not finished yet
+        self.marks.clear()
+        return steps
 
 
 def report_step(reporter: Reporter, meter: StepMeter, step: int, epoch: int, setup: TrainingSetup) -> None:
+    lrs = [group["lr"] for group in setup.optimizer.param_groups]
+    ds = [group.get("d") if isinstance(group.get("d"), float) else None for group in setup.optimizer.param_groups]
+    meter.mark(step, epoch, lrs, ds if any(d is not None for d in ds) else None, meter.max_norm)
     if not meter.due(step):
         return
     data = meter.read(step)
-    lrs = [group["lr"] for group in setup.optimizer.param_groups]
     vram = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     reporter.emit("step", step=step, total=meter.total_steps, epoch=epoch, lr=lrs, vram_gb=vram, **data)
 

@@ -61,12 +61,19 @@ def run_training(cfg: TrainConfig, listeners: list[Listener] | None = None) -> P
             return debug_dataset(cfg, reporter)
         from trainer.train.build import prepare_training
         from trainer.train.loop import NonFiniteLoss, train
+        from trainer.train.trackers import tracker_listeners
+        from trainer.train.oom import OUT_OF_MEMORY, out_of_memory_error
+        from trainer.train.watch import spill_watch
 
-        setup = prepare_training(cfg, reporter)
+        if is_main_process():  # --logging_dir / --log_with: TensorBoard, wandb (a missing package warns once)
+            reporter.listeners += tracker_listeners(cfg)
         try:
-            return train(setup, reporter)
+            setup = prepare_training(cfg, reporter)
+            return train(setup, reporter, spill_watch(cfg, setup, reporter))
         except NonFiniteLoss as e:
             raise UserError(f"Training stopped: {e}. {NAN_HINT} Nothing was saved from this run.") from None
+        except OUT_OF_MEMORY as e:  # in the loop, or while loading or caching before it
+            raise out_of_memory_error(cfg, e) from None
     except UserError as e:
         reporter.emit("failed", reason=str(e))
         raise
