@@ -75,6 +75,16 @@ def make_tiny_sd1(seed: int = 0) -> dict:
                 scheduler=scheduler)
 
 
+def assert_same_weights(a, b, dtype=None):
+    """Same keys and exactly equal tensors (after casting `a`'s floating ones to `dtype` when given)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        expected = sa[k].to(dtype) if dtype is not None and sa[k].is_floating_point() else sa[k]
+        assert sb[k].dtype == expected.dtype, k
+        assert torch.equal(expected, sb[k]), k
+
+
 @pytest.fixture
 def tiny_sd1() -> dict:
     return make_tiny_sd1()

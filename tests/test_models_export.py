@@ -13,15 +13,7 @@ from safetensors import safe_open
 
 from trainer.models.export import openclip_to_ldm, save_single_file, to_ldm_state_dict, unet_to_ldm
 from trainer.models.load import CONFIG_DIR, detect_family, load_models
-
-
-def assert_same_weights(a, b, dtype=None):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        expected = sa[k].to(dtype) if dtype is not None and sa[k].is_floating_point() else sa[k]
-        assert sb[k].dtype == expected.dtype, k
-        assert torch.equal(expected, sb[k]), k
+from conftest import assert_same_weights
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,11 @@ from safetensors.torch import save_file
 from trainer.errors import ModelLoadError
 from trainer.models.export import to_ldm_state_dict
 from trainer.models.load import classify_checkpoint, detect_family, load_models
+from conftest import assert_same_weights
 
 def to_ldm(unet, vae, text_encoder) -> dict:
     """The SD1 single-file layout, written by trainer.models.export (checked on its own in test_models_export)."""
     return to_ldm_state_dict(SimpleNamespace(family="sd1", unet=unet, vae=vae, text_encoders=[text_encoder]))
-
-
-def assert_same_weights(a, b, dtype=None):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        expected = sa[k].to(dtype) if dtype is not None and sa[k].is_floating_point() else sa[k]
-        assert sb[k].dtype == expected.dtype, k
-        assert torch.equal(expected, sb[k]), k
 
 
 @pytest.fixture(scope="module")
