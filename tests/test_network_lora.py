@@ -320,7 +320,9 @@ def test_merge_refuses_nan(tiny_sd1):
 
 
 @pytest.mark.filterwarnings("ignore:The configuration file of this scheduler:FutureWarning")
-def test_diffusers_load_lora_weights_uses_every_module(tiny_sd1, tmp_path):
+@pytest.mark.parametrize("options", [dict(rank=4, alpha=2.0), dict(rank=4, alpha=2.0, conv_rank=4, conv_alpha=1.0)],
+                         ids=["lora", "locon-3x3-convs"])
+def test_diffusers_load_lora_weights_uses_every_module(tiny_sd1, tmp_path, options):
     from diffusers import StableDiffusionPipeline
     from peft.tuners.lora import LoraLayer
 
@@ -334,7 +336,7 @@ def test_diffusers_load_lora_weights_uses_every_module(tiny_sd1, tmp_path):
                     generator=torch.Generator().manual_seed(0)).images
 
     base = generate()
-    network = make_network(tiny_sd1, rank=4, alpha=2.0)
+    network = make_network(tiny_sd1, **options)
     randomize_up(network, std=0.2)
     network.apply_to()
     with_our_hooks = generate()
