@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer.data.captions import CaptionRules
 from trainer.errors import ConfigError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -77,8 +78,10 @@ _KIND_DESCRIPTIONS = {
 # --- resolved values ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class SubsetSpec:
-    """One folder (DreamBooth) or metadata file (fine-tuning) with every setting resolved."""
+class SubsetSpec(CaptionRules):
+    """One folder (DreamBooth) or metadata file (fine-tuning) with every setting resolved.
+
+    The caption settings (shuffle_caption, keep_tokens, ...) are the fields inherited from CaptionRules."""
 
     image_dir: str | None = None
     is_reg: bool = False
@@ -86,19 +89,6 @@ class SubsetSpec:
     class_tokens: str | None = None
     caption_extension: str = ".caption"
     metadata_file: str | None = None
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
-    caption_separator: str = ","
-    secondary_separator: str | None = None
-    enable_wildcard: bool = False
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
-    token_warmup_min: int = 1
-    token_warmup_step: float = 0
     color_aug: bool = False
     flip_aug: bool = False
     random_crop: bool = False

@@ -16,7 +16,7 @@ _WILDCARD = re.compile(r"\{([^}]+)\}")
 
 @dataclass(frozen=True)
 class CaptionRules:
-    """The subset settings that change captions (names as in the dataset config)."""
+    """The subset settings that change captions (names as in the dataset config); SubsetSpec inherits them."""
 
     shuffle_caption: bool = False
     keep_tokens: int = 0
