@@ -95,7 +95,7 @@ def test_every_refused_argument_stops_with_not_supported_message():
     refused = [f for f in ARGUMENTS if f.metadata["status"] == REFUSE]
     assert refused, "the table must mark what is not supported"
     with pytest.raises(ConfigError) as e:
-        parse_train_args(BASE + ["--deepspeed", "--async_upload", "--zero3_init_flag"])
+        parse_train_args(BASE + ["--deepspeed", "--fp16_master_weights_and_gradients", "--zero3_init_flag"])
     assert len(e.value.problems) == 3
     assert all("not supported yet" in p for p in e.value.problems)
 

@@ -315,14 +315,16 @@ class TrainConfig:
     metadata_is_negative_embedding: str | None = arg(None, "modelspec is_negative_embedding", METADATA)
 
     # ------------------------------------------------------------------ hub and DeepSpeed (sd-scripts extras)
-    huggingface_repo_id: str | None = arg(None, "upload to this hub repo", SAVING, REFUSE)
-    huggingface_repo_type: str | None = arg(None, "hub repo type", SAVING, REFUSE)
-    huggingface_path_in_repo: str | None = arg(None, "path in the hub repo", SAVING, REFUSE)
-    huggingface_token: str | None = arg(None, "hub token", SAVING, REFUSE)
-    huggingface_repo_visibility: str | None = arg(None, "hub repo visibility", SAVING, REFUSE)
-    save_state_to_huggingface: bool = flag("upload states", SAVING, REFUSE)
-    resume_from_huggingface: bool = flag("resume from the hub", SAVING, REFUSE)
-    async_upload: bool = flag("upload asynchronously", SAVING, REFUSE)
+    huggingface_repo_id: str | None = arg(
+        None, "upload each saved LoRA file to this Hugging Face repo (created if missing)", SAVING)
+    huggingface_repo_type: str | None = arg(None, "hub repo type (model, dataset, space; default model)", SAVING)
+    huggingface_path_in_repo: str | None = arg(None, "folder in the hub repo for uploads (default: its root)", SAVING)
+    huggingface_token: str | None = arg(None, "hub token (never logged or written to --output_config)", SAVING)
+    huggingface_repo_visibility: str | None = arg(None, "a created hub repo is private unless this is public",
+                                                  SAVING)
+    save_state_to_huggingface: bool = flag("also upload state folders to the hub repo", SAVING)
+    resume_from_huggingface: bool = flag("--resume names a hub state: repo_id/path[:revision[:repo_type]]", SAVING)
+    async_upload: bool = flag("upload in the background (the final file is uploaded before the run ends)", SAVING)
     deepspeed: bool = flag("DeepSpeed", DISTRIBUTED, REFUSE)
     zero_stage: int = arg(2, "DeepSpeed ZeRO stage", DISTRIBUTED, REFUSE)
     offload_optimizer_device: str | None = arg(None, "DeepSpeed option", DISTRIBUTED, REFUSE)
@@ -800,7 +802,7 @@ def non_default_values(cfg: TrainConfig) -> dict[str, Any]:
     out = {}
     for f in ARGUMENTS:
         value = getattr(cfg, f.name)
-        if f.name in ("config_file", "output_config", "wandb_api_key") or value == f.default:
+        if f.name in ("config_file", "output_config", "wandb_api_key", "huggingface_token") or value == f.default:
             continue
         if kind_of(f) == "resolution" and value is not None:
             value = f"{value[0]},{value[1]}"

@@ -290,6 +290,11 @@ def build_saver(cfg: TrainConfig, network, metadata: dict[str, str], reporter: R
         if accelerator.is_main_process:
             save_training_state(accelerator, folder, epoch=epoch, step=step)
 
+    if accelerator.is_main_process:  # --huggingface_repo_id: upload what is saved (trainer.train.hub)
+        from trainer.train.hub import hub_uploader
+
+        uploader = hub_uploader(cfg, (policy.final_file(), policy.final_state()))
+        reporter.listeners += [uploader] if uploader else []
     return Saver(policy, save,
                  metadata=lambda step, epoch: with_progress(metadata, step, epoch, minimal=cfg.no_metadata),
                  on_saved=lambda path: reporter.emit("saved", path=str(path)), save_state=save_state,
@@ -331,6 +336,9 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
     plan = plan_run(len(dataset), max_train_steps=cfg.max_train_steps, max_train_epochs=cfg.max_train_epochs,
                     batch_size=cfg.train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                     seed=seed, num_processes=accelerator.num_processes)
+    from trainer.train.hub import resolve_hub_resume
+
+    cfg = resolve_hub_resume(cfg)  # --resume_from_huggingface: --resume becomes the downloaded state folder
     resume = plan_start(cfg, plan)
     models = load_models(cfg.pretrained_model_name_or_path, v2=cfg.v2, v_parameterization=cfg.v_parameterization,
                          sdxl=cfg.sdxl, vae=cfg.vae, tokenizer_cache_dir=cfg.tokenizer_cache_dir,
