@@ -46,6 +46,8 @@ def flag(help: str, section: str, status: str = DONE, note: str = "") -> Any:
 
 
 NOT_YET = "not supported yet"
+DEEPSPEED_NOTE = ("not supported yet: DeepSpeed shards full fine-tuning across GPUs, while a LoRA fits on each "
+                  "card, so plain data parallel does the job (accelerate launch --num_processes N train_network.py)")
 LOGGING_NOTE = ("TensorBoard needs `pip install tensorboard`, wandb `pip install wandb`; without them the run warns "
                 "once and trains without that tracker")
 
@@ -325,15 +327,15 @@ class TrainConfig:
     save_state_to_huggingface: bool = flag("also upload state folders to the hub repo", SAVING)
     resume_from_huggingface: bool = flag("--resume names a hub state: repo_id/path[:revision[:repo_type]]", SAVING)
     async_upload: bool = flag("upload in the background (the final file is uploaded before the run ends)", SAVING)
-    deepspeed: bool = flag("DeepSpeed", DISTRIBUTED, REFUSE)
-    zero_stage: int = arg(2, "DeepSpeed ZeRO stage", DISTRIBUTED, REFUSE)
-    offload_optimizer_device: str | None = arg(None, "DeepSpeed option", DISTRIBUTED, REFUSE)
-    offload_optimizer_nvme_path: str | None = arg(None, "DeepSpeed option", DISTRIBUTED, REFUSE)
-    offload_param_device: str | None = arg(None, "DeepSpeed option", DISTRIBUTED, REFUSE)
-    offload_param_nvme_path: str | None = arg(None, "DeepSpeed option", DISTRIBUTED, REFUSE)
-    zero3_init_flag: bool = flag("DeepSpeed option", DISTRIBUTED, REFUSE)
-    zero3_save_16bit_model: bool = flag("DeepSpeed option", DISTRIBUTED, REFUSE)
-    fp16_master_weights_and_gradients: bool = flag("DeepSpeed option", DISTRIBUTED, REFUSE)
+    deepspeed: bool = flag("DeepSpeed", DISTRIBUTED, REFUSE, note=DEEPSPEED_NOTE)
+    zero_stage: int = arg(2, "DeepSpeed ZeRO stage", DISTRIBUTED, REFUSE, note=DEEPSPEED_NOTE)
+    offload_optimizer_device: str | None = arg(None, "DeepSpeed option", DISTRIBUTED, REFUSE, note=DEEPSPEED_NOTE)
+    offload_optimizer_nvme_path: str | None = arg(None, "DeepSpeed option", DISTRIBUTED, REFUSE, note=DEEPSPEED_NOTE)
+    offload_param_device: str | None = arg(None, "DeepSpeed option", DISTRIBUTED, REFUSE, note=DEEPSPEED_NOTE)
+    offload_param_nvme_path: str | None = arg(None, "DeepSpeed option", DISTRIBUTED, REFUSE, note=DEEPSPEED_NOTE)
+    zero3_init_flag: bool = flag("DeepSpeed option", DISTRIBUTED, REFUSE, note=DEEPSPEED_NOTE)
+    zero3_save_16bit_model: bool = flag("DeepSpeed option", DISTRIBUTED, REFUSE, note=DEEPSPEED_NOTE)
+    fp16_master_weights_and_gradients: bool = flag("DeepSpeed option", DISTRIBUTED, REFUSE, note=DEEPSPEED_NOTE)
 
     # ------------------------------------------------------------------ the config files themselves
     config_file: str | None = arg(None, "TOML of arguments (CLI values win)", TRAINING)
@@ -654,7 +656,7 @@ def _check_statuses(values: dict[str, Any]) -> list[str]:
         if status == WARN:
             log.warning("--%s is ignored: %s.", f.name, reason)
         else:
-            problems.append(f"--{f.name}: {reason} by this trainer. Remove it from the command line or config "
+            problems.append(f"--{f.name}: {reason}. Remove it from the command line or config "
                             "file (see docs/compatibility.md for what is supported).")
     return problems
 
