@@ -714,10 +714,17 @@ def check_combinations(v: dict[str, Any]) -> list[str]:
     return problems
 
 
+FP8_NEEDS_MIXED_PRECISION = ("--fp8_base / --fp8_base_unet store weights in 8 bits and compute in 16: they need "
+                             "--mixed_precision bf16 or fp16")
+
+
 def _check_precision(v: dict[str, Any]) -> list[str]:
-    """--full_fp16/--full_bf16 keep the LoRA itself in the autocast dtype (spec §1.11)."""
+    """--full_fp16/--full_bf16 keep the LoRA itself in the autocast dtype (spec §1.11); fp8 storage needs a
+    16-bit compute dtype. (fp16 that falls back to fp32 on a CPU is caught at build time.)"""
     problems = [f"--full_{p} needs --mixed_precision {p} (got {v['mixed_precision']})."
                 for p in ("fp16", "bf16") if v[f"full_{p}"] and v["mixed_precision"] != p]
+    if (v["fp8_base"] or v["fp8_base_unet"]) and v["mixed_precision"] == "no":
+        problems.append(FP8_NEEDS_MIXED_PRECISION + ".")
     if v["dynamo_backend"] != "inductor" and not v["torch_compile"]:
         log.warning("--dynamo_backend %s has no effect without --torch_compile.", v["dynamo_backend"])
     return problems

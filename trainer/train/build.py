@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from trainer.config.args import TrainConfig, parse_network_args
+from trainer.config.args import FP8_NEEDS_MIXED_PRECISION, TrainConfig, parse_network_args
 from trainer.errors import ConfigError
 from trainer.train.checkpoint import SavePolicy, Saver, check_output_dir
 from trainer.train.events import Reporter
@@ -332,6 +332,8 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
     if cfg.full_fp16:
         allow_fp16_unscale(accelerator.scaler)  # fp16 LoRA gradients (trainer.train.precision says why)
     weight_dtype = weight_dtype_for(mixed_precision)
+    if (cfg.fp8_base or cfg.fp8_base_unet) and weight_dtype == torch.float32:  # fp16 fell back to fp32 on a CPU
+        raise ConfigError(FP8_NEEDS_MIXED_PRECISION + " (fp16 needs a CUDA GPU; on a CPU use bf16).")
     # every dataset item is one batch, so the plan and the start point are known before any model loads
     plan = plan_run(len(dataset), max_train_steps=cfg.max_train_steps, max_train_epochs=cfg.max_train_epochs,
                     batch_size=cfg.train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -349,11 +351,6 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
             models.noise_scheduler.config, rescale_betas_zero_snr=True)
     attention = select_attention(models.unet, models.vae, xformers=cfg.xformers, sdpa=cfg.sdpa,
                                  mem_eff_attn=cfg.mem_eff_attn)
-    if (cfg.fp8_base or cfg.fp8_base_unet) and weight_dtype == torch.float32:
-        raise ConfigError("--fp8_base / --fp8_base_unet store weights in 8 bits and compute in 16: they need "
-                          "--mixed_precision bf16 or fp16.")
-    if cfg.full_bf16 and mixed_precision != "bf16":
-        raise ConfigError("--full_bf16 needs --mixed_precision bf16.")
     freeze_models(models, weight_dtype, no_half_vae=cfg.no_half_vae, device=accelerator.device,
                   fp8_unet=cfg.fp8_base or cfg.fp8_base_unet, fp8_text_encoders=cfg.fp8_base and not cfg.fp8_base_unet,
                   vae_only_on_device=cfg.cache_latents)
