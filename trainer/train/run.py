@@ -36,6 +36,16 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def default_listeners(cfg: TrainConfig) -> list[Listener]:
+    """The console bar, and the JSON-lines file beside the LoRA for other programs to follow."""
+    listeners: list[Listener] = [ConsoleListener()]
+    try:
+        listeners.append(JsonlListener(events_file(cfg)))
+    except OSError:
+        pass  # an unwritable output folder is reported with its fix by the pre-flight check
+    return listeners
+
+
 def run_training(cfg: TrainConfig, listeners: list[Listener] | None = None) -> Path:
     """Train and return the final LoRA file (with --debug_dataset: the folder of batch images). User mistakes
     surface as UserError; Ctrl-C saves and re-raises."""
@@ -43,14 +53,8 @@ def run_training(cfg: TrainConfig, listeners: list[Listener] | None = None) -> P
 
     if is_main_process():
         maybe_write_demo_dataset(cfg)
-    if listeners is None and not is_main_process():
-        listeners = []  # data parallel: only the main process reports and writes files
-    if listeners is None:
-        listeners = [ConsoleListener()]
-        try:
-            listeners.append(JsonlListener(events_file(cfg)))
-        except OSError:
-            pass  # an unwritable output folder is reported with its fix by the pre-flight check
+    if listeners is None:  # data parallel: only the main process reports and writes files
+        listeners = default_listeners(cfg) if is_main_process() else []
     reporter = Reporter(listeners)
     bridge = WarningsToEvents(reporter)
     logging.getLogger("trainer").addHandler(bridge)
