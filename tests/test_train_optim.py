@@ -216,7 +216,7 @@ def build_for(**overrides):
     from trainer.train.build import build_optimizer_and_scheduler
 
     network = FakeNetwork()
-    optimizer, scheduler, name = build_optimizer_and_scheduler(
+    optimizer, scheduler, name, _ = build_optimizer_and_scheduler(
         optimizer_config(**overrides), network, SimpleNamespace(max_train_steps=10), 1)
     return network, optimizer, scheduler, name
 

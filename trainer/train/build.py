@@ -238,15 +238,12 @@ def place_on_device(models, device) -> None:
         module.to(device)
 
 
-def build_optimizer_and_scheduler(cfg: TrainConfig, network, plan: RunPlan, num_processes: int,
-                                  descriptions_out: list[str] | None = None):
-    """(optimizer, scheduler, optimizer name); `descriptions_out` receives the param groups' names."""
+def build_optimizer_and_scheduler(cfg: TrainConfig, network, plan: RunPlan, num_processes: int):
+    """(optimizer, scheduler, ss_optimizer name, the param groups' names: "textencoder", "unet", ...)."""
     from trainer.train.optim import build_optimizer, build_scheduler
 
     groups, descriptions = network.prepare_optimizer_params(cfg.text_encoder_lr_value, cfg.unet_lr,
                                                             cfg.learning_rate)
-    if descriptions_out is not None:
-        descriptions_out[:] = descriptions
     log.info("LoRA param groups: %s", ", ".join(f"{d} lr={g['lr']:g}" for d, g in zip(descriptions, groups)))
     if not groups:
         raise ConfigError("Nothing to train: every learning rate is 0 (--unet_lr / --text_encoder_lr / "
@@ -264,7 +261,7 @@ def build_optimizer_and_scheduler(cfg: TrainConfig, network, plan: RunPlan, num_
         power=cfg.lr_scheduler_power, timescale=cfg.lr_scheduler_timescale,
         min_lr_ratio=cfg.lr_scheduler_min_lr_ratio, scheduler_type=cfg.lr_scheduler_type,
         scheduler_args=cfg.lr_scheduler_args, initial_lr=cfg.learning_rate)
-    return optimizer, scheduler, name
+    return optimizer, scheduler, name, descriptions
 
 
 def build_saver(cfg: TrainConfig, network, metadata: dict[str, str], reporter: Reporter, accelerator,
@@ -385,9 +382,8 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
     dataset.set_max_train_steps(plan.max_train_steps)
     optimizer_cfg = dataclasses.replace(cfg, optimizer_args=fp16_optimizer_args(
         cfg.optimizer_type, cfg.optimizer_args)) if cfg.full_fp16 else cfg
-    lr_descriptions: list[str] = []
-    optimizer, lr_scheduler, optimizer_name = build_optimizer_and_scheduler(optimizer_cfg, network, plan,
-                                                                            accelerator.num_processes, lr_descriptions)
+    optimizer, lr_scheduler, optimizer_name, lr_descriptions = build_optimizer_and_scheduler(
+        optimizer_cfg, network, plan, accelerator.num_processes)
     # The LoRA runs inside the base model's forward through hooks, so a DDP wrapper around it would never
     # see a forward pass: it is not prepared; the loop averages its gradients across processes itself.
     optimizer, dataloader, lr_scheduler = accelerator.prepare(optimizer, dataloader, lr_scheduler)

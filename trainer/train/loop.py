@@ -37,7 +37,7 @@ def train(setup: TrainingSetup, reporter: Reporter, watch: SpillWatch = NO_WATCH
     start = setup.resume  # build.plan_start: a fresh run, --resume, --initial_step/--initial_epoch
     reporter.emit("run_started", total_steps=plan.max_train_steps, num_epochs=plan.num_epochs,
                   start_step=start.step, start_epoch=start.epoch, summary=summary_lines(setup),
-                  lr_descriptions=list(getattr(setup, "lr_descriptions", None) or []))
+                  lr_descriptions=list(setup.lr_descriptions))
     meter = StepMeter(plan.max_train_steps, start_step=start.step, window=plan.num_batches_per_epoch)
     step, epoch = start.step, start.epoch
     if not start.step:
