@@ -147,6 +147,6 @@ def _model_identity(name: str, file: Path | None, what: str) -> dict[str, str]:
     meta = {f"ss_{what}_name": Path(name).name if file else name}
     if file is not None and file.is_file():
         old, new = a1111_model_hashes(file)
-        meta[f"ss_{'sd_model' if what == 'sd_model' else 'vae'}_hash"] = old
+        meta[f"ss_{what}_hash"] = old
         meta[f"ss_new_{what}_hash"] = new
     return meta
