@@ -269,8 +269,8 @@ def estimate_needs(config: str) -> tuple[float, str] | None:
 def check_vram(config: str, detect: Callable[[], Card | None] = detect_card,
                estimate: Callable[[str], tuple[float, str] | None] = estimate_needs,
                presets_dir: Path = PRESETS_DIR) -> list[Check]:
-    """Compare what the config needs (the estimator, else the preset's stated peak + 0.5 GB for the CUDA
-    context) with the card, and name the preset tier or setting to step down to when it does not fit."""
+    """Compare what the config needs (the estimator, else the preset's stated peak, which is already the
+    figure "on the card", CUDA context included) with the card, and name the preset tier or setting to step down to when it does not fit."""
     try:
         found = estimate(config)
     except Exception as e:  # the estimate is advice: never let it hide the rest of the report
@@ -281,7 +281,7 @@ def check_vram(config: str, detect: Callable[[], Card | None] = detect_card,
     if found is not None:
         needs, how = found
     elif stated is not None:
-        needs, how = stated + 0.5, f"the preset states a peak of {stated:g} GB"
+        needs, how = stated, f"the preset states a peak of {stated:g} GB on the card"
     else:
         return [Check(NOTE, "VRAM", f"{config}: no expected peak stated and no estimate"
                                     f"{f' ({error})' if error else ''}")]
