@@ -1,8 +1,15 @@
 """Small `build_*` functions that turn a TrainConfig into the finished parts the loop takes.
 
-Order matters and is kept in `prepare_training`: seed -> output folder check -> dataset (fails fast on bad
-images before any model loads) -> models -> precision and attention -> latent cache -> LoRA network ->
-optimizer/scheduler -> saver."""
+`prepare_training` runs them in phases, in an order that matters (device moves, caching before the LoRA
+exists, draws from the random generators):
+  check_inputs        seed, output folder, model family, dataset (bad images fail before any model loads), prompts
+  start_accelerator   precision (CPU fallbacks), compile backend, the Accelerator
+  plan_steps          run plan and start point (--resume), still before any model loads
+  load_frozen_models  base model, --base_weights, attention, frozen weights on the device
+  fill_caches         latents, SDXL text-encoder outputs
+  attach_network      the LoRA, its dtype, gradient checkpointing, torch.compile
+  build_optimization  dataloader, optimizer and scheduler, prepared by accelerate
+  then the metadata, the saver, the --resume state, the sampler and the validator."""
 
 from __future__ import annotations
 
@@ -136,8 +143,6 @@ def resolve_model_family(cfg: TrainConfig) -> TrainConfig:
     gets a warning. Only where telling the family is cheap (a local folder or .safetensors header; builtin):
     a pickled .ckpt would be read twice and a hub id downloaded before the dataset is checked, so for those
     load_models checks the flag against the weights and names the right script."""
-    import dataclasses
-
     from trainer.models.load import detect_model_family
 
     spec = str(cfg.pretrained_model_name_or_path or "").strip().strip("\"'")
@@ -298,25 +303,77 @@ def build_saver(cfg: TrainConfig, network, metadata: dict[str, str], reporter: R
                  **({"eval_mode": eval_mode} if eval_mode else {}))
 
 
-def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
-    """Build every part the loop needs, failing on user mistakes before anything slow happens."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in what precision the run computes: decided once, before any model loads."""
+    accelerator: Any
+    mixed_precision: str         # "no" | "fp16" | "bf16": --mixed_precision after the CPU fallback
+    weight_dtype: torch.dtype    # the frozen base weights' dtype
+    compile_backend: str | None  # --torch_compile: the checked --dynamo_backend; None when not compiling
 
-    from trainer.models.attention import select_attention
-    from trainer.models.compile import check_backend, compile_unet
-    from trainer.models.load import load_models
-    from trainer.train.precision import allow_fp16_unscale, fp16_optimizer_args, resolve_full_fp16
+
+def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
+    """Build every part the loop needs, failing on user mistakes before anything slow happens. The order of
+    the phases is the order of the side effects (see the module docstring) and is kept on purpose."""
     from trainer.train.metadata import training_metadata
+    from trainer.train.optim import eval_mode_for
     from trainer.train.validate import build_validator
 
     started_at = time.time()
+    cfg, seed, dataset, prompts = check_inputs(cfg)
+    cfg, runtime = start_accelerator(cfg)
+    accelerator = runtime.accelerator
+    cfg, plan, resume = plan_steps(cfg, dataset, seed, accelerator.num_processes)  # still before any model loads
+    models, attention = load_frozen_models(cfg, runtime)
+    text_cache = fill_caches(cfg, dataset, models, accelerator)  # before the LoRA exists: caches see the base model
+    network = attach_network(cfg, models, accelerator.device, runtime.compile_backend)
+    dataloader, optimizer, lr_scheduler, optimizer_name, lr_descriptions = build_optimization(
+        cfg, dataset, network, plan, seed, accelerator)
+
+    metadata = training_metadata(
+        cfg, family=models.family, plan=plan, dataset=dataset, optimizer_name=optimizer_name,
+        model_name=models.name, model_file=models.source_file, seed=seed, mixed_precision=runtime.mixed_precision,
+        started_at=started_at, used_dataset_config=bool(cfg.dataset_config))
+    cfg = with_save_n_epoch_ratio(cfg, plan.num_epochs)
+    eval_mode = eval_mode_for(optimizer)  # schedule-free optimizers sample and save their averaged weights
+    saver = build_saver(cfg, accelerator.unwrap_model(network), metadata, reporter, accelerator, eval_mode)
+    restore_state(cfg, accelerator)  # random states too: after the LoRA's init and the metadata's session id drew
+    sampler = build_sampler(cfg, prompts, models, network, accelerator, reporter, eval_mode)
+    reporter.emit("info", message=f"attention: {attention}; device: {accelerator.device}; "
+                                  f"precision: {runtime.mixed_precision}; optimizer: {optimizer_name}")
+    setup = TrainingSetup(
+        accelerator=accelerator, models=models, network=network, dataset=dataset, dataloader=dataloader,
+        optimizer=optimizer, lr_scheduler=lr_scheduler, plan=plan, resume=resume, saver=saver, sampler=sampler,
+        settings=DiffusionSettings.from_config(cfg, v_parameterization=models.v_parameterization,
+                                               latent_scale=models.latent_scale),
+        train_text_encoder=cfg.train_text_encoder and network_has_text_encoder(network, accelerator),
+        max_grad_norm=cfg.max_grad_norm, scale_weight_norms=cfg.scale_weight_norms,
+        weight_dtype=runtime.weight_dtype, text_cache=text_cache, lr_descriptions=lr_descriptions)
+    setup.validator = build_validator(cfg, setup, reporter)
+    return setup
+
+
+def check_inputs(cfg: TrainConfig) -> tuple[TrainConfig, int, Any, list]:
+    """(cfg, seed, dataset, sample prompts): the user's mistakes that need no model stop the run here, bad
+    images included. The seed is set first; the dataset's shuffling draws from it."""
+    from accelerate.utils import set_seed
+
     seed = resolve_seed(cfg.seed)
     set_seed(seed)
     check_output_dir(Path(cfg.output_dir or "output"))
     cfg = resolve_model_family(cfg)
     dataset = build_dataset(cfg, seed)
     prompts = load_sample_prompts(cfg)
+    return cfg, seed, dataset, prompts
+
+
+def start_accelerator(cfg: TrainConfig) -> tuple[TrainConfig, Runtime]:
+    """Precision (fp16 falls back to fp32 on a CPU, and --full_fp16 with it), the compile backend and the
+    Accelerator. cfg comes back with --full_fp16 off when it fell back."""
+    from accelerate import Accelerator
+
+    from trainer.models.compile import check_backend
+    from trainer.train.precision import allow_fp16_unscale, resolve_full_fp16
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mixed_precision = select_mixed_precision(cfg.mixed_precision, device_type)
@@ -331,14 +388,29 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
     weight_dtype = weight_dtype_for(mixed_precision)
     if (cfg.fp8_base or cfg.fp8_base_unet) and weight_dtype == torch.float32:  # fp16 fell back to fp32 on a CPU
         raise ConfigError(FP8_NEEDS_MIXED_PRECISION + " (fp16 needs a CUDA GPU; on a CPU use bf16).")
-    # every dataset item is one batch, so the plan and the start point are known before any model loads
-    plan = plan_run(len(dataset), max_train_steps=cfg.max_train_steps, max_train_epochs=cfg.max_train_epochs,
-                    batch_size=cfg.train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                    seed=seed, num_processes=accelerator.num_processes)
+    return cfg, Runtime(accelerator, mixed_precision, weight_dtype, compile_backend)
+
+
+def plan_steps(cfg: TrainConfig, dataset, seed: int, num_processes: int) -> tuple[TrainConfig, RunPlan, Any]:
+    """(cfg, RunPlan, ResumePoint): every dataset item is one batch, so the plan and the start point are known
+    before any model loads. --resume_from_huggingface downloads the state folder here and cfg comes back with
+    --resume pointing at it."""
     from trainer.train.hub import resolve_hub_resume
 
-    cfg = resolve_hub_resume(cfg)  # --resume_from_huggingface: --resume becomes the downloaded state folder
-    resume = plan_start(cfg, plan)
+    plan = plan_run(len(dataset), max_train_steps=cfg.max_train_steps, max_train_epochs=cfg.max_train_epochs,
+                    batch_size=cfg.train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                    seed=seed, num_processes=num_processes)
+    cfg = resolve_hub_resume(cfg)
+    return cfg, plan, plan_start(cfg, plan)
+
+
+def load_frozen_models(cfg: TrainConfig, runtime: Runtime) -> tuple[Any, str]:
+    """(models, attention backend): the base model loaded, --base_weights merged in, the zero-terminal-SNR
+    schedule, the attention backend, then the weights frozen and placed (see `freeze_models`)."""
+    from trainer.models.attention import select_attention
+    from trainer.models.load import load_models  # looked up per call: tests and trainer.bench stand in for it
+
+    weight_dtype = runtime.weight_dtype
     models = load_models(cfg.pretrained_model_name_or_path, v2=cfg.v2, v_parameterization=cfg.v_parameterization,
                          sdxl=cfg.sdxl, vae=cfg.vae, tokenizer_cache_dir=cfg.tokenizer_cache_dir,
                          dtype=weight_dtype, vae_dtype=torch.float32 if cfg.no_half_vae else weight_dtype)
@@ -348,23 +420,38 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
             models.noise_scheduler.config, rescale_betas_zero_snr=True)
     attention = select_attention(models.unet, models.vae, xformers=cfg.xformers, sdpa=cfg.sdpa,
                                  mem_eff_attn=cfg.mem_eff_attn)
-    freeze_models(models, weight_dtype, no_half_vae=cfg.no_half_vae, device=accelerator.device,
+    freeze_models(models, weight_dtype, no_half_vae=cfg.no_half_vae, device=runtime.accelerator.device,
                   fp8_unet=cfg.fp8_base or cfg.fp8_base_unet, fp8_text_encoders=cfg.fp8_base and not cfg.fp8_base_unet,
                   vae_only_on_device=cfg.cache_latents)
+    return models, attention
 
+
+def fill_caches(cfg: TrainConfig, dataset, models, accelerator) -> Any:
+    """--cache_latents (then the UNet and text encoders join the VAE on the device) and SDXL's
+    --cache_text_encoder_outputs; returns the text-encoder output cache or None.
+
+    Not named cache_*: trainer.train.oom reads function names in build.py to tell the user that latent
+    caching ran out of memory, and a failure here outside `cache_latents` (moving the models) is not that."""
     if cfg.cache_latents:
         cache_latents(dataset, models.vae, cfg, accelerator.device, models.family)
         place_on_device(models, accelerator.device)
-    text_cache = None
-    if cfg.cache_text_encoder_outputs:
-        from trainer.train.text_cache import cache_text_encoder_outputs
+    if not cfg.cache_text_encoder_outputs:
+        return None
+    from trainer.train.text_cache import cache_text_encoder_outputs
 
-        validation = dataset.validation_dataset()  # held-out images are scored with cached outputs too
-        records = dataset.records + (validation.records if validation is not None else [])
-        text_cache = cache_text_encoder_outputs(
-            SimpleNamespace(records=records), models, max_token_length=cfg.max_token_length,
-            to_disk=cfg.cache_text_encoder_outputs_to_disk, batch_size=cfg.train_batch_size,
-            device=accelerator.device, autocast=accelerator.autocast)
+    validation = dataset.validation_dataset()  # held-out images are scored with cached outputs too
+    records = dataset.records + (validation.records if validation is not None else [])
+    return cache_text_encoder_outputs(
+        SimpleNamespace(records=records), models, max_token_length=cfg.max_token_length,
+        to_disk=cfg.cache_text_encoder_outputs_to_disk, batch_size=cfg.train_batch_size,
+        device=accelerator.device, autocast=accelerator.autocast)
+
+
+def attach_network(cfg: TrainConfig, models, device, compile_backend: str | None) -> Any:
+    """The LoRA attached to the models, in its training dtype, with gradient checkpointing and torch.compile
+    as asked."""
+    from trainer.models.compile import compile_unet
+
     network = build_network(cfg, models)
     if cfg.full_bf16:
         network.to(torch.bfloat16)  # LoRA weights and optimizer state in bf16: less memory, coarser updates
@@ -373,9 +460,16 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(models, cfg.train_text_encoder, fp8=cfg.fp8_base or cfg.fp8_base_unet)
     if compile_backend:
-        compile_unet(models.unet, compile_backend, accelerator.device)  # after the LoRA hooks are attached
+        compile_unet(models.unet, compile_backend, device)  # after the LoRA hooks are attached
+    return network
 
+
+def build_optimization(cfg: TrainConfig, dataset, network, plan: RunPlan, seed: int,
+                       accelerator) -> tuple[Any, Any, Any, str, list[str]]:
+    """(dataloader, optimizer, lr_scheduler, ss_optimizer name, param-group names), prepared by accelerate,
+    with the network registered so that save_state/load_state include its weights."""
     from trainer.data.dataset import make_dataloader
+    from trainer.train.precision import fp16_optimizer_args
 
     dataloader = make_dataloader(dataset, num_workers=cfg.max_data_loader_n_workers,
                                  persistent_workers=cfg.persistent_data_loader_workers, seed=seed)
@@ -388,31 +482,14 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
     # see a forward pass: it is not prepared; the loop averages its gradients across processes itself.
     optimizer, dataloader, lr_scheduler = accelerator.prepare(optimizer, dataloader, lr_scheduler)
     accelerator.register_for_checkpointing(network)
+    return dataloader, optimizer, lr_scheduler, optimizer_name, lr_descriptions
 
-    metadata = training_metadata(
-        cfg, family=models.family, plan=plan, dataset=dataset, optimizer_name=optimizer_name,
-        model_name=models.name, model_file=models.source_file, seed=seed, mixed_precision=mixed_precision,
-        started_at=started_at, used_dataset_config=bool(cfg.dataset_config))
+
+def with_save_n_epoch_ratio(cfg: TrainConfig, num_epochs: int) -> TrainConfig:
+    """--save_n_epoch_ratio N: save about N times over the run, unless --save_every_n_epochs is given."""
     if cfg.save_n_epoch_ratio and not cfg.save_every_n_epochs:
-        cfg = dataclasses.replace(cfg, save_every_n_epochs=max(1, plan.num_epochs // cfg.save_n_epoch_ratio))
-    from trainer.train.optim import eval_mode_for
-
-    eval_mode = eval_mode_for(optimizer)  # schedule-free optimizers sample and save their averaged weights
-    saver = build_saver(cfg, accelerator.unwrap_model(network), metadata, reporter, accelerator, eval_mode)
-    restore_state(cfg, accelerator)
-    sampler = build_sampler(cfg, prompts, models, network, accelerator, reporter, eval_mode)
-    reporter.emit("info", message=f"attention: {attention}; device: {accelerator.device}; "
-                                  f"precision: {mixed_precision}; optimizer: {optimizer_name}")
-    setup = TrainingSetup(
-        accelerator=accelerator, models=models, network=network, dataset=dataset, dataloader=dataloader,
-        optimizer=optimizer, lr_scheduler=lr_scheduler, plan=plan, resume=resume, saver=saver, sampler=sampler,
-        settings=DiffusionSettings.from_config(cfg, v_parameterization=models.v_parameterization,
-                                               latent_scale=models.latent_scale),
-        train_text_encoder=cfg.train_text_encoder and network_has_text_encoder(network, accelerator),
-        max_grad_norm=cfg.max_grad_norm, scale_weight_norms=cfg.scale_weight_norms, weight_dtype=weight_dtype,
-        text_cache=text_cache, lr_descriptions=lr_descriptions)
-    setup.validator = build_validator(cfg, setup, reporter)
-    return setup
+        return dataclasses.replace(cfg, save_every_n_epochs=max(1, num_epochs // cfg.save_n_epoch_ratio))
+    return cfg
 
 
 def fresh_accelerator_state() -> None:
@@ -465,13 +542,23 @@ def enable_gradient_checkpointing(models, train_text_encoder: bool, *, fp8: bool
             encoder.train()
 
 
+def sample_schedule(cfg: TrainConfig):
+    """When to sample: --sample_every_n_steps / --sample_every_n_epochs (0 or less: never), --sample_at_first."""
+    from trainer.train.sample import SampleSchedule
+
+    def positive(every: int | None) -> int | None:
+        return every if (every or 0) > 0 else None
+
+    return SampleSchedule(every_n_steps=positive(cfg.sample_every_n_steps),
+                          every_n_epochs=positive(cfg.sample_every_n_epochs), at_first=cfg.sample_at_first)
+
+
 def load_sample_prompts(cfg: TrainConfig) -> list:
     """Read the prompt file before any model loads, so a mistake in it stops the run at once."""
-    from trainer.train.sample import load_prompts
+    from trainer.train.sample import SampleSchedule, load_prompts
 
-    wants_samples = cfg.sample_at_first or (cfg.sample_every_n_steps or 0) > 0 or (cfg.sample_every_n_epochs or 0) > 0
     if not cfg.sample_prompts:
-        if wants_samples:
+        if sample_schedule(cfg) != SampleSchedule():
             log.warning("Sampling is scheduled but --sample_prompts is not given: no sample images.")
         return []
     return load_prompts(cfg.sample_prompts)
@@ -479,11 +566,10 @@ def load_sample_prompts(cfg: TrainConfig) -> list:
 
 def build_sampler(cfg: TrainConfig, prompts: list, models, network, accelerator, reporter: Reporter,
                   eval_mode=None):
+    """A Sampler on the main process when there are prompts and a schedule, else a NoSampler."""
     from trainer.train.sample import NoSampler, SampleSchedule, Sampler
 
-    schedule = SampleSchedule(every_n_steps=cfg.sample_every_n_steps if (cfg.sample_every_n_steps or 0) > 0 else None,
-                              every_n_epochs=cfg.sample_every_n_epochs if (cfg.sample_every_n_epochs or 0) > 0
-                              else None, at_first=cfg.sample_at_first)
+    schedule = sample_schedule(cfg)
     if not prompts or not accelerator.is_main_process or schedule == SampleSchedule():
         return NoSampler()
     return Sampler(prompts, schedule, output_dir=Path(cfg.output_dir or "output"), output_name=cfg.output_name,
