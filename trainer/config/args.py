@@ -507,7 +507,7 @@ def read_config_file(path: str) -> tuple[Path, dict[str, Any]]:
     return file, flatten_config_toml(data)
 
 
-def _check_toml_values(file: Path, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def check_toml_values(file: Path, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     by_name = {f.name: f for f in ARGUMENTS}
     converted, problems = {}, []
     for key, value in values.items():
@@ -613,7 +613,7 @@ def parse_train_args(argv: Sequence[str], *, prog: str = "python -m trainer trai
     problems: list[str] = []
     if cli.get("config_file") and not cli.get("output_config"):  # with --output_config it is the target
         file, raw = read_config_file(cli["config_file"])
-        from_file, problems = _check_toml_values(file, raw)
+        from_file, problems = check_toml_values(file, raw)
         values.update(from_file)
     values.update(cli)
     if values.get("caption_extention") and "caption_extension" not in cli:

@@ -113,11 +113,11 @@ def load_models(name_or_path: str, *, v2: bool = False, v_parameterization: bool
         parts = _load_diffusers_folder(path.resolve(), spec, dtype, vae_dtype, tokenizer_cache_dir, flags)
     elif path.is_file():
         parts = _load_single_file(path.resolve(), dtype, vae_dtype, tokenizer_cache_dir, flags)
-    elif _looks_like_hub_id(spec):
+    elif looks_like_hub_id(spec):
         parts = _load_diffusers_folder(_download_from_hub(spec), spec, dtype, vae_dtype, tokenizer_cache_dir,
                                        flags)
     else:
-        raise _missing_path_error(path)
+        raise missing_path_error(path)
     if path.exists() and not spec.startswith("builtin:"):
         parts["name"] = path.name or path.resolve().name  # as given: a symlink keeps its own name
     if vae:
@@ -150,9 +150,9 @@ def detect_model_family(name_or_path: str) -> str:
         return _folder_family(path.resolve())
     if path.is_file():
         return detect_family(read_checkpoint_shapes(path.resolve()), f'"{path.resolve()}"')
-    if _looks_like_hub_id(spec):
+    if looks_like_hub_id(spec):
         return _folder_family(_download_from_hub(spec))
-    raise _missing_path_error(path)
+    raise missing_path_error(path)
 
 
 def _check_family_flags(family: str, *, v2: bool, sdxl: bool, v_parameterization: bool, source: str,
@@ -421,9 +421,9 @@ def load_vae(spec: str, config_root: Path, dtype):
                              f"--vae at a diffusers VAE folder (or a model folder with vae/) or a .safetensors "
                              f"VAE file.")
     if not path.is_file():
-        if _looks_like_hub_id(spec):
+        if looks_like_hub_id(spec):
             return _from_pretrained(AutoencoderKL, _download_from_hub_vae(spec), "", dtype)
-        raise _missing_path_error(path, what="--vae")
+        raise missing_path_error(path, what="--vae")
     path = path.resolve()
     shapes = read_checkpoint_shapes(path)
     kind = classify_checkpoint(shapes)
@@ -463,7 +463,7 @@ def _download_from_hub_vae(repo_id: str) -> Path:
 # Messages
 
 
-def _missing_path_error(path: Path, what: str = "--pretrained_model_name_or_path") -> ModelLoadError:
+def missing_path_error(path: Path, what: str = "--pretrained_model_name_or_path") -> ModelLoadError:
     hint = ""
     parent = path.parent
     if parent.is_dir():
@@ -491,7 +491,7 @@ def _folder_without_index_error(folder: Path) -> ModelLoadError:
 
 
 
-def _looks_like_hub_id(spec: str) -> bool:
+def looks_like_hub_id(spec: str) -> bool:
     """owner/name that is not a local path (a local "owner" folder means the user meant a path)."""
     return bool(HUB_ID.fullmatch(spec)) and not Path(spec).parent.is_dir()
 

@@ -1,0 +1,576 @@
+"""The GUI's form, without gradio: presets in, form values <-> argument values, a sectioned TOML out that
+`train.ps1 -Config` runs unchanged, and the pre-flight check a user runs before pressing Start.
+
+Values are kept as a flat dict of sd-scripts argument names -> TOML-ready values (what the TOML file holds:
+`resolution = "512"`, lists as lists). None means "not set": the argument's default applies. Every field of
+the form comes from the argument table in trainer.config.args, so the form cannot drift from the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+from trainer.config import args as A
+from trainer.errors import ConfigError, UserError, did_you_mean
+
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
+CONFIGS_DIR = Path.cwd() / "configs"
+
+# The main page, in order; everything else is in the advanced form. unet_lr / text_encoder_lr are here
+# because the presets set them, and they win over learning_rate: a user must see them next to it.
+SIMPLE_FIELDS: tuple[str, ...] = (
+    "pretrained_model_name_or_path", "train_data_dir", "reg_data_dir", "output_name", "max_train_epochs",
+    "train_batch_size", "learning_rate", "unet_lr", "text_encoder_lr", "network_dim", "network_alpha",
+    "resolution")
+# Arguments the form never shows: the config file itself, and sd-scripts' misspelled legacy alias.
+HIDDEN_FIELDS = frozenset({"config_file", "output_config", "caption_extention"})
+# Sections of the written TOML, in the order a user reads them (the table's other sections follow).
+SECTION_ORDER = (A.MODEL, A.SDXL, A.DATASET, A.SAVING, A.NETWORK, A.OPTIMIZER, A.TRAINING, A.MEMORY, A.LOSS,
+                 A.NOISE, A.SAMPLING, A.VALIDATION, A.LOGGING, A.METADATA, A.DISTRIBUTED)
+_PATH_NAMES = frozenset({"vae", "network_weights", "resume", "sample_prompts", "dataset_config", "in_json",
+                         "metadata_thumbnail", "base_weights", "console_log_file", "log_tracker_config"})
+_FIELDS = {f.name: f for f in A.ARGUMENTS}
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fields
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One argument as the form shows it. `kind` is the widget: bool | int | float | str | choice | list.
+    Choice values are strings ("" stands for "not set"); `table_kind` is the argument table's kind."""
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    section: str
+    choices: tuple | None
+    status: str
+    note: str = ""
+    table_kind: str = ""
+    is_path: bool = False
+
+
+def field_spec(name: str) -> FieldSpec:
+    """The form field of one argument; ConfigError for a name that is not an argument."""
+    f = _FIELDS.get(name)
+    if f is None:
+        raise ConfigError(f"'{name}' is not a training argument{did_you_mean(name, A.ARGUMENT_NAMES)}.")
+    meta, table_kind = f.metadata, A.kind_of(f)
+    choices = None
+    if meta["choices"]:
+        choices = tuple("" if c is None else str(c) for c in meta["choices"])
+        if f.default is None and "" not in choices:
+            choices = ("",) + choices
+        kind = "choice"
+    else:
+        kind = {"flag": "bool", "int": "int", "float": "float", "str_list": "list",
+                "float_list": "list"}.get(table_kind, "str")  # str, int_or_float, resolution: a text box
+    return FieldSpec(name=name, kind=kind, default=f.default, help=meta["help"], section=meta["section"],
+                     choices=choices, status=meta["status"], note=meta["note"], table_kind=table_kind,
+                     is_path=_is_path(name))
+
+
+def _is_path(name: str) -> bool:
+    return name in _PATH_NAMES or name.endswith(("_dir", "_path"))
+
+
+def advanced_fields() -> list[FieldSpec]:
+    """Every argument a user may set (done or warn) that is not on the main page, grouped by section."""
+    fields = [field_spec(f.name) for f in A.ARGUMENTS
+              if f.metadata["status"] != A.REFUSE and f.name not in SIMPLE_FIELDS and f.name not in HIDDEN_FIELDS]
+    return sorted(fields, key=lambda spec: _section_rank(spec.section))  # stable: table order within a section
+
+
+def _section_rank(section: str) -> int:
+    return SECTION_ORDER.index(section) if section in SECTION_ORDER else len(SECTION_ORDER)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Form value <-> argument value
+
+
+def to_text(spec: FieldSpec, value: Any) -> str | bool | float | None:
+    """What a widget shows for a value: bool for checkboxes, a number (None when unset) for number boxes,
+    text otherwise (lists one item per line, "" when unset)."""
+    if spec.kind == "bool":
+        return bool(value)
+    if spec.kind in ("int", "float"):
+        return value
+    if value is None:
+        return ""
+    if spec.kind == "list":
+        return "\n".join(str(item) for item in value) if isinstance(value, (list, tuple)) else str(value)
+    if spec.table_kind == "resolution":
+        return _resolution_text(value)
+    return str(value)
+
+
+def from_text(spec: FieldSpec, shown: Any) -> Any:
+    """A widget's content -> the argument value (None when empty: the default applies). A value that does
+    not fit the argument is a ConfigError naming it."""
+    try:
+        return _from_text(spec, shown)
+    except ValueError as e:
+        raise ConfigError(f"{spec.name}: {e}.") from None
+
+
+def _from_text(spec: FieldSpec, shown: Any) -> Any:
+    if spec.kind == "bool":
+        return shown.strip().lower() in ("true", "1", "yes", "on") if isinstance(shown, str) else bool(shown)
+    if isinstance(shown, str):
+        shown = _strip_path(shown) if spec.is_path else shown
+        if spec.kind not in ("str", "choice") or spec.table_kind in ("resolution", "int_or_float"):
+            shown = shown.strip()
+    if shown is None or shown == "":
+        return None
+    if spec.kind == "list":
+        items = shown if isinstance(shown, (list, tuple)) else str(shown).splitlines()
+        items = [str(item).strip() for item in items if str(item).strip()]
+        if spec.is_path:
+            items = [_strip_path(item) for item in items]
+        return A.convert_value(_FIELDS[spec.name], items) if items else None
+    if spec.table_kind == "resolution":
+        return _resolution_text(A.parse_resolution(shown))
+    if spec.table_kind == "int_or_float":
+        return A.parse_int_or_float(shown) if isinstance(shown, str) else shown
+    if spec.table_kind == "float":
+        return _number(spec, shown)
+    if spec.kind == "choice" and str(shown) not in spec.choices:
+        raise ValueError(f"expected one of {', '.join(c for c in spec.choices if c)}, got {shown!r}")
+    return A.convert_value(_FIELDS[spec.name], int(shown) if spec.table_kind == "int" and isinstance(shown, str)
+                           and shown.lstrip("-").isdigit() else shown)
+
+
+def _number(spec: FieldSpec, shown: Any) -> int | float:
+    """Float arguments keep a whole number as int when the default is an int (network_alpha = 16 is saved
+    as "16" in the metadata, as sd-scripts does), however the widget handed it over."""
+    if isinstance(shown, bool):
+        raise ValueError(f"expected a number, got {shown!r}")
+    if isinstance(shown, int):
+        return shown
+    value = float(shown)
+    whole_default = isinstance(spec.default, int) and not isinstance(spec.default, bool)
+    return int(value) if whole_default and value.is_integer() else value
+
+
+def _strip_path(text: str) -> str:
+    """Windows "Copy as path" puts quotes around a path; a pasted path often ends in a space."""
+    text = text.strip()
+    return text[1:-1].strip() if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" else text
+
+
+def _resolution_text(value: Any) -> str:
+    width, height = A.parse_resolution(value)
+    return str(width) if width == height else f"{width},{height}"
+
+
+def apply_trigger(values: dict[str, Any], trigger: str, add_to_captions: bool) -> dict[str, Any]:
+    """The trigger word in the LoRA's metadata (modelspec trigger phrase) and, when asked, in front of every
+    caption ("trigger, ...") and kept first while captions are shuffled (keep_tokens >= 1). Unticking removes
+    a prefix this function added for the same trigger. Returns a new dict."""
+    out = dict(values)
+    trigger = (trigger or "").strip()
+    out["metadata_trigger_phrase"] = trigger or None
+    prefix = f"{trigger}, "
+    if add_to_captions and trigger:
+        out["caption_prefix"] = prefix
+        out["keep_tokens"] = max(int(out.get("keep_tokens") or 0), 1)
+    elif trigger and out.get("caption_prefix") == prefix:
+        out["caption_prefix"] = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Presets and config files
+
+
+def list_presets(folder: str | Path = PRESETS_DIR) -> list[Path]:
+    """The training presets (demo, sd15-*, sdxl-*), not the dataset TOML example."""
+    return sorted(p for p in Path(folder).glob("*.toml") if not p.name.startswith("dataset"))
+
+
+def load_values(path: str | Path) -> dict[str, Any]:
+    """A preset or saved config -> flat argument names -> TOML-ready values. Unknown keys and wrong types are
+    one ConfigError naming the file and key, the same messages `train` gives."""
+    file, raw = A.read_config_file(str(path))
+    converted, problems = A.check_toml_values(file, raw)  # one source for the messages `train` prints
+    if problems:
+        raise ConfigError(problems)
+    return {name: _toml_ready(_FIELDS[name], value) for name, value in converted.items()
+            if name not in ("config_file", "output_config")}
+
+
+def _toml_ready(f: dataclasses.Field, value: Any) -> Any:
+    return _resolution_text(value) if A.kind_of(f) == "resolution" and value is not None else value
+
+
+def config_path_for(output_name: str | None, folder: str | Path | None = None) -> Path:
+    """Where the GUI saves the config of a LoRA: configs/<output_name>.toml, with characters Windows does
+    not allow in file names replaced."""
+    name = re.sub(r'[<>:"/\\|?*\x00-\x1f]', "_", (output_name or "").strip()).strip(". ") or "my-lora"
+    return Path(folder or CONFIGS_DIR) / f"{name}.toml"
+
+
+def write_config(path: str | Path, values: dict[str, Any], *, source: str | None = None) -> Path:
+    """Write `values` as a sectioned TOML that `--config_file` reads back to the same TrainConfig; only values
+    that differ from the defaults. A header says where it came from and how to run it. Atomic."""
+    from trainer.files import atomic_write_text
+
+    entries, problems = _checked_entries(values)
+    if problems:
+        raise ConfigError(problems)
+    path = Path(path)
+    if path.suffix.lower() != ".toml":
+        path = path.with_name(path.name + ".toml")
+    lines = _header(path, source)
+    by_section: dict[str, list[tuple[str, Any]]] = {}
+    for f, value in entries:
+        by_section.setdefault(f.metadata["section"], []).append((f.name, value))
+    for section in sorted(by_section, key=_section_rank):
+        lines += ["", f"[{section}]"]
+        rendered = [(f"{name} = {toml_value(value)}", _FIELDS[name].metadata["help"])
+                    for name, value in by_section[section]]
+        width = min(max(len(text) for text, _ in rendered), 60)
+        lines += [f"{text.ljust(width)}   # {_one_line(help_text)}" for text, help_text in rendered]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _checked_entries(values: dict[str, Any]) -> tuple[list[tuple[dataclasses.Field, Any]], list[str]]:
+    entries, problems = [], []
+    for name, value in values.items():
+        f = _FIELDS.get(name)
+        if f is None:
+            problems.append(f"'{name}' is not a training argument{did_you_mean(name, A.ARGUMENT_NAMES)}.")
+            continue
+        if value is None or name in ("config_file", "output_config"):
+            continue
+        try:
+            converted = A.convert_value(f, value)
+        except ValueError as e:
+            problems.append(f"{name}: {e}.")
+            continue
+        if converted != f.default and converted != []:
+            entries.append((f, _toml_ready(f, converted)))
+    order = {f.name: i for i, f in enumerate(A.ARGUMENTS)}
+    return sorted(entries, key=lambda entry: order[entry[0].name]), problems
+
+
+def _header(path: Path, source: str | None) -> list[str]:
+    shown = _shown_path(path)
+    windows = shown.replace("/", "\\")
+    windows = f'"{windows}"' if " " in windows else windows
+    posix = f"'{shown}'" if " " in shown else shown
+    origin = f" from the preset {_shown_path(Path(source))}" if source else ""
+    return [f"# Written by the trainer GUI{origin} on {datetime.date.today().isoformat()}.",
+            "# Run it from a console in the trainer folder (any sd-scripts argument may follow and wins):",
+            f"#   Windows: .\\train.ps1 -Config {windows}",
+            f"#   Linux:   ./train.sh --config_file {posix}",
+            "# Only settings that differ from the defaults are written; relative paths are taken from the folder",
+            "# training is started in. Saving from the GUI again replaces this file."]
+
+
+def _shown_path(path: Path) -> str:
+    try:
+        return Path(os.path.relpath(path.resolve(), Path.cwd().resolve())).as_posix() \
+            if path.resolve().is_relative_to(Path.cwd().resolve()) else str(path)
+    except (OSError, ValueError):  # another drive on Windows
+        return str(path)
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def toml_value(value: Any) -> str:
+    """One TOML value. Strings with backslashes (Windows paths) become 'literal strings', as in the presets,
+    so they read as typed; everything else is a "basic string" with JSON-compatible escapes."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    text = str(value)
+    if "\\" in text and "'" not in text and not any(ord(c) < 32 or ord(c) == 127 for c in text):
+        return f"'{text}'"
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The check before Start
+
+
+@dataclass
+class CheckReport:
+    """What `check_config` found: problems stop training; notes are what a user should know."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_markdown(self) -> str:
+        parts = ["**Ready to train.**" if self.ok else f"**{len(self.problems)} problem(s) to fix before training:**"]
+        parts += [_bullet(p) for p in self.problems]
+        if self.notes:
+            parts += ["", "**Found:**"] + [_bullet(n) for n in self.notes]
+        return "\n".join(parts)
+
+
+def _bullet(text: str) -> str:
+    first, _, rest = text.partition("\n")
+    return f"- {first}" + (f"\n\n  ```\n{rest}\n  ```" if rest else "")
+
+
+def check_config(path: str | Path, trigger: str | None = None) -> CheckReport:
+    """Everything that can be told without loading a model: the config parsed exactly as `train` parses it,
+    the base model's path (and family when that is cheap), and the dataset folders: repeats, images, caption
+    files, and how many captions hold the trigger word (default: the config's metadata_trigger_phrase)."""
+    report = CheckReport()
+    with _collected_warnings() as warnings:
+        args = _parse(path, report)
+        if args is not None:
+            _check_model(args, report)
+            _check_files(args, report)
+            _check_dataset(args, (trigger or args.metadata_trigger_phrase or "").strip(), report)
+            _check_output(args, report)
+    report.notes += [f"Warning: {w}" for w in dict.fromkeys(warnings)]
+    report.problems = list(dict.fromkeys(report.problems))
+    return report
+
+
+@contextmanager
+def _collected_warnings() -> Iterator[list[str]]:
+    """The trainer's own warnings (ignored arguments, folders without a repeat count, missing caption files)
+    are what a user needs to read here, so they are collected as notes."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    logger = logging.getLogger("trainer")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def _parse(path: str | Path, report: CheckReport) -> Any:
+    """The TrainConfig `train` would build; when it has problems, they are reported and the file's values
+    that are valid are still used, so the dataset is checked in the same pass."""
+    try:
+        return A.parse_train_args(["--config_file", str(path)])
+    except ConfigError as e:
+        report.problems += e.problems
+    except SystemExit as e:  # argparse; cannot happen with --config_file alone, but never let it end the GUI
+        report.problems.append(f"{path}: rejected (exit {e.code}).")
+        return None
+    try:
+        file, raw = A.read_config_file(str(path))
+    except ConfigError:
+        return None  # already reported by parse_train_args
+    converted, _ = A.check_toml_values(file, raw)
+    return SimpleNamespace(**{**A.default_values(), **converted})
+
+
+def _check_model(args: Any, report: CheckReport) -> None:
+    from trainer.models.load import looks_like_hub_id, missing_path_error, detect_model_family
+
+    spec = _strip_path(str(args.pretrained_model_name_or_path or ""))
+    if not spec:
+        return  # parse_train_args said it is required
+    path = Path(spec).expanduser()
+    if spec.startswith("builtin:") or path.is_dir() or (path.is_file() and path.suffix.lower() == ".safetensors"):
+        try:
+            family = detect_model_family(spec)
+        except UserError as e:
+            report.problems.append(str(e))
+            return
+        report.notes.append(f"Model: {FAMILY_NAMES.get(family, family)}, {spec}")
+        _check_family(args, spec, family, report)
+    elif path.is_file():
+        report.notes.append(f"Model: {spec} (its type is checked when training starts)")
+    elif looks_like_hub_id(spec):
+        report.notes.append(f"Model: {spec} is not a local file or folder; it will be downloaded from the "
+                            "Hugging Face hub when training starts.")
+    else:
+        report.problems.append(str(missing_path_error(path)))
+
+
+def _check_family(args: Any, spec: str, family: str, report: CheckReport) -> None:
+    """The weights decide SD vs SDXL (as the trainer does); a preset for the other family is a warning."""
+    if family == "sdxl" and not args.sdxl:
+        report.notes.append(f"Warning: {spec} is an SDXL model but these settings are for SD 1.x/2.x; it trains "
+                            "as SDXL anyway. Start from an sdxl-* preset for settings that fit SDXL.")
+    elif family != "sdxl" and args.sdxl:
+        report.notes.append(f"Warning: {spec} is an {FAMILY_NAMES.get(family, family)} model but these settings "
+                            "are for SDXL (sdxl = true); it trains as SD anyway. Start from an sd15-* preset.")
+        if args.cache_text_encoder_outputs:
+            report.problems.append(f"cache_text_encoder_outputs works for SDXL models only, and {spec} is "
+                                   f"{FAMILY_NAMES.get(family, family)}. Remove it (or start from an sd15-* preset).")
+
+
+def _check_files(args: Any, report: CheckReport) -> None:
+    names = ["vae", "network_weights", "sample_prompts", "log_tracker_config"]
+    if not args.resume_from_huggingface:
+        names.append("resume")
+    for name in names:
+        value = getattr(args, name)
+        if value and not Path(_strip_path(str(value))).exists():
+            report.problems.append(f"{name} = {value}: not found. Check the path (relative paths are taken from "
+                                   f"{Path.cwd()}), or clear the field.")
+
+
+def _check_output(args: Any, report: CheckReport) -> None:
+    folder = Path(args.output_dir or "output")
+    if not args.output_name:
+        report.notes.append(f"output_name is not set: the LoRA will be saved as {folder / 'last'}."
+                            f"{args.save_model_as}. Set output_name to name it.")
+    final = folder / f"{args.output_name or 'last'}.{args.save_model_as}"
+    if final.exists():
+        report.notes.append(f"{final} already exists; a finished run replaces it (change output_name to keep it).")
+
+
+# ---- the dataset ---------------------------------------------------------------------------------------
+
+
+def _check_dataset(args: Any, trigger: str, report: CheckReport) -> None:
+    from trainer.config.dataset import load_dataset_config, resolve_datasets
+
+    if args.dataset_class:
+        report.notes.append(f"The dataset comes from the class {args.dataset_class}; it is not scanned here.")
+        return
+    if not (args.train_data_dir or args.dataset_config or args.in_json):
+        return  # parse_train_args reported it
+    if _demo_pictures_pending(args):
+        report.notes.append(f"The demo's pictures are generated in {args.train_data_dir} when training starts.")
+        return
+    try:
+        user_config = None
+        if args.dataset_config:
+            user_config = load_dataset_config(_strip_path(args.dataset_config), masked_loss=args.masked_loss)
+        specs = resolve_datasets(args, user_config)
+    except UserError as e:
+        report.problems += getattr(e, "problems", None) or [str(e)]
+        return
+    train_images = steps_per_epoch = 0
+    for spec in specs:
+        counted = [_scan_subset(subset, trigger, report) for subset in spec.subsets]
+        train = sum(n * s.num_repeats for n, s in zip(counted, spec.subsets) if not s.is_reg)
+        has_reg = any(n for n, s in zip(counted, spec.subsets) if s.is_reg)
+        train_images += train
+        steps_per_epoch += math.ceil(train * (2 if has_reg else 1) / spec.batch_size)  # reg images match train
+    if not train_images:
+        report.problems.append("No training images found in any dataset folder. Images (png, jpg, webp, bmp) must "
+                               "be directly inside the '<repeats>_<class tokens>' folders (or image_dir).")
+        return
+    report.notes.append(_steps_note(args, steps_per_epoch))
+
+
+def _demo_pictures_pending(args: Any) -> bool:
+    """The built-in demo model brings its own pictures, written on the first run."""
+    from trainer.demo import DEMO_MODEL
+
+    return (args.pretrained_model_name_or_path == DEMO_MODEL and bool(args.train_data_dir)
+            and not args.dataset_config and not Path(args.train_data_dir).exists())
+
+
+def _steps_note(args: Any, batches: int) -> str:
+    per_epoch = max(1, math.ceil(batches / max(1, args.gradient_accumulation_steps)))
+    if args.max_train_epochs:
+        epochs, total = args.max_train_epochs, args.max_train_epochs * per_epoch
+    else:
+        total, epochs = args.max_train_steps, math.ceil(args.max_train_steps / per_epoch)
+    return (f"Training: about {per_epoch} steps per epoch, {total} steps ({epochs} epoch(s)) in all "
+            "(aspect-ratio buckets can add a few).")
+
+
+def _scan_subset(subset: Any, trigger: str, report: CheckReport) -> int:
+    """One line per folder: images, repeats, caption files, captions with the trigger. Returns the image count."""
+    from trainer.data.folders import list_images, read_finetune_metadata
+
+    if subset.metadata_file:
+        try:
+            entries, _ = read_finetune_metadata(subset.metadata_file, subset.image_dir, subset.caption_separator,
+                                                subset.enable_wildcard)
+        except UserError as e:
+            report.problems.append(str(e))
+            return 0
+        report.notes.append(f"train {subset.metadata_file}: {len(entries)} image(s) x {subset.num_repeats} "
+                            f"repeat(s){_trigger_part(subset, [c for _, c, _ in entries], trigger)}")
+        return len(entries)
+    folder = Path(subset.image_dir)
+    role = "reg" if subset.is_reg else "train"
+    if not folder.is_dir():
+        report.problems.append(f"Image folder not found: {folder}. Check image_dir (or --train_data_dir); relative "
+                               f"paths are taken from the current folder {Path.cwd()}.")
+        return 0
+    images = list_images(folder)
+    if not images:
+        subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        hint = (f"; it has subfolders ({', '.join(subfolders[:5])}), but images must be directly inside it"
+                if subfolders else "")
+        report.notes.append(f"Warning: {role} folder {folder} has no images and is skipped{hint}.")
+        return 0
+    try:
+        captions, files = _captions(subset, images)
+    except UserError as e:
+        report.problems.append(str(e))
+        return len(images)
+    report.notes.append(f"{role} {folder.name}: {len(images)} image(s) x {subset.num_repeats} repeat(s) = "
+                        f"{len(images) * subset.num_repeats}, {files} caption file(s) ({subset.caption_extension})"
+                        + ("" if subset.is_reg else _trigger_part(subset, captions, trigger)))
+    return len(images)
+
+
+def _captions(subset: Any, images: list[Path]) -> tuple[list[str], int]:
+    """Each image's caption as training reads it (caption file, else the folder's class tokens) and how many
+    caption files there are; the trainer's own warning names the images without one."""
+    from trainer.data.folders import caption_candidates, read_folder_captions
+
+    captions = read_folder_captions(images, subset.caption_extension, subset.class_tokens, subset.enable_wildcard,
+                                    Path(subset.image_dir))
+    files = sum(1 for image in images
+                if any(c.is_file() for c in caption_candidates(image, subset.caption_extension)))
+    return captions, files
+
+
+def _trigger_part(subset: Any, captions: list[str], trigger: str) -> str:
+    if not trigger:
+        return ""
+    wanted = trigger.lower()
+    added = f"{subset.caption_prefix or ''}{subset.caption_suffix or ''}".lower()
+    if wanted in added:
+        return f"; the trigger '{trigger}' is added to every caption (caption_prefix/suffix)"
+    having = sum(1 for caption in captions if wanted in caption.lower())
+    text = f"; {having} of {len(captions)} caption(s) contain the trigger '{trigger}'"
+    if having == 0:
+        text += (". Warning: the trigger word will not be learned: add it to the caption files, or tick 'add the "
+                 "trigger word to every caption' (caption_prefix)")
+    return text
