@@ -1,4 +1,4 @@
-"""The launchers: setup/train .ps1, .cmd and .sh.
+"""The launchers: setup/train/gui .ps1, .cmd and .sh.
 
 The PowerShell scripts cannot run here (Linux CI), so they are parsed with tree-sitter-powershell and their
 argument path is checked in the syntax tree; their bytes (BOM, CRLF, ASCII) are checked as bytes. The bash
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PS1 = ("setup.ps1", "train.ps1")
-CMD = ("setup.cmd", "train.cmd")
-SH = ("setup.sh", "train.sh")
+PS1 = ("setup.ps1", "train.ps1", "gui.ps1")
+CMD = ("setup.cmd", "train.cmd", "gui.cmd")
+SH = ("setup.sh", "train.sh", "gui.sh")
 BOM = b"\xef\xbb\xbf"
 
 
@@ -139,6 +139,30 @@ def test_train_ps1_passes_config_and_rest_to_the_venv_python_and_returns_its_exi
     assert 'Join-Path $Root ".venv\\Scripts\\python.exe"' in source
 
 
+def test_gui_ps1_passes_every_argument_to_trainer_gui_and_returns_its_exit_code(parse):
+    root = parse("gui.ps1")
+    source = text(root)
+    block = nodes(root, "param_block")[0]
+    assert "PositionalBinding = $false" in text(block)  # else "--port" would bind to a parameter
+    params = {text(v): text(p) for p in nodes(block, "script_parameter") for v in p.children if v.type == "variable"}
+    assert set(params) == {"$Rest"} and "ValueFromRemainingArguments = $true" in params["$Rest"]
+    loop = next(f for f in nodes(root, "foreach_statement") if "@($Rest)" in text(f))
+    assert "$PyArgs += ConvertTo-ArgText $item" in text(loop)
+    # The same argument conversion as train.ps1, so both launchers treat 7861 or "D:\my dir\" alike.
+    convert = next(f for f in nodes(root, "function_statement") if "ConvertTo-ArgText" in text(f))
+    train_convert = next(f for f in nodes(parse("train.ps1"), "function_statement") if "ConvertTo-ArgText" in text(f))
+    assert text(convert) == text(train_convert)
+    call = next(c for c in nodes(root, "command") if text(c).startswith("& $VenvPy"))
+    assert text(call) == "& $VenvPy -m trainer gui @PyArgs"
+    after = source[source.index(text(call)):]
+    assert after.index("$code = $LASTEXITCODE") < after.index("exit $code")
+    for name, value in (("PYTHONUTF8", '"1"'), ("PYTHONIOENCODING", '"utf-8"')):
+        assert f"$env:{name} = {value}" in source
+    assert "$env:PYTHONPATH = $Root" in source and "$Root = $PSScriptRoot" in source
+    assert 'Join-Path $Root ".venv\\Scripts\\python.exe"' in source
+    assert "run .\\setup.ps1" in source
+
+
 def test_train_ps1_without_arguments_shows_usage_with_presets(parse):
     source = text(parse("train.ps1"))
     assert "if (-not $Config -and -not $hasRest) {\r\n    Show-Usage\r\n    exit 1" in source
@@ -243,6 +267,23 @@ def test_train_sh_without_arguments_prints_usage_with_the_presets(repo_copy):
 
 def test_train_sh_without_venv_says_to_run_setup(repo_copy):
     done = run(repo_copy, "train.sh", "--config_file", "presets/demo.toml")
+    assert done.returncode == 1 and "./setup.sh" in done.stderr
+
+
+def test_gui_sh_passes_arguments_unchanged_and_returns_the_exit_code(repo_copy, tmp_path):
+    make_venv(repo_copy)
+    done = run(repo_copy, "gui.sh", "--port", "7861", "--no_browser", env={"FAKE_RC": "5"}, cwd=tmp_path)
+    assert done.returncode == 5
+    assert received(repo_copy) == ["-m", "trainer", "gui", "--port", "7861", "--no_browser"]
+    env = (repo_copy / ".venv" / "calls.env").read_text(encoding="utf-8")
+    assert f"PYTHONPATH={repo_copy}\n" in env and "PYTHONUTF8=1" in env
+    # No arguments is the usual way to open the page: no usage text, straight to Python.
+    assert run(repo_copy, "gui.sh").returncode == 0
+    assert received(repo_copy) == ["-m", "trainer", "gui"]
+
+
+def test_gui_sh_without_venv_says_to_run_setup(repo_copy):
+    done = run(repo_copy, "gui.sh")
     assert done.returncode == 1 and "./setup.sh" in done.stderr
 
 

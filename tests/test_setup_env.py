@@ -196,6 +196,16 @@ def test_plan_for_cpu_has_no_xformers_and_no_dev_file_without_dev():
     assert "/repo/requirements-dev.txt" not in steps["requirements"].cmd
 
 
+@pytest.mark.parametrize("smi", [SMI_NONE, SMI_4090])
+def test_plan_installs_the_gui_as_an_optional_wheels_only_step_on_every_build(smi):
+    names = list(commands(choose(smi)))
+    gradio = commands(choose(smi))["gradio"]
+    assert not gradio.required
+    assert gradio.cmd[-4:] == ("--only-binary=:all:", setup_env.GRADIO_SPEC, "-c", "/venv/c.txt")
+    assert names.index("gradio") > names.index("requirements")  # after torch is pinned
+    assert "GUI" in gradio.fix and "pip install" in gradio.fix and "training works without it" in gradio.fix
+
+
 def test_plan_without_the_index_is_plain_pinned_torch():
     torch_cmd = commands(choose(SMI_NONE), use_index=False)["torch"].cmd
     assert "--index-url" not in torch_cmd and torch_cmd[-1] == f"torch=={TORCH_VERSION}"
@@ -205,10 +215,11 @@ def test_plan_without_the_index_is_plain_pinned_torch():
 # main(): a fake world
 
 
-def verify_output(*, cuda=False, devices=(), arch_list=(), missing=()):
+def verify_output(*, cuda=False, devices=(), arch_list=(), missing=(), gradio=True):
     modules = {m: "1.0" for m in setup_env.REQUIRED_MODULES if m not in missing}
     report = {"modules": modules, "errors": {m: "ImportError: nope" for m in missing},
-              "optional": {"xformers": "0.0.35" if cuda else None, "bitsandbytes": None}, "cuda": cuda,
+              "optional": {"xformers": "0.0.35" if cuda else None, "bitsandbytes": None,
+                           "gradio": "6.31.0" if gradio else None}, "cuda": cuda,
               "devices": [list(d) for d in devices], "arch_list": list(arch_list)}
     return "some warning from a library\n" + setup_env.VERIFY_MARKER + json.dumps(report) + "\n"
 
@@ -272,7 +283,7 @@ def test_first_run_installs_records_and_second_run_calls_no_pip(tmp_path):
     world = FakeWorld(tmp_path)
     assert world.main() == 0
     assert world.pip_calls[0][-1] == f"torch=={TORCH_VERSION}"
-    assert len(world.pip_calls) == 4  # torch, requirements, CLIP vocabulary, then the doctor
+    assert len(world.pip_calls) == 5  # torch, requirements, CLIP vocabulary, gradio, then the doctor
     assert world.pip_calls[-1] == ["PY", "-m", "trainer", "doctor"]
     assert world.stamp["choice"]["variant"] == "cpu" and world.stamp["dev"] is False
     assert "Setup finished." in world.text
@@ -360,6 +371,33 @@ def test_optional_step_failure_is_a_warning(tmp_path):
     assert "WARNING: bitsandbytes did not install" in world.text
 
 
+def test_gui_install_failure_is_a_warning_that_says_how_to_get_it_and_setup_still_finishes(tmp_path):
+    world = FakeWorld(tmp_path, fail_step="gradio", verify=verify_output(gradio=False))
+    assert world.main() == 0
+    assert "WARNING: gradio did not install" in world.text and "pip install" in world.text
+    assert "Setup finished." in world.text
+    assert world.stamp["optional"]["gradio"] is None
+    assert any("gradio" in w for w in world.stamp["warnings"])
+    assert "gradio        not installed (only the GUI needs it)" in world.text
+    assert world.main() == 0 and world.pip_calls == []  # idempotent: the failed optional step is not retried
+
+
+def test_a_venv_set_up_before_the_gui_existed_installs_it_on_the_next_run(tmp_path, monkeypatch):
+    world = FakeWorld(tmp_path)
+    monkeypatch.setattr(setup_env, "GRADIO_SPEC", "gradio>=5,<6")
+    assert world.main() == 0
+    monkeypatch.undo()
+    assert world.main() == 0
+    assert any(setup_env.GRADIO_SPEC in c for c in world.pip_calls)
+
+
+def test_the_import_check_reports_gradio_as_optional():
+    report = json.loads(verify_output(gradio=False).splitlines()[-1][len(setup_env.VERIFY_MARKER):])
+    problems, warnings = judge_verification(report, choose(SMI_NONE), used_index=False)
+    assert problems == [] and any("gradio" in w and "GUI" in w for w in warnings)
+    assert '"gradio"' in setup_env.VERIFY_SCRIPT
+
+
 def test_missing_import_after_install_fails(tmp_path):
     world = FakeWorld(tmp_path, verify=verify_output(missing=("diffusers",)))
     assert world.main() == 1
@@ -437,5 +475,6 @@ def test_requirements_leave_torch_to_setup_and_dev_has_the_test_tools():
     assert "torch" not in names and "torchvision" not in names
     assert not any("==" in line for line in runtime.splitlines() if not line.startswith("#"))
     dev = (REPO / "requirements-dev.txt").read_text(encoding="utf-8")
-    for pin in ("pytest", "peft", "tree-sitter==0.26.1", "tree-sitter-powershell==0.26.4"):
+    for pin in ("pytest", "peft", "tree-sitter==0.26.1", "tree-sitter-powershell==0.26.4", setup_env.GRADIO_SPEC):
         assert pin in dev
+    assert "gradio" not in runtime  # optional for users: setup installs it in its own step

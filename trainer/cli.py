@@ -4,6 +4,7 @@ that need them, so `setup` and `doctor` work before torch is installed."""
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -13,6 +14,7 @@ USAGE = """usage: python -m trainer <command> [arguments]
 
 commands:
   train    train a LoRA; takes sd-scripts' train_network.py arguments (--config_file, --dataset_config, ...)
+  gui      open the trainer's page in the browser: presets, settings, start/stop, progress (--port, --no_browser)
   demo     train the built-in demo (tiny model, generated images) to check that everything works
   merge    merge LoRA files into a base model and save one .safetensors checkpoint (A1111 layout)
   bench    speed and peak VRAM of a preset on its full-size model with random weights (--estimate: no run)
@@ -68,10 +70,43 @@ def cmd_train(argv: list[str]) -> int:
     if cfg.output_config:
         print(f"wrote {write_output_config(cfg)}")
         return 0
+    stop_on_ctrl_break()
+    restore_ctrl_c()
     quiet_libraries()
     from trainer.train.run import run_training
 
     return 0 if run_training(cfg) else 1
+
+
+def stop_on_ctrl_break(signals=signal) -> bool:
+    """On Windows, make Ctrl-Break stop training the way Ctrl-C does (the LoRA so far is saved).
+
+    The GUI stops a run with CTRL_BREAK_EVENT: Windows cannot send Ctrl-C to one child process group, and
+    Python's default for Ctrl-Break is to exit at once without saving. Returns whether it was installed
+    (never elsewhere: POSIX has no SIGBREAK, and the GUI sends SIGINT there)."""
+    if not hasattr(signals, "SIGBREAK"):
+        return False
+    signals.signal(signals.SIGBREAK, _raise_keyboard_interrupt)
+    return True
+
+
+def restore_ctrl_c(signals=signal) -> bool:
+    """A program started with Ctrl-C ignored (`nohup ./gui.sh &`) passes that on to its children, and the
+    GUI's Stop (SIGINT on Linux) would then be lost: training must still stop and save on it."""
+    if signals.getsignal(signals.SIGINT) != signals.SIG_IGN:
+        return False
+    signals.signal(signals.SIGINT, signals.default_int_handler)
+    return True
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_gui(argv: list[str]) -> int:
+    from trainer.gui import app
+
+    return app.main(argv)
 
 
 def cmd_demo(argv: list[str]) -> int:
@@ -113,7 +148,8 @@ def cmd_args(argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "train": cmd_train, "demo": cmd_demo, "merge": cmd_merge, "bench": cmd_bench, "setup": cmd_setup, "doctor": cmd_doctor, "args": cmd_args}
+    "train": cmd_train, "gui": cmd_gui, "demo": cmd_demo, "merge": cmd_merge, "bench": cmd_bench,
+    "setup": cmd_setup, "doctor": cmd_doctor, "args": cmd_args}
 
 
 def setup_logging(level: str | None = None, log_file: str | None = None) -> None:

@@ -54,10 +54,15 @@ XFORMERS_FOR_TORCH = {
 # 0.45+ has Windows and Linux wheels with CUDA 11.8-13.x libraries; only useful with a CUDA torch here.
 BITSANDBYTES_SPEC = "bitsandbytes>=0.45"
 BITSANDBYTES_SYSTEMS = ("Linux", "Windows")
+# The browser GUI (gui.ps1 / gui.sh). Optional: training never imports it. The app is written against 6.x.
+GRADIO_SPEC = "gradio>=6.0,<7"
+GRADIO_FIX = ("Optional: training works without it; only the GUI (gui.ps1 / gui.sh) needs it. To install it: "
+              f'.venv\\Scripts\\python -m pip install "{GRADIO_SPEC}" (Linux: .venv/bin/python -m pip install '
+              f'"{GRADIO_SPEC}"), or run setup again with -Force / --force.')
 REQUIRED_MODULES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "rich", "toml")
 REQUIRED_DISTS = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "rich", "toml",
                   "clip-anytorch")
-DEV_DISTS = ("pytest", "peft", "tree-sitter", "tree-sitter-powershell")
+DEV_DISTS = ("pytest", "peft", "tree-sitter", "tree-sitter-powershell", "gradio")
 STAMP_NAME = "trainer-setup.json"
 CONSTRAINTS_NAME = "trainer-constraints.txt"
 STAMP_SCHEMA = 1
@@ -313,6 +318,9 @@ def plan_steps(choice: TorchChoice, *, python: str, repo_root: Path, constraints
         Step("CLIP vocabulary", pip(python, "--no-deps", CLIP_VOCAB_PACKAGE), True,
              "Check the internet connection and run setup again."),
     ]
+    # Wheels only: a source build of one of its dependencies would need a compiler most PCs do not have.
+    steps.append(Step("gradio", pip(python, "--only-binary=:all:", GRADIO_SPEC, "-c", str(constraints)), False,
+                      GRADIO_FIX))
     index = ["--extra-index-url", choice.index_url] if use_index and choice.index_url else []
     if choice.xformers:
         steps.append(Step("xformers", pip(python, "--only-binary=:all:", choice.xformers, "-c", str(constraints),
@@ -366,6 +374,7 @@ def setup_hash(repo_root: Path, choice: TorchChoice, *, dev: bool) -> str:
     # The build, not its wording: a driver update that keeps the same build changes nothing.
     build = (choice.version, choice.index_url, choice.variant, choice.xformers, choice.bitsandbytes)
     h.update(json.dumps(build).encode())
+    h.update(f"gui={GRADIO_SPEC}".encode())  # a venv set up before the GUI existed gets it on the next run
     h.update(f"dev={dev}".encode())
     return h.hexdigest()
 
@@ -414,7 +423,7 @@ for name in %(required)r:
         out["modules"][name] = importlib.metadata.version(name)
     except Exception as e:
         out["errors"][name] = "%%s: %%s" %% (type(e).__name__, e)
-for name in ("xformers", "bitsandbytes"):
+for name in ("xformers", "bitsandbytes", "gradio"):
     try:
         importlib.import_module(name)
         out["optional"][name] = importlib.metadata.version(name)
@@ -468,6 +477,8 @@ def judge_verification(report: dict, choice: TorchChoice, *, used_index: bool) -
         spec = getattr(choice, name)
         if spec and not report.get("optional", {}).get(name):
             warnings.append(f"{name} was not installed or does not import; training works without it")
+    if not report.get("optional", {}).get("gradio"):
+        warnings.append(f"gradio was not installed or does not import. {GRADIO_FIX}")
     return problems, warnings
 
 
@@ -642,6 +653,8 @@ def print_summary(stamp: dict, say: Callable[[str], None]) -> None:
         say(f"  {name:<13} {modules.get(name, '?')}")
     for name in ("xformers", "bitsandbytes"):
         say(f"  {name:<13} {optional.get(name) or 'not installed (optional)'}")
+    say(f"  gradio        {optional.get('gradio') or 'not installed (only the GUI needs it)'}")
     say(f"  dev extras    {'yes' if stamp.get('dev') else 'no'}")
     say("Next: ./train.sh --config_file presets/demo.toml   (Windows: .\\train.ps1 -Config presets\\demo.toml)\n"
+        "Or in the browser: ./gui.sh   (Windows: .\\gui.ps1)\n"
         "Check the environment any time: python -m trainer doctor")

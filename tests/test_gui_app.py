@@ -1,0 +1,373 @@
+"""trainer.gui.app: the gradio page and `python -m trainer gui`.
+
+The callbacks are plain functions, so most tests call them directly; a fake training run stands in for
+the subprocess (trainer.gui.runner is tested on its own). One test serves the real page on a free port.
+"""
+
+from __future__ import annotations
+
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+
+from trainer import cli  # noqa: E402
+from trainer.config.args import parse_train_args  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
+from trainer.gui import app, form  # noqa: E402
+from trainer.gui.runner import RunStatus  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = REPO / "presets"
+
+
+@pytest.fixture(scope="module")
+def fields():
+    return app.form_fields()
+
+
+def shown_for(fields, **changes):
+    """The demo preset's form values, with some fields changed as a user would type them."""
+    shown, _, _ = app.load_source(str(PRESETS / "demo.toml"), fields)
+    index = {spec.name: i for i, spec in enumerate(fields)}
+    for name, value in changes.items():
+        shown[index[name]] = value
+    return shown
+
+
+def labels(blocks) -> dict[str, object]:
+    return {b.label: b for b in blocks.blocks.values() if getattr(b, "label", None)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The page
+
+
+def test_build_app_shows_the_simple_fields_the_trigger_and_every_advanced_argument_once(tmp_path, fields):
+    blocks = app.build_app(presets_dir=PRESETS, configs_dir=tmp_path / "configs", cwd=tmp_path)
+    assert isinstance(blocks, gr.Blocks)
+    shown = labels(blocks)
+    for name in form.SIMPLE_FIELDS:
+        assert name in shown
+    assert "Trigger word" in shown and "Start from" in shown
+    # The trigger box is metadata_trigger_phrase; it is not a second time among the advanced fields.
+    assert app.TRIGGER_FIELD not in shown
+    names = [spec.name for spec in fields]
+    assert len(names) == len(set(names)) and set(form.SIMPLE_FIELDS) <= set(names)
+    # Each argument's help is its info line; the demo preset is loaded into the form.
+    assert shown["network_dim"].info == form.field_spec("network_dim").help
+    assert shown["pretrained_model_name_or_path"].value == "builtin:tiny-sd1"
+    accordions = [b.label for b in blocks.blocks.values() if isinstance(b, gr.Accordion)]
+    assert "Advanced: optimizer" in accordions and "Advanced: sampling" in accordions
+    choices = dict((value, label) for label, value in shown["Start from"].choices)
+    assert choices[str(PRESETS / "sd15-8gb.toml")] == "preset: sd15-8gb"
+    assert not any("dataset-example" in value for value in choices)
+
+
+def test_source_list_adds_the_configs_saved_from_the_page(tmp_path):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "mychar.toml").write_text("", encoding="utf-8")
+    choices = app.source_choices(PRESETS, configs)
+    assert choices[-1] == ("saved: mychar", str(configs / "mychar.toml"))
+    assert app.default_source(choices) == str(PRESETS / "demo.toml")
+
+
+def test_choosing_a_preset_fills_the_fields_from_it(fields):
+    shown, trigger, add = app.load_source(str(PRESETS / "sd15-8gb.toml"), fields)
+    values = form.load_values(PRESETS / "sd15-8gb.toml")
+    by_name = dict(zip((spec.name for spec in fields), shown))
+    for name in ("pretrained_model_name_or_path", "resolution"):
+        assert by_name[name] == form.to_text(form.field_spec(name), values[name])
+    assert by_name["network_dim"] == str(values["network_dim"])
+    assert float(by_name["learning_rate"]) == values["learning_rate"]
+    # Arguments the preset does not set show their defaults; an unset number is an empty box.
+    assert by_name["max_grad_norm"] == str(form.field_spec("max_grad_norm").default)
+    assert by_name["save_every_n_steps"] == "" and by_name["weighted_captions"] is False
+    assert trigger == "" and add is False
+
+
+@pytest.mark.parametrize("preset", ["demo", "sd15-8gb", "sdxl-12gb"])
+def test_a_preset_saved_unchanged_from_the_form_has_exactly_the_preset_values(tmp_path, fields, preset):
+    # What the browser sends back is what it was given; nothing unset may come back as 0 or "".
+    shown, _, _ = app.load_source(str(PRESETS / f"{preset}.toml"), fields)
+    path, _ = app.save_form(tmp_path, tmp_path, None, fields, shown, "", False)
+    saved, original = form.load_values(path), form.load_values(PRESETS / f"{preset}.toml")
+    for name, value in original.items():  # the file keeps only what differs from the defaults
+        assert saved.get(name, form.field_spec(name).default) == value, name
+    assert set(saved) <= set(original)
+
+
+def test_number_fields_are_text_boxes_so_an_unset_number_stays_unset(tmp_path):
+    blocks = app.build_app(presets_dir=PRESETS, configs_dir=tmp_path / "configs", cwd=tmp_path)
+    shown = labels(blocks)
+    assert not any(isinstance(b, gr.Number) for b in blocks.blocks.values())  # an empty one sends 0
+    assert shown["unet_lr"].value == "" and shown["network_dim"].value == "8"
+
+
+def test_a_broken_preset_is_a_config_error_naming_the_file(tmp_path, fields):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("netwrk_dim = 8\n", encoding="utf-8")
+    with pytest.raises(UserError, match="netwrk_dim"):
+        app.load_source(str(bad), fields)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Save and Check
+
+
+def test_save_writes_configs_name_toml_that_train_reads_and_shows_the_console_command(tmp_path, fields,
+                                                                                     train_data_dir):
+    shown = shown_for(fields, output_name="my 猫 lora", train_data_dir=str(train_data_dir), network_dim="16",
+                      learning_rate="0.0002")
+    path, message = app.save_form(tmp_path / "configs", tmp_path, str(PRESETS / "demo.toml"), fields, shown,
+                                  "sks", True)
+    assert path == tmp_path / "configs" / "my 猫 lora.toml"
+    cfg = parse_train_args(["--config_file", str(path)])
+    assert cfg.train_data_dir == str(train_data_dir) and cfg.output_name == "my 猫 lora"
+    assert cfg.network_dim == 16 and cfg.learning_rate == pytest.approx(2e-4)
+    assert cfg.pretrained_model_name_or_path == "builtin:tiny-sd1"
+    assert cfg.metadata_trigger_phrase == "sks" and cfg.caption_prefix == "sks, " and cfg.keep_tokens >= 1
+    assert "./train.sh --config_file 'configs/my 猫 lora.toml'" in message or \
+        '.\\train.ps1 -Config "configs\\my 猫 lora.toml"' in message
+    # Loading it back gives the same form, with the prefix the tick added now visible in its own field.
+    again, trigger, add = app.load_source(str(path), fields)
+    prefix = [spec.name for spec in fields].index("caption_prefix")
+    assert again[prefix] == "sks, " and again[:prefix] + again[prefix + 1:] == shown[:prefix] + shown[prefix + 1:]
+    assert (trigger, add) == ("sks", True)
+
+
+def test_console_command_fits_the_platform_and_quotes_spaces(tmp_path):
+    config = tmp_path / "configs" / "a b.toml"
+    assert app.console_command(config, tmp_path, windows=True) == '.\\train.ps1 -Config "configs\\a b.toml"'
+    assert app.console_command(config, tmp_path, windows=False) == "./train.sh --config_file 'configs/a b.toml'"
+    elsewhere = Path("/elsewhere/x.toml")
+    assert app.console_command(elsewhere, tmp_path, windows=False) == f"./train.sh --config_file {elsewhere}"
+
+
+def test_a_value_that_does_not_fit_its_argument_is_an_error_not_a_file(tmp_path, fields):
+    shown = shown_for(fields, resolution="big")
+    with pytest.raises(UserError, match="resolution"):
+        app.save_form(tmp_path / "configs", tmp_path, None, fields, shown, "", False)
+    assert not (tmp_path / "configs").exists() or not list((tmp_path / "configs").iterdir())
+
+
+def test_check_reads_relative_paths_from_the_training_folder_and_saves_nothing(tmp_path, fields, monkeypatch):
+    from conftest import make_dreambooth_folder
+
+    make_dreambooth_folder(tmp_path / "imgs", "10_sks shape")
+    monkeypatch.chdir(REPO)  # the GUI process may sit elsewhere; the run starts in cwd
+    ok = app.check_form(tmp_path, fields, shown_for(fields, train_data_dir="imgs"), "sks", False)
+    assert ok.startswith("**Ready to train.**") and "4 image(s)" in ok
+    missing = app.check_form(tmp_path, fields, shown_for(fields, train_data_dir="nope",
+                                                              pretrained_model_name_or_path="sd15.safetensors"),
+                             "", False)  # (the built-in demo model would generate its pictures there)
+    assert "**Ready to train.**" not in missing and "nope" in missing
+    assert Path.cwd() == REPO and not (tmp_path / "configs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Start, poll, stop (a fake run)
+
+
+class FakeRun:
+    made: list["FakeRun"] = []
+
+    def __init__(self, config_path, *, cwd=None, **kwargs):
+        self.config_path, self.cwd = Path(config_path), cwd
+        self.started = self.stopped = False
+        self.status = RunStatus(state="running", step=3, total=10, epoch=1, loss=0.25, it_per_s=2.0, eta_s=3.5,
+                                vram_gb=None, samples=[], saved=[], warnings=[], message="", log_tail="step 3",
+                                output=None)
+        FakeRun.made.append(self)
+
+    def start(self):
+        self.started = True
+
+    def poll(self):
+        return self.status
+
+    def stop(self):
+        self.stopped = True
+
+    @property
+    def running(self):
+        return self.started and self.status.state == "running"
+
+
+@pytest.fixture
+def slot(tmp_path):
+    FakeRun.made.clear()
+    return app.RunSlot(tmp_path, factory=FakeRun)
+
+
+def test_start_saves_the_form_and_starts_one_run_in_the_training_folder(tmp_path, fields, slot):
+    shown = shown_for(fields, output_name="first")
+    message = app.start_training(slot, tmp_path / "configs", None, fields, shown, "", False)
+    assert "Started" in message and (tmp_path / "configs" / "first.toml").is_file()
+    run = FakeRun.made[-1]
+    assert run.started and run.config_path == tmp_path / "configs" / "first.toml" and run.cwd == tmp_path
+    # One run at a time: a second Start while it goes starts nothing and says why.
+    again = app.start_training(slot, tmp_path / "configs", None, fields, shown_for(fields, output_name="second"),
+                               "", False)
+    assert "still going" in again and len(FakeRun.made) == 1
+    assert not (tmp_path / "configs" / "second.toml").exists()
+    with pytest.raises(UserError, match="still going"):
+        slot.start(tmp_path / "configs" / "first.toml")
+
+
+def test_poll_shows_status_and_sends_samples_only_when_they_change(tmp_path, fields, slot):
+    assert app.poll_training(slot, []) == (app.IDLE_TEXT, "", None, [], False)
+    app.start_training(slot, tmp_path / "configs", None, fields, shown_for(fields), "", False)
+    run = FakeRun.made[-1]
+    text, log, samples, paths, running = app.poll_training(slot, [])
+    assert text == app.status_markdown(run.status) and log == "step 3" and running
+    assert samples is None and paths == []  # nothing new: the gallery is left alone
+    run.status.samples = [("a.png", "first prompt"), ("b.png", "second prompt")]
+    _, _, samples, paths, _ = app.poll_training(slot, paths)
+    assert samples == [("b.png", "second prompt"), ("a.png", "first prompt")] and paths == ["b.png", "a.png"]
+    assert app.poll_training(slot, paths)[2] is None
+    run.status.state = "finished"
+    assert app.poll_training(slot, paths)[4] is False
+
+
+def test_stop_asks_the_run_to_stop_and_a_new_start_works_after_it_ended(tmp_path, fields, slot):
+    assert app.stop_training(slot) == "No training run is going."
+    app.start_training(slot, tmp_path / "configs", None, fields, shown_for(fields), "", False)
+    assert "saves the LoRA" in app.stop_training(slot) and FakeRun.made[-1].stopped
+    FakeRun.made[-1].status.state = "interrupted"
+    assert "Started" in app.start_training(slot, tmp_path / "configs", None, fields, shown_for(fields), "", False)
+    assert len(FakeRun.made) == 2
+
+
+def test_closing_the_server_stops_a_running_training_and_waits_for_it(tmp_path, fields, slot, capsys):
+    app.stop_before_exit(slot)  # nothing going: nothing to do
+    app.start_training(slot, tmp_path / "configs", None, fields, shown_for(fields), "", False)
+    run = FakeRun.made[-1]
+    run.stop = lambda: setattr(run.status, "state", "interrupted")
+    run.status.message = "Saved the LoRA so far."
+    app.stop_before_exit(slot, wait_s=5)
+    assert "Saved the LoRA so far." in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Serving it, and `python -m trainer gui`
+
+
+def test_the_page_is_served_on_localhost(tmp_path):
+    blocks = app.build_app(presets_dir=PRESETS, configs_dir=tmp_path / "configs", cwd=tmp_path)
+    port = app.free_port("127.0.0.1", 17860)
+    url = app.launch(blocks, "127.0.0.1", port, browser=False)
+    try:
+        assert url == f"http://127.0.0.1:{port}/"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert response.status == 200 and b"<html" in response.read().lower()
+    finally:
+        blocks.close()
+
+
+def test_free_port_skips_a_port_in_use():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert app.free_port("127.0.0.1", port) == port + 1 or app.free_port("127.0.0.1", port) > port
+
+
+def test_gui_command_without_gradio_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now raises ImportError
+    assert cli.main(["gui", "--no_browser"]) == 2
+    err = capsys.readouterr().err
+    assert "gradio" in err and "setup.ps1" in err and "pip install" in err
+
+
+def test_gui_command_refuses_to_listen_on_the_network(capsys):
+    assert cli.main(["gui", "--host", "0.0.0.0", "--no_browser"]) == 2
+    assert "this PC only" in capsys.readouterr().err
+    app.check_local_host("127.0.0.1")
+    app.check_local_host("::1")
+    app.check_local_host("localhost")
+
+
+def test_gui_main_serves_until_ctrl_c_then_stops_the_run_and_closes(monkeypatch, tmp_path, capsys):
+    calls = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(app, "launch", lambda blocks, host, port, browser: calls.append((host, port, browser))
+                        or f"http://{host}:{port}/")
+    monkeypatch.setattr(app, "stop_before_exit", lambda slot: calls.append("stopped"))
+
+    def interrupt(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(app.time, "sleep", interrupt)
+    assert app.main(["--no_browser", "--port", "17990"]) == 0
+    assert calls[0][0] == "127.0.0.1" and calls[0][1] >= 17990 and calls[0][2] is False
+    assert calls[-1] == "stopped"
+    assert "Ctrl-C" in capsys.readouterr().out
+
+
+def test_usage_lists_the_gui_command():
+    assert "\n  gui " in cli.USAGE and cli.COMMANDS["gui"] is cli.cmd_gui
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stop on Windows: CTRL_BREAK_EVENT in the trainer acts as Ctrl-C
+
+
+def test_ctrl_break_becomes_keyboard_interrupt_where_windows_has_it():
+    class FakeSignals:
+        SIGBREAK = 21
+        installed = {}
+
+        @classmethod
+        def signal(cls, number, handler):
+            cls.installed[number] = handler
+
+    assert cli.stop_on_ctrl_break(FakeSignals) is True
+    with pytest.raises(KeyboardInterrupt):
+        FakeSignals.installed[21](21, None)
+
+
+def test_ctrl_break_handler_is_not_installed_where_there_is_no_sigbreak():
+    class NoBreak:
+        def signal(self, *args):
+            raise AssertionError("must not be called")
+
+    assert cli.stop_on_ctrl_break(NoBreak()) is False
+
+
+def test_an_ignored_ctrl_c_is_restored_so_stop_still_saves():
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        assert cli.restore_ctrl_c() is True
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert cli.restore_ctrl_c() is False  # a working handler is left alone
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_train_installs_the_ctrl_break_handler_before_training(monkeypatch):
+    order = []
+    monkeypatch.setattr(cli, "stop_on_ctrl_break", lambda: order.append("break") or True)
+    monkeypatch.setattr(cli, "quiet_libraries", lambda: None)
+    import trainer.train.run as run
+
+    monkeypatch.setattr(run, "run_training", lambda cfg: order.append("train") or True)
+    assert cli.cmd_train(["--config_file", str(PRESETS / "demo.toml")]) == 0
+    assert order == ["break", "train"]
+
+
+def test_gallery_items_read_samples_from_the_run_folder_and_skip_unreadable_ones(tmp_path):
+    from conftest import make_image
+
+    make_image(tmp_path / "output" / "sample" / "a.png")
+    items = app.gallery_items([("output/sample/a.png", "a prompt"), ("output/sample/gone.png", "x")], tmp_path)
+    assert len(items) == 1 and items[0][1] == "a prompt" and items[0][0].size == (64, 64)

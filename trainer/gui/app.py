@@ -1,0 +1,495 @@
+"""The browser page: `python -m trainer gui` (what gui.ps1 / gui.sh run).
+
+The page only writes TOML files and starts `python -m trainer train --config_file FILE` as a subprocess
+(trainer.gui.runner), so a run started here is exactly the run `train.ps1 -Config FILE` would do. The
+form logic lives in trainer.gui.form; this module only lays it out with gradio and wires the buttons.
+
+The callbacks are small module-level functions on plain values (lists of shown values, paths, strings),
+so tests call them directly; `build_app` wraps them into gradio events. gradio is imported only inside
+functions: `python -m trainer` must work without it, and a missing gradio is one clear message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from trainer.errors import UserError
+from trainer.gui import form
+from trainer.gui.runner import RunStatus, TrainingRun, status_markdown
+
+DEFAULT_PORT = 7860
+PORTS_TRIED = 100
+POLL_SECONDS = 1.0
+SAMPLES_SHOWN = 24  # newest first; a long run writes many more
+STOP_WAIT_S = 300  # on Ctrl-C in the console: how long to wait for a run to save its LoRA
+GRADIO_MISSING = (
+    "The GUI needs the gradio package, which is not installed in this environment. Fix: run .\\setup.ps1 again "
+    "(Linux: ./setup.sh), or install it directly: .venv\\Scripts\\python -m pip install \"gradio>=6,<7\" "
+    "(Linux: .venv/bin/python -m pip install \"gradio>=6,<7\"). Training itself works without it: "
+    ".\\train.ps1 -Config my.toml")
+
+
+def require_gradio() -> Any:
+    """The gradio module, or a UserError that says how to install it."""
+    try:
+        import gradio
+    except ImportError:
+        raise UserError(GRADIO_MISSING) from None
+    return gradio
+
+
+# ---------------------------------------------------------------------------------------------------
+# The form: every field by name, in the order the page shows them
+
+
+TRIGGER_FIELD = "metadata_trigger_phrase"  # shown as the "Trigger word" box, not among the advanced fields
+
+
+def form_fields() -> list[form.FieldSpec]:
+    """The main page's fields, then every advanced one (the order of the values lists below)."""
+    advanced = [spec for spec in form.advanced_fields() if spec.name != TRIGGER_FIELD]
+    return [form.field_spec(name) for name in form.SIMPLE_FIELDS] + advanced
+
+
+def source_choices(presets_dir: Path, configs_dir: Path) -> list[tuple[str, str]]:
+    """(label, path) for the "Start from" list: the card presets, then the configs saved from this page."""
+    choices = [(f"preset: {p.stem}", str(p)) for p in form.list_presets(presets_dir)]
+    if configs_dir.is_dir():
+        choices += [(f"saved: {p.stem}", str(p)) for p in sorted(configs_dir.glob("*.toml"))]
+    return choices
+
+
+def default_source(choices: Sequence[tuple[str, str]]) -> str | None:
+    """The demo preset when there is one (Start then works at once), else the first choice."""
+    for _, path in choices:
+        if Path(path).stem == "demo":
+            return path
+    return choices[0][1] if choices else None
+
+
+def shown_values(values: dict[str, Any], fields: Sequence[form.FieldSpec]) -> list[Any]:
+    """Form values for every field: the file's value, else the argument's default."""
+    return [shown_value(spec, values.get(spec.name, spec.default)) for spec in fields]
+
+
+def shown_value(spec: form.FieldSpec, value: Any) -> Any:
+    """What the field's control holds. Numbers are text boxes: a browser number box cannot be empty (it
+    sends 0), and an unset unet_lr must stay unset, not become a learning rate of 0."""
+    shown = form.to_text(spec, value)
+    if spec.kind in ("int", "float"):
+        return "" if shown is None else str(shown)
+    return shown
+
+
+def load_source(path: str, fields: Sequence[form.FieldSpec]) -> tuple[list[Any], str, bool]:
+    """A preset or saved config -> (shown values, trigger word, whether the trigger starts every caption).
+    A broken file raises ConfigError naming it."""
+    values = form.load_values(Path(path))
+    trigger = str(values.get(TRIGGER_FIELD) or "")
+    prefix = str(values.get("caption_prefix") or "")
+    return shown_values(values, fields), trigger, bool(trigger) and prefix == f"{trigger}, "
+
+
+def collect_values(fields: Sequence[form.FieldSpec], shown: Sequence[Any], trigger: str,
+                   add_to_captions: bool) -> dict[str, Any]:
+    """What the form says, as argument values (the trigger word applied)."""
+    values = {spec.name: form.from_text(spec, value) for spec, value in zip(fields, shown, strict=True)}
+    return form.apply_trigger(values, (trigger or "").strip(), bool(add_to_captions))
+
+
+def console_command(config: Path, cwd: Path, *, windows: bool = os.name == "nt") -> str:
+    """The console command that runs the same file, from the folder the GUI was started in."""
+    try:
+        shown = config.resolve().relative_to(cwd.resolve()).as_posix()
+    except ValueError:
+        shown = str(config)
+    if windows:
+        shown = shown.replace("/", "\\")
+        return f'.\\train.ps1 -Config "{shown}"' if " " in shown else f".\\train.ps1 -Config {shown}"
+    return f"./train.sh --config_file '{shown}'" if " " in shown else f"./train.sh --config_file {shown}"
+
+
+def save_form(configs_dir: Path, cwd: Path, source: str | None, fields: Sequence[form.FieldSpec],
+              shown: Sequence[Any], trigger: str, add_to_captions: bool) -> tuple[Path, str]:
+    """Write configs/NAME.toml from the form; returns it and a message with the console command."""
+    values = collect_values(fields, shown, trigger, add_to_captions)
+    with working_directory(cwd):  # the file's header shows paths relative to where training starts
+        path = form.write_config(form.config_path_for(values.get("output_name"), configs_dir), values,
+                                 source=source or None)
+    return path, (f"Saved `{path}`.\n\nThe same training from a console: `{console_command(path, cwd)}`")
+
+
+def check_form(cwd: Path, fields: Sequence[form.FieldSpec], shown: Sequence[Any], trigger: str,
+               add_to_captions: bool) -> str:
+    """Check the form as `train` would read it (from a scratch file; nothing is saved) -> markdown."""
+    import tempfile
+
+    values = collect_values(fields, shown, trigger, add_to_captions)
+    with tempfile.TemporaryDirectory(prefix="trainer-gui-") as scratch:
+        config = form.write_config(Path(scratch) / "check.toml", values)
+        with working_directory(cwd):  # relative paths mean what they will mean to the training run
+            report = form.check_config(config, (trigger or "").strip() or None)
+    return report.to_markdown()
+
+
+class working_directory:
+    """Run a block with another current directory (the GUI's own is the same in normal use)."""
+
+    _lock = threading.Lock()  # the current directory belongs to the whole process
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self.previous = Path.cwd()
+        if self.path.resolve() != self.previous.resolve():
+            os.chdir(self.path)
+
+    def __exit__(self, *exc: object) -> None:
+        os.chdir(self.previous)
+        self._lock.release()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The one training run
+
+
+class RunSlot:
+    """The run this page started: one at a time, shared by every browser tab, and independent of them
+    (closing the page leaves it running; opening it again shows it)."""
+
+    def __init__(self, cwd: Path, factory: Callable[..., TrainingRun] = TrainingRun):
+        self.cwd, self.factory = Path(cwd), factory
+        self.run: TrainingRun | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        return self.run is not None and self.run.running
+
+    def start(self, config: Path) -> None:
+        with self._lock:
+            if self.running:
+                raise UserError("A training run is still going: wait for it, or Stop it first.")
+            run = self.factory(config, cwd=self.cwd)
+            run.start()
+            self.run = run
+
+    def poll(self) -> RunStatus | None:
+        return self.run.poll() if self.run is not None else None
+
+    def stop(self) -> bool:
+        """Ask the run to stop and save; False when none is going."""
+        if not self.running:
+            return False
+        self.run.stop()
+        return True
+
+
+def start_training(slot: RunSlot, configs_dir: Path, source: str | None, fields: Sequence[form.FieldSpec],
+                   shown: Sequence[Any], trigger: str, add_to_captions: bool) -> str:
+    """Save the form (the run reads that file) and start it -> a message for the page."""
+    if slot.running:
+        return "A training run is still going: wait for it, or Stop it first."
+    path, _ = save_form(configs_dir, slot.cwd, source, fields, shown, trigger, add_to_captions)
+    slot.start(path)
+    return f"Started training with `{path}`. The same run from a console: `{console_command(path, slot.cwd)}`"
+
+
+def stop_training(slot: RunSlot) -> str:
+    if slot.stop():
+        return "Stopping: the trainer saves the LoRA so far, then ends (this can take a little while)."
+    return "No training run is going."
+
+
+IDLE_TEXT = "No training run yet. Fill in **Settings**, then press **Start training**."
+
+
+def poll_training(slot: RunSlot, shown_samples: Sequence[str]) -> tuple[str, str, list[tuple[str, str]] | None,
+                                                                         list[str], bool]:
+    """The progress area: (status markdown, log tail, samples to show or None when unchanged, the sample
+    paths now shown, whether a run is going)."""
+    status = slot.poll()
+    if status is None:
+        return IDLE_TEXT, "", None, list(shown_samples), False
+    samples = list(reversed(status.samples))[:SAMPLES_SHOWN]
+    paths = [path for path, _ in samples]
+    changed = paths != list(shown_samples)
+    return (status_markdown(status), status.log_tail, samples if changed else None, paths,
+            status.state == "running")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The page
+
+
+def field_component(gr: Any, spec: form.FieldSpec, value: Any) -> Any:
+    """One argument as a form control, its help text as the info line."""
+    info = spec.help + (" (accepted, has no effect here)" if spec.status == "warn" else "")
+    if spec.kind == "bool":
+        return gr.Checkbox(value=bool(value), label=spec.name, info=info)
+    if spec.kind == "choice":
+        return gr.Dropdown(choices=[c for c in spec.choices or ()], value=value, label=spec.name, info=info,
+                           allow_custom_value=True)
+    lines = 3 if spec.kind == "list" else 1
+    return gr.Textbox(value=value, label=spec.name, info=info, lines=lines, max_lines=12 if lines > 1 else 1)
+
+
+def section_title(section: str) -> str:
+    return f"Advanced: {section.replace('_', ' ')}"
+
+
+def build_app(presets_dir: Path | None = None, configs_dir: Path | None = None, cwd: Path | None = None,
+              slot: RunSlot | None = None) -> Any:
+    """The page as a gradio.Blocks; `slot` holds the run (main() passes its own to stop it on exit)."""
+    gr = require_gradio()
+    presets_dir = Path(presets_dir or form.PRESETS_DIR)
+    cwd = Path(cwd or Path.cwd())
+    configs_dir = Path(configs_dir or cwd / "configs")
+    slot = slot or RunSlot(cwd)
+    fields = form_fields()
+    choices = source_choices(presets_dir, configs_dir)
+    source = default_source(choices)
+    shown, trigger, add = load_source(source, fields) if source else (shown_values({}, fields), "", False)
+
+    with gr.Blocks(title="trainer: LoRA training", analytics_enabled=False) as app:
+        gr.Markdown("# LoRA trainer\nPick the preset for your card, set the model, folders, name and trigger "
+                    "word, then **Check**, **Save** or **Start training**. Saved settings are TOML files that "
+                    "`train.ps1 -Config` runs the same way.")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Settings", id="settings"):
+                ui = settings_tab(gr, fields, shown, choices, source, trigger, add)
+            with gr.Tab("Training", id="training"):
+                progress = training_tab(gr)
+        wire_events(gr, app, tabs, ui, progress, fields=fields, slot=slot, presets_dir=presets_dir,
+                    configs_dir=configs_dir, cwd=cwd)
+    return app
+
+
+def settings_tab(gr: Any, fields: Sequence[form.FieldSpec], shown: Sequence[Any], choices, source, trigger,
+                 add) -> dict[str, Any]:
+    ui: dict[str, Any] = {}
+    with gr.Row():
+        ui["source"] = gr.Dropdown(choices=list(choices), value=source, label="Start from", scale=4,
+                                   info="a preset for your card (sd15-8gb: SD 1.5 on an 8 GB card), or settings "
+                                        "you saved here; choosing one fills the form")
+        ui["refresh"] = gr.Button("Refresh list", scale=1)
+    values = dict(zip((spec.name for spec in fields), shown))
+    components = simple_fields(gr, [spec for spec in fields if spec.name in form.SIMPLE_FIELDS], values)
+    with gr.Row():
+        ui["trigger"] = gr.Textbox(value=trigger, label="Trigger word", scale=3,
+                                   info="the word that calls up your subject in prompts (e.g. mychar); saved "
+                                        "in the LoRA's metadata")
+        ui["add_trigger"] = gr.Checkbox(value=add, label="Put it first in every caption", scale=2,
+                                        info="sets caption_prefix and keeps it in front when captions shuffle")
+    for section in dict.fromkeys(spec.section for spec in fields if spec.name not in components):
+        with gr.Accordion(section_title(section), open=False):
+            for spec in fields:
+                if spec.section == section and spec.name not in components:
+                    components[spec.name] = field_component(gr, spec, values[spec.name])
+    ui["fields"] = [components[spec.name] for spec in fields]
+    with gr.Row():
+        ui["check"] = gr.Button("Check")
+        ui["save"] = gr.Button("Save")
+        ui["start"] = gr.Button("Start training", variant="primary")
+    ui["message"] = gr.Markdown()
+    return ui
+
+
+def simple_fields(gr: Any, specs: Sequence[form.FieldSpec], values: dict[str, Any]) -> dict[str, Any]:
+    """Paths one a line (they are long), the other main settings three to a row."""
+    components, row = {}, []
+    for spec in [*specs, None]:
+        if spec is not None and not spec.is_path:
+            row.append(spec)
+            if len(row) < 3:
+                continue
+        if row:
+            with gr.Row():
+                components.update({r.name: field_component(gr, r, values[r.name]) for r in row})
+            row = []
+        if spec is not None and spec.is_path:
+            components[spec.name] = field_component(gr, spec, values[spec.name])
+    return components
+
+
+def training_tab(gr: Any) -> dict[str, Any]:
+    progress: dict[str, Any] = {}
+    progress["status"] = gr.Markdown(IDLE_TEXT)
+    with gr.Row():
+        progress["stop"] = gr.Button("Stop (saves the LoRA so far)", variant="stop", interactive=False)
+    progress["message"] = gr.Markdown()
+    progress["gallery"] = gr.Gallery(label="Sample images (newest first)", columns=4, height="auto")
+    with gr.Accordion("Log", open=False):
+        progress["log"] = gr.Textbox(label="trainer output (last lines)", lines=14, max_lines=30,
+                                     autoscroll=True, interactive=False)
+    progress["shown_samples"] = gr.State([])
+    progress["timer"] = gr.Timer(POLL_SECONDS)
+    return progress
+
+
+def wire_events(gr: Any, app: Any, tabs: Any, ui: dict, progress: dict, *, fields, slot: RunSlot,
+                presets_dir: Path, configs_dir: Path, cwd: Path) -> None:
+    """gradio events -> the plain callbacks above."""
+    form_inputs = [ui["source"], ui["trigger"], ui["add_trigger"], *ui["fields"]]
+    n = len(fields)
+
+    def on_source(path):
+        if not path:
+            return [gr.skip()] * (n + 3)
+        try:
+            shown, trigger, add = load_source(path, fields)
+        except UserError as error:
+            return [gr.skip()] * (n + 2) + [f"**Could not read it:** {error}"]
+        return [*shown, trigger, add, f"Loaded `{path}`."]
+
+    def on_refresh(current):
+        return gr.Dropdown(choices=source_choices(presets_dir, configs_dir), value=current)
+
+    def listed():  # a file just saved joins the "Start from" list (its value, hence the form, stays)
+        return gr.Dropdown(choices=source_choices(presets_dir, configs_dir))
+
+    def guarded(action):
+        try:
+            return action()
+        except UserError as error:
+            return f"**Error:** {error}"
+
+    def on_check(source, trigger, add, *shown):
+        return guarded(lambda: check_form(cwd, fields, shown, trigger, add))
+
+    def on_save(source, trigger, add, *shown):
+        return guarded(lambda: save_form(configs_dir, cwd, source, fields, shown, trigger, add)[1]), listed()
+
+    def on_start(source, trigger, add, *shown):
+        message = guarded(lambda: start_training(slot, configs_dir, source, fields, shown, trigger, add))
+        if not slot.running:
+            return message, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return message, gr.Tabs(selected="training"), message, status_markdown(slot.poll()), listed()
+
+    def on_poll(shown_samples):
+        text, log, samples, paths, running = poll_training(slot, shown_samples or [])
+        gallery = gr.skip() if samples is None else gallery_items(samples, slot.cwd)
+        message = gr.skip() if running else ""  # "Started ..." / "Stopping ..." are over once the run ends
+        return (text, log, gallery, paths, gr.Button(interactive=running), gr.Button(interactive=not running),
+                message)
+
+    ui["source"].change(on_source, ui["source"], [*ui["fields"], ui["trigger"], ui["add_trigger"], ui["message"]])
+    ui["refresh"].click(on_refresh, ui["source"], ui["source"])
+    ui["check"].click(on_check, form_inputs, ui["message"])
+    ui["save"].click(on_save, form_inputs, [ui["message"], ui["source"]])
+    ui["start"].click(on_start, form_inputs, [ui["message"], tabs, progress["message"], progress["status"],
+                                              ui["source"]])
+    progress["stop"].click(lambda: stop_training(slot), None, progress["message"])
+    poll_outputs = [progress["status"], progress["log"], progress["gallery"], progress["shown_samples"],
+                    progress["stop"], ui["start"], progress["message"]]
+    progress["timer"].tick(on_poll, progress["shown_samples"], poll_outputs, show_progress="hidden")
+    app.load(on_poll, progress["shown_samples"], poll_outputs, show_progress="hidden")
+
+
+def gallery_items(samples: Sequence[tuple[str, str]], cwd: Path) -> list[tuple[Any, str]]:
+    """Sample images as pixels with their prompts: gradio serves only files under the current or temp
+    folder, and the output folder may be anywhere (D:\\lora\\out). One that cannot be read is left out."""
+    from PIL import Image
+
+    items = []
+    for path, prompt in samples:
+        try:
+            with Image.open(Path(cwd) / path) as image:  # a relative path is the run's, from its folder
+                items.append((image.copy(), prompt))
+        except OSError:
+            continue
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------
+# python -m trainer gui
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m trainer gui",
+                                description="Open the trainer's page in the browser (only this PC can reach it).")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; this PC only (127.0.0.1, ::1, "
+                                                        "localhost)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default 7860; the next free one if taken)")
+    p.add_argument("--no_browser", action="store_true", help="do not open the browser; just print the address")
+    return p.parse_args(list(argv))
+
+
+def check_local_host(host: str) -> None:
+    """The page can start programs and read files: it is never offered to the network."""
+    if host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    raise UserError(f"--host {host}: the GUI listens on this PC only (it can start programs and read files), "
+                    "so use 127.0.0.1 (the default), ::1 or localhost.")
+
+
+def free_port(host: str, start: int, tries: int = PORTS_TRIED) -> int:
+    """`start`, or the next port after it that nothing listens on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for port in range(start, start + tries):
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise UserError(f"No free port between {start} and {start + tries - 1} on {host}: close other programs "
+                    "that use them, or pick another with --port 8000.")
+
+
+def launch(app: Any, host: str, port: int, *, browser: bool) -> str:
+    """Serve the page without blocking; returns its address."""
+    app.launch(server_name=host, server_port=port, inbrowser=browser, share=False, prevent_thread_lock=True,
+               quiet=True, show_error=True, footer_links=[], run_history=False, ssr_mode=False,
+               enable_monitoring=False, mcp_server=False)
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    check_local_host(args.host)
+    require_gradio()
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
+    slot = RunSlot(Path.cwd())
+    app = build_app(slot=slot)
+    url = launch(app, args.host, free_port(args.host, args.port), browser=not args.no_browser)
+    print(f"The trainer's page: {url}\nPress Ctrl-C here to close it.", flush=True)
+    try:
+        while True:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        stop_before_exit(slot)
+    finally:
+        app.close()
+    return 0
+
+
+def stop_before_exit(slot: RunSlot, wait_s: float = STOP_WAIT_S) -> None:
+    """Closing the page's server stops its run the Ctrl-C way, so the LoRA so far is saved."""
+    if not slot.stop():
+        return
+    print("Stopping the training run: it saves the LoRA so far (Ctrl-C again to leave without waiting)...",
+          flush=True)
+    deadline = time.monotonic() + wait_s
+    try:
+        while slot.running and time.monotonic() < deadline:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return
+    status = slot.poll()
+    if status is not None and status.message:
+        print(status.message, flush=True)
