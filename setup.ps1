@@ -172,6 +172,8 @@ if (Test-Elevated) {
     Write-Warning "Running as Administrator is not needed; files in .venv will then belong to the Administrator."
 }
 Unblock-Tree
+# Loaded after the unblocking: a still-marked helper would be refused under the RemoteSigned policy.
+. (Join-Path $Root "scripts\launcher.ps1")
 
 if (-not (Test-VenvOk)) {
     if (-not (New-Venv)) { exit 1 }
@@ -182,22 +184,13 @@ if ($Dev) { $setupArgs += "--dev" }
 if ($Cpu) { $setupArgs += "--cpu" }
 if ($Force) { $setupArgs += "--force" }
 
-# The child gets the repo on PYTHONPATH and UTF-8 I/O; this window's own variables are restored after.
-$saved = @{}
-foreach ($name in @("PYTHONPATH", "PYTHONUTF8", "PYTHONIOENCODING")) {
-    $saved[$name] = [Environment]::GetEnvironmentVariable($name, "Process")
-}
 $code = 1
+$saved = Set-ChildEnvironment $Root
 try {
-    if ($saved["PYTHONPATH"]) { $env:PYTHONPATH = $Root + ";" + $saved["PYTHONPATH"] } else { $env:PYTHONPATH = $Root }
-    $env:PYTHONUTF8 = "1"
-    $env:PYTHONIOENCODING = "utf-8"
     & $VenvPy -m trainer setup @setupArgs
     $code = $LASTEXITCODE
 } finally {
-    foreach ($name in $saved.Keys) {
-        [Environment]::SetEnvironmentVariable($name, $saved[$name], "Process")
-    }
+    Restore-ChildEnvironment $saved
 }
 if ($code -ne 0) {
     Write-Failure "Setup did not finish (exit code $code). The message above says what to do next."

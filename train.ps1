@@ -20,6 +20,7 @@ $ErrorActionPreference = "Stop"
 
 $Root = $PSScriptRoot
 $VenvPy = Join-Path $Root ".venv\Scripts\python.exe"
+. (Join-Path $Root "scripts\launcher.ps1")
 
 function Show-Usage {
     Write-Host "Usage: .\train.ps1 -Config PRESET.toml [sd-scripts arguments...]"
@@ -30,29 +31,12 @@ function Show-Usage {
     Write-Host "Example: .\train.ps1 -Config presets\demo.toml"
 }
 
-# One argument as the trainer should receive it. PowerShell has already turned 512,768 into a list
-# (rejoin it) and 1e-4 into a number (its text form is the same value).
-function ConvertTo-ArgText($Item) {
-    if ($Item -is [System.Array]) { return (@($Item | ForEach-Object { [string]$_ }) -join ",") }
-    $text = [string]$Item
-    # Windows PowerShell 5.1 quotes "D:\my out\" as "D:\my out\" and the child reads the final \" as a
-    # quote; a trailing backslash means nothing on a folder path, so drop it there.
-    if ($PSVersionTable.PSVersion.Major -lt 7 -and $text -match "\s" -and $text.EndsWith("\")) {
-        $text = $text.TrimEnd([char]'\')
-    }
-    return $text
-}
-
 $hasRest = ($null -ne $Rest) -and (@($Rest).Count -gt 0)
 if (-not $Config -and -not $hasRest) {
     Show-Usage
     exit 1
 }
-if (-not (Test-Path -LiteralPath $VenvPy)) {
-    Write-Host "ERROR: the Python environment is missing ($VenvPy)." -ForegroundColor Red
-    Write-Host "Fix: run .\setup.ps1 (or setup.cmd) once, then run this again."
-    exit 1
-}
+Assert-VenvExists $VenvPy
 
 $PyArgs = @()
 if ($Config) {
@@ -70,22 +54,12 @@ foreach ($item in @($Rest)) {
     $PyArgs += ConvertTo-ArgText $item
 }
 
-# The child gets the repo on PYTHONPATH and UTF-8 I/O (Japanese paths and captions); this window's own
-# variables are restored afterwards. No Activate.ps1: the venv's python.exe is enough.
-$saved = @{}
-foreach ($name in @("PYTHONPATH", "PYTHONUTF8", "PYTHONIOENCODING")) {
-    $saved[$name] = [Environment]::GetEnvironmentVariable($name, "Process")
-}
 $code = 1
+$saved = Set-ChildEnvironment $Root
 try {
-    if ($saved["PYTHONPATH"]) { $env:PYTHONPATH = $Root + ";" + $saved["PYTHONPATH"] } else { $env:PYTHONPATH = $Root }
-    $env:PYTHONUTF8 = "1"
-    $env:PYTHONIOENCODING = "utf-8"
     & $VenvPy -m trainer train @PyArgs
     $code = $LASTEXITCODE
 } finally {
-    foreach ($name in $saved.Keys) {
-        [Environment]::SetEnvironmentVariable($name, $saved[$name], "Process")
-    }
+    Restore-ChildEnvironment $saved
 }
 exit $code

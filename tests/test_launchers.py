@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PS1 = ("setup.ps1", "train.ps1", "gui.ps1")
+PS1 = ("setup.ps1", "train.ps1", "gui.ps1", "scripts/launcher.ps1")
+LAUNCHERS_PS1 = ("setup.ps1", "train.ps1", "gui.ps1")
 CMD = ("setup.cmd", "train.cmd", "gui.cmd")
 SH = ("setup.sh", "train.sh", "gui.sh")
 BOM = b"\xef\xbb\xbf"
@@ -131,12 +132,45 @@ def test_train_ps1_passes_config_and_rest_to_the_venv_python_and_returns_its_exi
     call = next(c for c in nodes(root, "command") if text(c).startswith("& $VenvPy"))
     elements = [text(n) for n in nodes(call, "generic_token")] + [text(n) for n in nodes(call, "variable")]
     assert ["trainer", "train"] == elements[:2] and "@PyArgs" in elements
-    after = source[source.index(text(call)):]
-    assert after.index("$code = $LASTEXITCODE") < after.index("exit $code")
-    for name, value in (("PYTHONUTF8", '"1"'), ("PYTHONIOENCODING", '"utf-8"')):
-        assert f"$env:{name} = {value}" in source
-    assert "$env:PYTHONPATH = $Root" in source
+    assert_python_call_in_child_environment(source, text(call))
     assert 'Join-Path $Root ".venv\\Scripts\\python.exe"' in source
+
+
+def assert_python_call_in_child_environment(source: str, call: str) -> None:
+    """The shared helper sets the child's environment just before the call and restores it in `finally`;
+    the exit code is taken right after the call and returned."""
+    before, after = source[:source.index(call)], source[source.index(call):]
+    assert before.rstrip().endswith("$saved = Set-ChildEnvironment $Root\r\ntry {")
+    assert after.index("$code = $LASTEXITCODE") < after.index("} finally {") < \
+        after.index("Restore-ChildEnvironment $saved") < after.index("exit $code")
+
+
+@pytest.mark.parametrize("name", LAUNCHERS_PS1)
+def test_launchers_share_one_helper_for_arguments_and_the_child_environment(parse, name):
+    source = text(parse(name))
+    assert '. (Join-Path $Root "scripts\\launcher.ps1")' in source
+    defined = {text(n) for f in nodes(parse(name), "function_statement") for n in f.children
+               if n.type == "function_name"}
+    assert not defined & {"ConvertTo-ArgText", "Set-ChildEnvironment", "Restore-ChildEnvironment"}
+    assert "$env:PYTHON" not in source  # only the helper touches the child's environment
+
+
+def test_launcher_helper_sets_utf8_and_the_repo_on_pythonpath_and_restores_them(parse):
+    root = parse("scripts/launcher.ps1")
+    source = text(root)
+    functions = {text(n): text(f) for f in nodes(root, "function_statement") for n in f.children
+                 if n.type == "function_name"}
+    assert set(functions) == {"ConvertTo-ArgText", "Assert-VenvExists", "Set-ChildEnvironment",
+                              "Restore-ChildEnvironment"}
+    body = functions["Set-ChildEnvironment"]
+    for name, value in (("PYTHONUTF8", '"1"'), ("PYTHONIOENCODING", '"utf-8"')):
+        assert f"$env:{name} = {value}" in body
+    assert "$env:PYTHONPATH = $Root" in body and "return $saved" in body
+    assert "SetEnvironmentVariable($name, $Saved[$name], \"Process\")" in functions["Restore-ChildEnvironment"]
+    assert "run .\\setup.ps1" in functions["Assert-VenvExists"]
+    # Loading it must run nothing: only function definitions (and comments) at its top level.
+    top = [c for c in nodes(root, "statement_list")[0].children if c.type not in ("comment",)]
+    assert all(text(c).startswith("function ") for c in top)
 
 
 def test_gui_ps1_passes_every_argument_to_trainer_gui_and_returns_its_exit_code(parse):
@@ -147,27 +181,20 @@ def test_gui_ps1_passes_every_argument_to_trainer_gui_and_returns_its_exit_code(
     params = {text(v): text(p) for p in nodes(block, "script_parameter") for v in p.children if v.type == "variable"}
     assert set(params) == {"$Rest"} and "ValueFromRemainingArguments = $true" in params["$Rest"]
     loop = next(f for f in nodes(root, "foreach_statement") if "@($Rest)" in text(f))
+    # The helper's argument conversion, as train.ps1, so both launchers treat 7861 or "D:\my dir\" alike.
     assert "$PyArgs += ConvertTo-ArgText $item" in text(loop)
-    # The same argument conversion as train.ps1, so both launchers treat 7861 or "D:\my dir\" alike.
-    convert = next(f for f in nodes(root, "function_statement") if "ConvertTo-ArgText" in text(f))
-    train_convert = next(f for f in nodes(parse("train.ps1"), "function_statement") if "ConvertTo-ArgText" in text(f))
-    assert text(convert) == text(train_convert)
     call = next(c for c in nodes(root, "command") if text(c).startswith("& $VenvPy"))
     assert text(call) == "& $VenvPy -m trainer gui @PyArgs"
-    after = source[source.index(text(call)):]
-    assert after.index("$code = $LASTEXITCODE") < after.index("exit $code")
-    for name, value in (("PYTHONUTF8", '"1"'), ("PYTHONIOENCODING", '"utf-8"')):
-        assert f"$env:{name} = {value}" in source
-    assert "$env:PYTHONPATH = $Root" in source and "$Root = $PSScriptRoot" in source
-    assert 'Join-Path $Root ".venv\\Scripts\\python.exe"' in source
-    assert "run .\\setup.ps1" in source
+    assert_python_call_in_child_environment(source, text(call))
+    assert "$Root = $PSScriptRoot" in source and 'Join-Path $Root ".venv\\Scripts\\python.exe"' in source
+    assert "Assert-VenvExists $VenvPy" in source
 
 
 def test_train_ps1_without_arguments_shows_usage_with_presets(parse):
     source = text(parse("train.ps1"))
     assert "if (-not $Config -and -not $hasRest) {\r\n    Show-Usage\r\n    exit 1" in source
     assert '(Join-Path $Root "presets") -Filter "*.toml"' in source
-    assert "run .\\setup.ps1" in source
+    assert source.index("Show-Usage\r\n    exit 1") < source.index("Assert-VenvExists $VenvPy")
 
 
 def test_setup_ps1_finds_python_safely_and_hands_over_to_trainer_setup(parse):
@@ -182,6 +209,8 @@ def test_setup_ps1_finds_python_safely_and_hands_over_to_trainer_setup(parse):
     assert "Unblock-File" in command_names(root)
     call = next(c for c in nodes(root, "command") if text(c).startswith("& $VenvPy"))
     assert text(call) == "& $VenvPy -m trainer setup @setupArgs"
+    assert_python_call_in_child_environment(source, text(call))
+    assert source.index("Unblock-Tree\r\n") < source.index('. (Join-Path $Root "scripts\\launcher.ps1")')
     for flag, arg in (("$Dev", "--dev"), ("$Cpu", "--cpu"), ("$Force", "--force")):
         assert f'if ({flag}) {{ $setupArgs += "{arg}" }}' in source
     assert "$code = $LASTEXITCODE" in source and source.rstrip().endswith("exit $code")
