@@ -27,7 +27,7 @@ import torch
 
 from trainer.config.args import FP8_NEEDS_MIXED_PRECISION, TrainConfig, parse_network_args
 from trainer.errors import ConfigError
-from trainer.train.checkpoint import SavePolicy, Saver, check_output_dir
+from trainer.train.checkpoint import Saver, build_saver, check_output_dir
 from trainer.train.events import Reporter
 from trainer.train.validate import NoValidator
 
@@ -176,10 +176,6 @@ def weight_dtype_for(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-def save_dtype_for(save_precision: str | None) -> torch.dtype | None:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(save_precision or "")
-
-
 def build_network(cfg: TrainConfig, models):
     """The LoRA from --network_args, or shaped like --network_weights with --dim_from_weights, attached to
     `models`."""
@@ -269,40 +265,6 @@ def build_optimizer_and_scheduler(cfg: TrainConfig, network, plan: RunPlan, num_
     return optimizer, scheduler, name, descriptions
 
 
-def build_saver(cfg: TrainConfig, network, metadata: dict[str, str], reporter: Reporter, accelerator,
-                eval_mode=None) -> Saver:
-    from trainer.train.metadata import with_progress
-
-    policy = SavePolicy(output_dir=Path(cfg.output_dir or "output"), output_name=cfg.output_name,
-                        extension=cfg.save_model_as, every_n_epochs=cfg.save_every_n_epochs,
-                        every_n_steps=cfg.save_every_n_steps, keep_last_n_epochs=cfg.save_last_n_epochs,
-                        keep_last_n_steps=cfg.save_last_n_steps, save_state=cfg.save_state,
-                        save_state_at_end=cfg.save_state_on_train_end,
-                        keep_last_n_epochs_state=cfg.save_last_n_epochs_state,
-                        keep_last_n_steps_state=cfg.save_last_n_steps_state)
-    dtype = save_dtype_for(cfg.save_precision)
-
-    def save(path: Path, meta: dict[str, str]) -> None:
-        if accelerator.is_main_process:
-            network.save_weights(path, dtype, meta if cfg.save_model_as == "safetensors" else None)
-
-    def save_state(folder: Path, step: int, epoch: int) -> None:
-        from trainer.train.state import save_training_state
-
-        if accelerator.is_main_process:
-            save_training_state(accelerator, folder, epoch=epoch, step=step)
-
-    if accelerator.is_main_process:  # --huggingface_repo_id: upload what is saved (trainer.train.hub)
-        from trainer.train.hub import hub_uploader
-
-        uploader = hub_uploader(cfg, (policy.final_file(), policy.final_state()))
-        reporter.listeners += [uploader] if uploader else []
-    return Saver(policy, save,
-                 metadata=lambda step, epoch: with_progress(metadata, step, epoch, minimal=cfg.no_metadata),
-                 on_saved=lambda path: reporter.emit("saved", path=str(path)), save_state=save_state,
-                 **({"eval_mode": eval_mode} if eval_mode else {}))
-
-
 @dataclass(frozen=True)
 class Runtime:
     """Where and in what precision the run computes: decided once, before any model loads."""
@@ -317,6 +279,7 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
     the phases is the order of the side effects (see the module docstring) and is kept on purpose."""
     from trainer.train.metadata import training_metadata
     from trainer.train.optim import eval_mode_for
+    from trainer.train.sample import build_sampler
     from trainer.train.validate import build_validator
 
     started_at = time.time()
@@ -357,6 +320,8 @@ def check_inputs(cfg: TrainConfig) -> tuple[TrainConfig, int, Any, list]:
     """(cfg, seed, dataset, sample prompts): the user's mistakes that need no model stop the run here, bad
     images included. The seed is set first; the dataset's shuffling draws from it."""
     from accelerate.utils import set_seed
+
+    from trainer.train.sample import load_sample_prompts
 
     seed = resolve_seed(cfg.seed)
     set_seed(seed)
@@ -540,44 +505,6 @@ def enable_gradient_checkpointing(models, train_text_encoder: bool, *, fp8: bool
             # transformers 5 renamed it; the old name warns
             getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
             encoder.train()
-
-
-def sample_schedule(cfg: TrainConfig):
-    """When to sample: --sample_every_n_steps / --sample_every_n_epochs (0 or less: never), --sample_at_first."""
-    from trainer.train.sample import SampleSchedule
-
-    def positive(every: int | None) -> int | None:
-        return every if (every or 0) > 0 else None
-
-    return SampleSchedule(every_n_steps=positive(cfg.sample_every_n_steps),
-                          every_n_epochs=positive(cfg.sample_every_n_epochs), at_first=cfg.sample_at_first)
-
-
-def load_sample_prompts(cfg: TrainConfig) -> list:
-    """Read the prompt file before any model loads, so a mistake in it stops the run at once."""
-    from trainer.train.sample import SampleSchedule, load_prompts
-
-    if not cfg.sample_prompts:
-        if sample_schedule(cfg) != SampleSchedule():
-            log.warning("Sampling is scheduled but --sample_prompts is not given: no sample images.")
-        return []
-    return load_prompts(cfg.sample_prompts)
-
-
-def build_sampler(cfg: TrainConfig, prompts: list, models, network, accelerator, reporter: Reporter,
-                  eval_mode=None):
-    """A Sampler on the main process when there are prompts and a schedule, else a NoSampler."""
-    from trainer.train.sample import NoSampler, SampleSchedule, Sampler
-
-    schedule = sample_schedule(cfg)
-    if not prompts or not accelerator.is_main_process or schedule == SampleSchedule():
-        return NoSampler()
-    return Sampler(prompts, schedule, output_dir=Path(cfg.output_dir or "output"), output_name=cfg.output_name,
-                   default_sampler=cfg.sample_sampler, models=models,
-                   network=accelerator.unwrap_model(network), clip_skip=cfg.clip_skip,
-                   device=accelerator.device, autocast=accelerator.autocast,
-                   on_image=lambda path, prompt: reporter.emit("sample", path=str(path), prompt=prompt),
-                   **({"eval_mode": eval_mode} if eval_mode else {}))
 
 
 def plan_start(cfg: TrainConfig, plan: RunPlan):

@@ -9,7 +9,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Any, Callable, ContextManager
 
 from trainer.errors import UserError
 
@@ -157,3 +157,45 @@ def _remove_state(folder: Path | None) -> None:
 def _remove(path: Path | None) -> None:
     if path is not None and path.exists():
         path.unlink()
+
+
+def build_saver(cfg: Any, network, metadata: dict[str, str], reporter: Any, accelerator, eval_mode=None) -> "Saver":
+    """The Saver of this run: sd-scripts' cadence and names, written by the main process only; --huggingface_repo_id
+    uploads what it saves."""
+    from trainer.train.metadata import with_progress
+
+    policy = SavePolicy(output_dir=Path(cfg.output_dir or "output"), output_name=cfg.output_name,
+                        extension=cfg.save_model_as, every_n_epochs=cfg.save_every_n_epochs,
+                        every_n_steps=cfg.save_every_n_steps, keep_last_n_epochs=cfg.save_last_n_epochs,
+                        keep_last_n_steps=cfg.save_last_n_steps, save_state=cfg.save_state,
+                        save_state_at_end=cfg.save_state_on_train_end,
+                        keep_last_n_epochs_state=cfg.save_last_n_epochs_state,
+                        keep_last_n_steps_state=cfg.save_last_n_steps_state)
+    dtype = save_dtype_for(cfg.save_precision)
+
+    def save(path: Path, meta: dict[str, str]) -> None:
+        if accelerator.is_main_process:
+            network.save_weights(path, dtype, meta if cfg.save_model_as == "safetensors" else None)
+
+    def save_state(folder: Path, step: int, epoch: int) -> None:
+        from trainer.train.state import save_training_state
+
+        if accelerator.is_main_process:
+            save_training_state(accelerator, folder, epoch=epoch, step=step)
+
+    if accelerator.is_main_process:  # --huggingface_repo_id: upload what is saved (trainer.train.hub)
+        from trainer.train.hub import hub_uploader
+
+        uploader = hub_uploader(cfg, (policy.final_file(), policy.final_state()))
+        reporter.listeners += [uploader] if uploader else []
+    return Saver(policy, save,
+                 metadata=lambda step, epoch: with_progress(metadata, step, epoch, minimal=cfg.no_metadata),
+                 on_saved=lambda path: reporter.emit("saved", path=str(path)), save_state=save_state,
+                 **({"eval_mode": eval_mode} if eval_mode else {}))
+
+
+def save_dtype_for(save_precision: str | None):
+    """The torch dtype of --save_precision, or None to keep the LoRA's own."""
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(save_precision or "")

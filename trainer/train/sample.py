@@ -13,8 +13,9 @@ import logging
 import re
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -262,3 +263,37 @@ class NoSampler:
     def at_step(self, step: int) -> None: ...
 
     def at_epoch_end(self, epoch: int) -> None: ...
+
+
+# ---- built from the config -----------------------------------------------------------------------------
+
+
+def sample_schedule(cfg: Any) -> SampleSchedule:
+    """When to sample: --sample_every_n_steps / --sample_every_n_epochs (0 or less: never), --sample_at_first."""
+    def positive(every: int | None) -> int | None:
+        return every if (every or 0) > 0 else None
+
+    return SampleSchedule(every_n_steps=positive(cfg.sample_every_n_steps),
+                          every_n_epochs=positive(cfg.sample_every_n_epochs), at_first=cfg.sample_at_first)
+
+
+def load_sample_prompts(cfg: Any) -> list:
+    """Read the prompt file before any model loads, so a mistake in it stops the run at once."""
+    if not cfg.sample_prompts:
+        if sample_schedule(cfg) != SampleSchedule():
+            log.warning("Sampling is scheduled but --sample_prompts is not given: no sample images.")
+        return []
+    return load_prompts(cfg.sample_prompts)
+
+
+def build_sampler(cfg: Any, prompts: list, models, network, accelerator, reporter: Any, eval_mode=None):
+    """A Sampler on the main process when there are prompts and a schedule, else a NoSampler."""
+    schedule = sample_schedule(cfg)
+    if not prompts or not accelerator.is_main_process or schedule == SampleSchedule():
+        return NoSampler()
+    return Sampler(prompts, schedule, output_dir=Path(cfg.output_dir or "output"), output_name=cfg.output_name,
+                   default_sampler=cfg.sample_sampler, models=models,
+                   network=accelerator.unwrap_model(network), clip_skip=cfg.clip_skip,
+                   device=accelerator.device, autocast=accelerator.autocast,
+                   on_image=lambda path, prompt: reporter.emit("sample", path=str(path), prompt=prompt),
+                   **({"eval_mode": eval_mode} if eval_mode else {}))
