@@ -246,6 +246,41 @@ def test_max_norm_scales_only_modules_above_the_limit(tiny_sd1):
     assert mean_norm == pytest.approx((1.0 + sum(small_norms)) / len(network.lora_modules()), rel=1e-5)
 
 
+def test_max_norm_tensor_form_leaves_the_numbers_on_the_device(tiny_sd1):
+    """The loop's form: the same (scaled, mean, max) as one tensor, so a step need not wait for the GPU."""
+    first, second = make_network(tiny_sd1, rank=4, alpha=4), make_network(tiny_sd1, rank=4, alpha=4)
+    second.load_state_dict(first.state_dict())
+    for network in (first, second):
+        randomize_up(network, std=0.5)
+    expected = first.apply_max_norm_regularization(0.1)
+    result = second.max_norm_regularization(0.1)
+    assert isinstance(result, torch.Tensor) and result.shape == (3,)
+    assert expected[0] > 0 and result.tolist() == pytest.approx(list(expected), rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+def test_hook_adds_the_lora_in_the_base_layers_dtype_and_trains_it():
+    """A half-precision base with fp32 LoRA weights (fp8/fp16 base training): output in the base's dtype,
+    equal to base + lora_output, and the gradient reaches both LoRA weights."""
+    from trainer.network.lora import LoRAModule
+
+    torch.manual_seed(0)
+    for base, x in ((torch.nn.Linear(8, 6), torch.randn(2, 3, 8)),
+                    (torch.nn.Conv2d(8, 6, 3, padding=1), torch.randn(2, 8, 5, 5))):
+        base = base.to(torch.bfloat16)
+        x = x.to(torch.bfloat16)
+        module = LoRAModule(base, rank=4, alpha=2, multiplier=0.5)
+        torch.nn.init.normal_(module.lora_up.weight)
+        with torch.no_grad():
+            expected = base(x) + module.lora_output(x).to(torch.bfloat16)
+        module.attach()
+        out = base(x)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+        out.float().square().sum().backward()
+        assert module.lora_down.weight.grad.abs().sum() > 0 and module.lora_up.weight.grad.abs().sum() > 0
+
+
 def test_rank_dropout_keeps_the_expected_output():
     """Dropped ranks are compensated by 1/(1-p), so the average training output equals the eval output."""
     from trainer.network.lora import LoRAModule

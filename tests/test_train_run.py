@@ -150,11 +150,11 @@ def test_ctrl_c_saves_the_weights_so_far(tiny_sd1_dir, train_data_dir, tmp_path,
     real = loop.compute_loss
     calls = {"n": 0}
 
-    def interrupt_on_third(setup, batch):
+    def interrupt_on_third(setup, batch, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(setup, batch)
+        return real(setup, batch, **kwargs)
 
     monkeypatch.setattr(loop, "compute_loss", interrupt_on_third)
     code = main(["train", *base_args(tiny_sd1_dir, train_data_dir, tmp_path)])

@@ -305,16 +305,17 @@ def run_steps(setup, steps: int, losses: list | None = None) -> list[float]:
     """`steps` optimizer steps as trainer.train.loop.train makes them (its inner step, minus reporting, saving,
     sampling and validation); seconds per step, data loading included, the device synchronised at each
     step's end so the time is the step's own."""
-    from trainer.train.loop import apply_max_norm, micro_step
+    from trainer.train.loop import RunState, apply_max_norm, micro_step
 
     acc = setup.accelerator
     setup.network.train()
+    run = RunState(setup)
     times: list[float] = []
     batches = _endless(setup)
     while len(times) < steps:
         started = time.perf_counter()
         while True:
-            loss = micro_step(setup, next(batches))
+            loss = micro_step(setup, next(batches), run)
             if losses is not None:
                 losses.append(loss.detach())
             if acc.sync_gradients:
@@ -322,6 +323,7 @@ def run_steps(setup, steps: int, losses: list | None = None) -> list[float]:
         apply_max_norm(setup)
         _sync(acc.device)
         times.append(time.perf_counter() - started)
+    run.latent_nans.check()  # as the loop does at its reports: an fp16 SDXL VAE's NaN latents stop here
     return times
 
 

@@ -100,17 +100,30 @@ class LoRAModule(nn.Module):
         return self._hook is not None
 
     def _add_lora_output(self, base, args, kwargs, output):
+        # Runs for every hooked layer in every forward pass, so it avoids work it does not need: the LoRA
+        # layers are called through `forward` (not nn.Module.__call__, whose hook bookkeeping costs as much as
+        # a small kernel launch), and the scale is applied by the add itself (one kernel, no temporary).
         if self.multiplier == 0:
             return None
-        # Module dropout skips the whole branch for this call (training only, spec §7.3).
+        # Module dropout skips the whole branch for this call (training only, spec §7.3). A CPU draw: no GPU sync.
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return None
-        x = args[0] if args else kwargs["input"]
-        return output + self.lora_output(x).to(output.dtype)
+        update, scale = self._branch(args[0] if args else kwargs["input"])
+        if update.dtype != output.dtype:
+            update = update.to(output.dtype)
+        return torch.add(output, update, alpha=scale)
 
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
         """`up(down(x)) * multiplier * scale`, with neuron and rank dropout in training mode."""
-        hidden = self.lora_down(x.to(self.lora_down.weight.dtype))
+        update, scale = self._branch(x)
+        return update * scale
+
+    def _branch(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(up(down(x)), the factor it is to be multiplied by), with neuron and rank dropout in training mode."""
+        down, up = self.lora_down, self.lora_up
+        if x.dtype != down.weight.dtype:
+            x = x.to(down.weight.dtype)
+        hidden = down.forward(x)
         scale = self.scale
         if self.training and self.dropout:
             hidden = F.dropout(hidden, p=self.dropout)
@@ -124,7 +137,7 @@ class LoRAModule(nn.Module):
                 keep = keep[:, :, None, None]
             hidden = hidden * keep
             scale = scale / (1.0 - self.rank_dropout)
-        return self.lora_up(hidden) * (self.multiplier * scale)
+        return up.forward(hidden), self.multiplier * scale
 
     # -- weights ---------------------------------------------------------------------------------
 
@@ -425,6 +438,12 @@ class LoRANetwork(nn.Module):
         """Scale down every module whose update norm exceeds `max_norm` (--scale_weight_norms, spec §7.6).
         Returns (modules scaled, mean norm, max norm) after scaling. `device` is accepted for sd-scripts'
         call signature; the work happens where the weights are."""
+        keys_scaled, mean_norm, top_norm = self.max_norm_regularization(max_norm).tolist()
+        return int(keys_scaled), mean_norm, top_norm
+
+    def max_norm_regularization(self, max_norm: float) -> torch.Tensor:
+        """`apply_max_norm_regularization` without reading anything back: [modules scaled, mean norm, max norm]
+        as one float32 tensor where the weights are, so that a training step need not wait for the GPU."""
         modules = self.lora_modules()
         with torch.no_grad():
             norms = torch.stack([m.delta_weight().norm() for m in modules])
@@ -435,7 +454,7 @@ class LoRANetwork(nn.Module):
                 module.lora_down.weight.mul_(factor.to(module.lora_down.weight.dtype))
                 module.lora_up.weight.mul_(factor.to(module.lora_up.weight.dtype))
             scaled = norms * ratios
-            return int((ratios < 1).sum().item()), float(scaled.mean().item()), float(scaled.max().item())
+            return torch.stack([(ratios < 1).sum().float(), scaled.mean(), scaled.max()])
 
     # sd-scripts plugin-contract hooks (spec §0), so a loop written for network modules works unchanged.
     def get_trainable_params(self) -> list[nn.Parameter]:

@@ -2,7 +2,12 @@
 
 Each step: batch -> latents -> text states -> noise at sampled timesteps -> UNet prediction -> loss ->
 backward -> (on the last micro-step) clip, optimizer and scheduler step. Logging and saving happen only when
-the optimizer actually stepped. Features that are off do nothing inside their helpers."""
+the optimizer actually stepped. Features that are off do nothing inside their helpers.
+
+No step reads a value back from the GPU: that would make the CPU wait for the GPU, which then idles while the
+CPU queues the next step's kernels. Losses, NaN-latent flags and --scale_weight_norms results stay on the
+device until `StepMeter.check` reads them all at once: when the console is refreshed (a few times a second)
+and before a LoRA file is written (docs/benchmarks.md lists what still syncs, and why)."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import math
 import time
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -23,11 +29,51 @@ from trainer.train.oom import stopped_by_oom
 from trainer.train.watch import NO_WATCH, SpillWatch
 
 log = logging.getLogger(__name__)
-_WARNED: set[str] = set()
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class LatentNaNs:
+    """NaN latents from a VAE encoding on the fly (SDXL's VAE overflows in fp16). Each batch's flag stays on
+    the device until `check` reads them all; an fp16 SDXL VAE is then an error naming the fix, anything else a
+    warning, once per run (the latents were already replaced by 0, as sd-scripts does)."""
+
+    def __init__(self):
+        self.pending: list[tuple[torch.Tensor, list[str], str, torch.dtype]] = []
+        self.warned = False
+
+    def add(self, flag: torch.Tensor, batch: dict, family: str, vae_dtype: torch.dtype) -> None:
+        self.pending.append((flag, [str(p) for p in batch.get("image_paths", [])[:3]], family, vae_dtype))
+
+    def check(self) -> None:
+        if not self.pending:
+            return
+        flags = torch.stack([entry[0] for entry in self.pending]).tolist()
+        found = [entry for entry, flag in zip(self.pending, flags) if flag]
+        self.pending.clear()
+        for _, paths, family, vae_dtype in found:
+            self._found(", ".join(paths), family, vae_dtype)
+
+    def _found(self, paths: str, family: str, vae_dtype: torch.dtype) -> None:
+        if family == "sdxl" and vae_dtype == torch.float16:
+            raise UserError(f"The VAE produced NaN latents for {paths}: the SDXL VAE overflows in fp16. Fix: add "
+                            "--no_half_vae (keeps the VAE in fp32), or use an fp16-fixed SDXL VAE with --vae "
+                            "(e.g. madebyollin/sdxl-vae-fp16-fix), or --cache_latents with --no_half_vae.")
+        if not self.warned:
+            self.warned = True
+            log.warning("The VAE produced NaN latents for %s; they were replaced by 0 (as sd-scripts does). If "
+                        "this repeats, use --no_half_vae or another VAE.", paths)
+
+
+class RunState:
+    """What the steps of one run share: the LoRA parameters, listed once (walking the network's module tree
+    costs about a millisecond a step with a real model), and the NaN-latent flags not read yet."""
+
+    def __init__(self, setup: TrainingSetup):
+        self.parameters = list(setup.network.parameters())
+        self.latent_nans = LatentNaNs()
 
 
 def train(setup: TrainingSetup, reporter: Reporter, watch: SpillWatch = NO_WATCH) -> Path:
@@ -38,7 +84,9 @@ def train(setup: TrainingSetup, reporter: Reporter, watch: SpillWatch = NO_WATCH
     reporter.emit("run_started", total_steps=plan.max_train_steps, num_epochs=plan.num_epochs,
                   start_step=start.step, start_epoch=start.epoch, summary=summary_lines(setup),
                   lr_descriptions=list(setup.lr_descriptions))
+    run = RunState(setup)
     meter = StepMeter(plan.max_train_steps, start_step=start.step, window=plan.num_batches_per_epoch)
+    meter.on_read.append(run.latent_nans.check)
     step, epoch = start.step, start.epoch
     if not start.step:
         setup.sampler.at_first()
@@ -51,19 +99,23 @@ def train(setup: TrainingSetup, reporter: Reporter, watch: SpillWatch = NO_WATCH
                 batches = acc.skip_first_batches(setup.dataloader, start.batches_to_skip)
             for batch in batches:
                 with watch.timing():  # the step alone: data loading and sample/save pauses are not timed
-                    loss = micro_step(setup, batch)
+                    loss = micro_step(setup, batch, run)
                 meter.add(loss.detach())
                 if not acc.sync_gradients:
                     continue
                 step += 1
-                meter.max_norm = apply_max_norm(setup)  # the trackers' max_norm/* of this step
+                meter.max_norm = apply_max_norm(setup)  # the trackers' max_norm/* of this step (on the device)
                 setup.dataset.set_current_step(step)
+                if setup.saver.policy.saves_at_step(step, plan.max_train_steps):
+                    meter.check(step)  # a non-finite loss stops the run before its weights are written
                 report_step(reporter, meter, step, epoch, setup)
                 setup.saver.at_step(step, plan.max_train_steps, epoch)
                 setup.sampler.at_step(step)
                 setup.validator.at_step(step, epoch, meter.moving_average)
                 if step >= plan.max_train_steps:
                     break
+            if setup.saver.policy.saves_at_epoch_end(epoch, plan.num_epochs):
+                meter.check(step)
             setup.saver.at_epoch_end(epoch, plan.num_epochs, step)
             setup.sampler.at_epoch_end(epoch)
             setup.validator.at_epoch_end(epoch, step, meter.moving_average)
@@ -76,6 +128,7 @@ def train(setup: TrainingSetup, reporter: Reporter, watch: SpillWatch = NO_WATCH
         reporter.emit("interrupted", step=step, message=f"Saved the LoRA so far to {path}." if path else
                       "Nothing trained yet, nothing saved.")
         raise
+    meter.check(step)
     final = setup.saver.final(step, epoch)
     reporter.emit("finished", path=str(final), steps=step, seconds=time.time() - meter.started)
     return final
@@ -90,29 +143,34 @@ def set_epoch(setup: TrainingSetup, epoch: int) -> None:
         setup.dataloader.set_epoch(epoch)
 
 
-def micro_step(setup: TrainingSetup, batch: dict) -> torch.Tensor:
+def micro_step(setup: TrainingSetup, batch: dict, run: RunState | None = None) -> torch.Tensor:
     """Forward and backward of one batch; on the last micro-batch of an accumulation the gradients are
-    averaged across processes, clipped, and the optimizer and scheduler step. Returns the batch's loss."""
+    averaged across processes, clipped, and the optimizer and scheduler step. Returns the batch's loss (on the
+    device). Without `run` (one step on its own), NaN latents are checked at once, which waits for the GPU."""
     acc, network = setup.accelerator, setup.network
+    parameters = run.parameters if run is not None else list(network.parameters())
     with acc.accumulate(network):
-        loss = compute_loss(setup, batch)
+        loss = compute_loss(setup, batch, latent_nans=run.latent_nans if run is not None else None)
         acc.backward(loss)
         if acc.sync_gradients:
-            average_gradients(network, acc)
+            average_gradients(network, acc, parameters)
             if setup.max_grad_norm:
-                acc.clip_grad_norm_(network.parameters(), setup.max_grad_norm)
+                acc.clip_grad_norm_(parameters, setup.max_grad_norm)
         setup.optimizer.step()
         setup.lr_scheduler.step()
         setup.optimizer.zero_grad(set_to_none=True)
     return loss
 
 
-def compute_loss(setup: TrainingSetup, batch: dict, *, timestep: int | None = None) -> torch.Tensor:
+def compute_loss(setup: TrainingSetup, batch: dict, *, timestep: int | None = None,
+                 latent_nans: LatentNaNs | None = None) -> torch.Tensor:
     """One micro-batch's loss (a scalar), sd-scripts' order of noise, prediction and weighting.
 
-    `timestep` fixes the timestep of the whole batch (validation) instead of sampling one per image."""
+    `timestep` fixes the timestep of the whole batch (validation) instead of sampling one per image.
+    `latent_nans` collects NaN-latent flags to read later (training steps); without it they are read at once."""
     s, models, device = setup.settings, setup.models, setup.accelerator.device
-    latents = batch_latents(batch, models.vae, s.latent_scale, device, setup.weight_dtype, family=models.family)
+    latents = batch_latents(batch, models.vae, s.latent_scale, device, setup.weight_dtype, family=models.family,
+                            nans=latent_nans)
     if setup.text_cache is not None:  # SDXL --cache_text_encoder_outputs
         conditioning = setup.text_cache.conditioning(batch, device)
     else:
@@ -131,8 +189,9 @@ def compute_loss(setup: TrainingSetup, batch: dict, *, timestep: int | None = No
                                  **conditioning.unet_kwargs(setup.weight_dtype)).sample
     target = N.training_target(models.noise_scheduler, latents, noise, timesteps, s.v_parameterization)
     mask = batch.get("alpha_masks")
-    return weighted_loss(prediction, target, timesteps, batch["loss_weights"].to(device), s,
-                         models.noise_scheduler.alphas_cumprod, mask=None if mask is None else mask.to(device))
+    return weighted_loss(prediction, target, timesteps, batch["loss_weights"].to(device, non_blocking=True), s,
+                         models.noise_scheduler.alphas_cumprod,
+                         mask=None if mask is None else mask.to(device, non_blocking=True))
 
 
 def weighted_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
@@ -150,41 +209,34 @@ def weighted_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: tor
 
 
 def batch_latents(batch: dict, vae, latent_scale: float, device, dtype: torch.dtype, *,
-                  family: str = "sd1") -> torch.Tensor:
+                  family: str = "sd1", nans: LatentNaNs | None = None) -> torch.Tensor:
     """Cached latents, or the VAE's sample of the images; scaled as the UNet expects.
 
-    NaN latents come from a VAE overflowing in fp16 (SDXL's VAE does): with an fp16 SDXL VAE that is an error
-    naming the fix, otherwise they are replaced by 0 with a warning, as sd-scripts does."""
+    NaN latents come from a VAE overflowing in fp16 (SDXL's VAE does): they are replaced by 0 (as sd-scripts
+    does) without asking the GPU whether there are any; their flag goes to `nans`, checked later. Without
+    `nans` they are checked here (a GPU sync): an fp16 SDXL VAE is an error naming the fix, else a warning."""
+    # Batches come in pageable memory; a blocking copy would also wait for all queued GPU work.
     if batch.get("latents") is not None:
-        latents = batch["latents"].to(device)
+        latents = batch["latents"].to(device, non_blocking=True)
     else:
         vae_dtype = next(vae.parameters()).dtype
         with torch.no_grad():
-            latents = vae.encode(batch["images"].to(device, vae_dtype)).latent_dist.sample()
-        if torch.isnan(latents).any():  # one sync per step, only when encoding on the fly
-            _nan_latents(batch, family, vae_dtype)
-            latents = torch.nan_to_num(latents, nan=0.0)
+            latents = vae.encode(batch["images"].to(device, vae_dtype, non_blocking=True)).latent_dist.sample()
+            found = torch.isnan(latents).any()
+            latents = torch.where(found, torch.nan_to_num(latents, nan=0.0), latents)
+        checker = nans if nans is not None else LatentNaNs()
+        checker.add(found, batch, family, vae_dtype)
+        if nans is None:
+            checker.check()
     return (latents * latent_scale).to(dtype)
 
 
-def _nan_latents(batch: dict, family: str, vae_dtype: torch.dtype) -> None:
-    paths = ", ".join(str(p) for p in batch.get("image_paths", [])[:3])
-    if family == "sdxl" and vae_dtype == torch.float16:
-        raise UserError(f"The VAE produced NaN latents for {paths}: the SDXL VAE overflows in fp16. Fix: add "
-                        "--no_half_vae (keeps the VAE in fp32), or use an fp16-fixed SDXL VAE with --vae "
-                        "(e.g. madebyollin/sdxl-vae-fp16-fix), or --cache_latents with --no_half_vae.")
-    if "nan latents" not in _WARNED:
-        _WARNED.add("nan latents")
-        log.warning("The VAE produced NaN latents for %s; they were replaced by 0 (as sd-scripts does). If this "
-                    "repeats, use --no_half_vae or another VAE.", paths)
-
-
-def average_gradients(network, accelerator) -> None:
+def average_gradients(network, accelerator, parameters: list[torch.nn.Parameter] | None = None) -> None:
     """Data parallel: every process trained on its own batches; average the LoRA gradients so that all
     processes take the same optimizer step and keep identical weights. One process: nothing to do."""
     if accelerator.num_processes == 1:
         return
-    grads = [p.grad for p in network.parameters() if p.grad is not None]
+    grads = [p.grad for p in (parameters if parameters is not None else network.parameters()) if p.grad is not None]
     if grads:
         flat = torch.cat([g.reshape(-1) for g in grads])
         flat = accelerator.reduce(flat, reduction="mean")
@@ -194,16 +246,18 @@ def average_gradients(network, accelerator) -> None:
             offset += g.numel()
 
 
-def apply_max_norm(setup: TrainingSetup) -> tuple[int, float, float] | None:
-    """--scale_weight_norms: (modules scaled, mean norm, max norm) for the trackers; None when off."""
+def apply_max_norm(setup: TrainingSetup) -> torch.Tensor | None:
+    """--scale_weight_norms: [modules scaled, mean norm, max norm] for the trackers, left on the device
+    (`StepMeter.check` reads it with the losses); None when off."""
     if setup.scale_weight_norms:
-        return setup.accelerator.unwrap_model(setup.network).apply_max_norm_regularization(setup.scale_weight_norms)
+        return setup.accelerator.unwrap_model(setup.network).max_norm_regularization(setup.scale_weight_norms)
     return None
 
 
 class StepMeter:
-    """Loss average and speed without a GPU sync every step: losses stay on the device and are read
-    (one `.tolist()`) only when the console is refreshed, at most a few times a second. Each optimizer step is
+    """Loss average and speed without a GPU sync every step: losses (and --scale_weight_norms results) stay on
+    the device and are read in one transfer by `check`, which `read` calls when the console is refreshed (at
+    most a few times a second) and the loop calls before a LoRA file is written. Each optimizer step is
     marked, so a read also gives every step since the last one (`steps`: what trackers log per step)."""
 
     def __init__(self, total_steps: int, refresh_seconds: float = 0.25, start_step: int = 0, window: int = 1):
@@ -212,12 +266,14 @@ class StepMeter:
         self.refresh_seconds = refresh_seconds
         self.started = time.time()
         self.last_report = 0.0
-        self.losses: list[torch.Tensor] = []
+        self.losses: list[torch.Tensor] = []  # on the device, not read yet
+        self.values: list[float] = []  # read, not reported yet (marks' "_end" index this list + `losses`)
         self.loss: float | None = None
         self.recent: deque[torch.Tensor] = deque(maxlen=max(1, window))
-        self.marks: list[dict] = []  # per optimizer step since the last read: its data and len(self.losses)
-        self.max_norm: tuple | None = None  # --scale_weight_norms result of the current step
+        self.marks: list[dict] = []  # per optimizer step since the last read: its data and where its losses end
+        self.max_norm: torch.Tensor | tuple | None = None  # --scale_weight_norms result of the current step
         self.window: deque[float] = deque(maxlen=max(1, window))  # read values, for each step's average
+        self.on_read: list[Callable[[], None]] = []  # other device checks to run with each read
 
     def add(self, loss: torch.Tensor) -> None:
         self.losses.append(loss)
@@ -228,22 +284,42 @@ class StepMeter:
         return torch.stack(list(self.recent)).float().mean().item() if self.recent else None
 
     def mark(self, step: int, epoch: int, lrs: list[float], ds: list[float | None] | None = None,
-             max_norm: tuple | None = None) -> None:
-        """An optimizer step ended after the micro-batches added so far (floats only: no GPU sync)."""
+             max_norm: torch.Tensor | tuple | None = None) -> None:
+        """An optimizer step ended after the micro-batches added so far (no GPU sync)."""
         self.marks.append({"step": step, "epoch": epoch, "lr": lrs, "d": ds, "max_norm": max_norm,
-                           "_end": len(self.losses)})
+                           "_end": len(self.values) + len(self.losses)})
 
     def due(self, step: int) -> bool:
         return step in (1, self.total_steps) or time.time() - self.last_report >= self.refresh_seconds
 
+    def check(self, step: int) -> None:
+        """Read everything still on the device (one transfer) and stop on a non-finite loss, naming the first
+        step it happened in (`step`, the step now running, for micro-batches of no marked step)."""
+        for callback in self.on_read:
+            callback()
+        norms = [m for m in self.marks if isinstance(m["max_norm"], torch.Tensor)]
+        if not self.losses and not norms:
+            return
+        parts = [torch.stack(self.losses).float()] if self.losses else []
+        parts += [m["max_norm"].float().reshape(-1) for m in norms]
+        flat = torch.cat(parts).tolist()
+        first_new, count = len(self.values), len(self.losses)
+        self.values += flat[:count]
+        self.losses.clear()
+        for i, mark in enumerate(norms):
+            scaled, mean, top = flat[count + 3 * i:count + 3 * i + 3]
+            mark["max_norm"] = (int(scaled), mean, top)
+        for index in range(first_new, len(self.values)):
+            if not math.isfinite(self.values[index]):
+                at = next((m["step"] for m in self.marks if m["_end"] > index), step)
+                raise NonFiniteLoss(f"the loss became {self.values[index]} at step {at}")
+
     def read(self, step: int) -> dict:
+        self.check(step)
         self.last_report = time.time()
-        values = torch.stack(self.losses).float().tolist() if self.losses else []
+        values, self.values = self.values, []
         if values:
             self.loss = sum(values) / len(values)
-            self.losses.clear()
-        if self.loss is not None and not math.isfinite(self.loss):
-            raise NonFiniteLoss(f"the loss became {self.loss} at step {step}")
         elapsed = time.time() - self.started
         done = step - self.start_step
         return {"loss": self.loss, "it_per_s": done / elapsed if elapsed > 0 else None, "steps": self._steps(values)}

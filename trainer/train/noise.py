@@ -25,11 +25,9 @@ def make_noise(latents: torch.Tensor, *, noise_offset: float | None = None, offs
     """Gaussian noise with sd-scripts' optional offset and pyramid (multi-resolution) noise."""
     noise = torch.randn_like(latents)
     if noise_offset:
-        # Random strengths stay tensors on the device: a .item() here would stall the GPU every step.
-        strength = torch.full((1,), noise_offset, device=latents.device)
-        if offset_random_strength:
-            strength = strength * torch.rand(1, device=latents.device)
-        offset = strength.view(1, 1, 1, 1).expand(latents.shape[0], latents.shape[1], 1, 1)
+        # A random strength stays a tensor on the device: a .item() here would stall the GPU every step.
+        offset = noise_offset * torch.rand((1, 1, 1, 1), device=latents.device) if offset_random_strength \
+            else noise_offset
         if adaptive_noise_scale:
             mean = latents.mean(dim=(2, 3), keepdim=True).abs()
             offset = (offset + adaptive_noise_scale * mean).clamp(min=0)
