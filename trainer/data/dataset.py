@@ -750,6 +750,7 @@ def make_dataloader(dataset: TrainDataset, *, num_workers: int, persistent_worke
     workers = max(0, min(int(num_workers), os.cpu_count() or 1))
     generator = torch.Generator()
     generator.manual_seed(seed)
+    # Pinned batches let the copy to the GPU overlap the previous step instead of waiting for it.
     return torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=True, collate_fn=_single_batch,
                                        num_workers=workers, persistent_workers=persistent_workers and workers > 0,
-                                       generator=generator)
+                                       generator=generator, pin_memory=torch.cuda.is_available())

@@ -346,8 +346,12 @@ def start_accelerator(cfg: TrainConfig) -> tuple[TrainConfig, Runtime]:
         cfg = dataclasses.replace(cfg, full_fp16=False)  # fp16 fell back to fp32 on the CPU, and so does the LoRA
     compile_backend = check_backend(cfg.dynamo_backend) if cfg.torch_compile else None  # a typo stops here
     fresh_accelerator_state()
+    from accelerate.utils import DataLoaderConfiguration
+
+    # Batches come in pinned memory on CUDA (make_dataloader), so their copy to the GPU need not wait for it.
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              mixed_precision=mixed_precision, cpu=device_type == "cpu")
+                              mixed_precision=mixed_precision, cpu=device_type == "cpu",
+                              dataloader_config=DataLoaderConfiguration(non_blocking=device_type == "cuda"))
     if cfg.full_fp16:
         allow_fp16_unscale(accelerator.scaler)  # fp16 LoRA gradients (trainer.train.precision says why)
     weight_dtype = weight_dtype_for(mixed_precision)
