@@ -90,6 +90,15 @@ def test_load_values_names_the_file_and_key_of_a_typo(tmp_path):
     assert "bad.toml" in str(e.value) and "network_dim" in str(e.value)
 
 
+def test_the_legacy_caption_extention_key_is_kept_under_its_real_name(tmp_path):
+    legacy = tmp_path / "old.toml"
+    legacy.write_text('pretrained_model_name_or_path = "builtin:tiny-sd1"\ntrain_data_dir = "img"\n'
+                      'caption_extention = ".txt"\n', encoding="utf-8")
+    values = F.load_values(legacy)
+    assert values["caption_extension"] == ".txt" and "caption_extention" not in values
+    assert parse(F.write_config(tmp_path / "new.toml", values)).caption_extension == ".txt"
+
+
 def test_config_path_for_replaces_characters_windows_forbids(tmp_path):
     assert F.config_path_for('a:b/c*?"', tmp_path).name == "a_b_c___.toml"
     assert F.config_path_for("", tmp_path).name == "my-lora.toml"

@@ -211,6 +211,9 @@ def load_values(path: str | Path) -> dict[str, Any]:
     converted, problems = A.check_toml_values(file, raw)  # one source for the messages `train` prints
     if problems:
         raise ConfigError(problems)
+    legacy = converted.pop("caption_extention", None)  # sd-scripts' misspelling: the form shows the real name
+    if legacy and not converted.get("caption_extension"):
+        converted["caption_extension"] = legacy
     return {name: _toml_ready(_FIELDS[name], value) for name, value in converted.items()
             if name not in ("config_file", "output_config")}
 
