@@ -157,3 +157,49 @@ def train_data_dir(tmp_path) -> Path:
     parent = tmp_path / "データ set" / "train"
     make_dreambooth_folder(parent)
     return parent
+
+
+# ---- tiny SDXL --------------------------------------------------------------------------------------------
+
+HIDDEN = 32  # both tiny text encoders; the real ones are 768 and 1280 wide
+POOL = 32
+TIME_DIM = 8  # the real UNet embeds each size number with 256 sinusoids
+
+
+def make_tiny_sdxl(seed: int = 0) -> dict:
+    """SDXL topology in miniature: text_time added embedding, attention only in the inner level, linear
+    projections, two ResNets per down level and three per up level (so SAI block numbers apply)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2 * HIDDEN, attention_head_dim=8, transformer_layers_per_block=1,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
+        projection_class_embeddings_input_dim=POOL + 6 * TIME_DIM)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG, scaling_factor=0.13025)
+    te1 = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_CONFIG, projection_dim=POOL))
+    tok2 = make_tiny_tokenizer()
+    tok2.pad_token = "!"  # sd-scripts' tokenizer 2 pads with id 0
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False)
+    return dict(unet=unet, vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=make_tiny_tokenizer(),
+                tokenizer_2=tok2, scheduler=scheduler)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models") / "tiny sdxl モデル"
+    parts = make_tiny_sdxl()
+    for name, part in parts.items():
+        part.save_pretrained(root / name)
+    classes = dict(unet="diffusers", vae="diffusers", scheduler="diffusers", text_encoder="transformers",
+                   text_encoder_2="transformers", tokenizer="transformers", tokenizer_2="transformers")
+    index = {name: [lib, type(parts[name]).__name__] for name, lib in classes.items()}
+    index.update({"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
+                  "force_zeros_for_empty_prompt": True})
+    (root / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
+    return root

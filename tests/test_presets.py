@@ -1,0 +1,53 @@
+"""The card presets: each one, exactly as shipped, trains on the tiny model with only its size scaled down.
+
+What is replaced is what a user edits (model, folders, name) and what makes a run long (resolution, epochs,
+worker processes); every memory and training setting of the tier stays as the preset has it. On a CPU, fp16
+falls back to fp32 with a warning, as it does for a user without a GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from conftest import make_dreambooth_folder
+from trainer.config.args import parse_train_args
+from trainer.train.events import RecordingListener
+from trainer.train.run import run_training
+
+PRESETS = Path(__file__).resolve().parents[1] / "presets"
+CARD_PRESETS = sorted(PRESETS.glob("*gb.toml"))
+
+
+def test_every_card_tier_has_a_preset():
+    names = {p.stem for p in CARD_PRESETS}
+    assert {"sd15-6gb", "sd15-8gb", "sd15-12gb", "sdxl-8gb", "sdxl-12gb"} <= names
+
+
+@pytest.mark.parametrize("preset", CARD_PRESETS, ids=lambda p: p.stem)
+def test_preset_trains_on_the_tiny_model_with_its_own_settings(preset, request, tmp_path):
+    sdxl = preset.stem.startswith("sdxl")
+    model = request.getfixturevalue("tiny_sdxl_dir" if sdxl else "tiny_sd1_dir")
+    data = tmp_path / "img"
+    make_dreambooth_folder(data, folder="1_sks shape", n=2)  # one epoch = one or two steps
+    shipped = parse_train_args(["--config_file", str(preset)])
+    cfg = parse_train_args(["--config_file", str(preset), "--pretrained_model_name_or_path", str(model),
+                            "--train_data_dir", str(data), "--output_dir", str(tmp_path / "out"),
+                            "--resolution", "64", "--min_bucket_reso", "64", "--max_bucket_reso", "128",
+                            "--max_train_epochs", "1", "--max_data_loader_n_workers", "0"])
+    for name in ("network_dim", "network_alpha", "optimizer_type", "gradient_checkpointing", "cache_latents",
+                 "cache_text_encoder_outputs", "network_train_unet_only", "train_batch_size", "mixed_precision",
+                 "no_half_vae", "sdpa", "xformers", "save_precision", "lr_scheduler"):
+        assert getattr(cfg, name) == getattr(shipped, name), name  # the tier's settings are untouched
+    recorder = RecordingListener()
+    final = run_training(cfg, listeners=[recorder])
+    assert final.name == f"{shipped.output_name}.safetensors" and recorder.of("finished")
+    with safe_open(str(final), "pt") as f:
+        keys = list(f.keys())
+        metadata = f.metadata()
+    prefix = "lora_unet_" if cfg.network_train_unet_only else "lora_"
+    assert keys and all(k.startswith(prefix) for k in keys)
+    assert metadata["ss_network_dim"] == str(shipped.network_dim)
+    assert metadata["ss_base_model_version"].startswith("sdxl" if sdxl else "sd_v1")
