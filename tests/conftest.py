@@ -120,6 +120,32 @@ def tiny_sd1_dir(tmp_path_factory) -> Path:
     return save_tiny_sd1_diffusers(tmp_path_factory.mktemp("models") / "tiny sd1 モデル")
 
 
+def save_tiny_sd2_768v_diffusers(root: Path, seed: int = 0) -> Path:
+    """The tiny model with what makes a folder SD 2.x 768-v: a 1024-wide text encoder (one layer, a 514-token
+    vocabulary, so it stays small), cross-attention of that width, padding with id 0, v-prediction."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    save_tiny_sd1_diffusers(root, seed)
+    torch.manual_seed(seed)
+    UNet2DConditionModel(**{**TINY_UNET_CONFIG, "cross_attention_dim": 1024, "use_linear_projection": True}
+                         ).save_pretrained(root / "unet")
+    CLIPTextModel(CLIPTextConfig(**{**TINY_TEXT_CONFIG, "hidden_size": 1024, "num_hidden_layers": 1,
+                                    "num_attention_heads": 16, "vocab_size": 514, "pad_token_id": 0})
+                  ).save_pretrained(root / "text_encoder")
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.pad_token = "!"  # id 0, as SD 2.x's tokenizer pads
+    tokenizer.save_pretrained(root / "tokenizer")
+    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                  clip_sample=False, prediction_type="v_prediction").save_pretrained(root / "scheduler")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_dir(tmp_path_factory) -> Path:
+    return save_tiny_sd2_768v_diffusers(tmp_path_factory.mktemp("models") / "tiny sd2 モデル")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Images and dataset folders
 

@@ -23,13 +23,14 @@ CARD_PRESETS = sorted(PRESETS.glob("*gb.toml"))
 
 def test_every_card_tier_has_a_preset():
     names = {p.stem for p in CARD_PRESETS}
-    assert {"sd15-6gb", "sd15-8gb", "sd15-12gb", "sdxl-8gb", "sdxl-12gb"} <= names
+    assert {"sd15-6gb", "sd15-8gb", "sd15-12gb", "sd2-8gb", "sdxl-8gb", "sdxl-12gb"} <= names
 
 
 @pytest.mark.parametrize("preset", CARD_PRESETS, ids=lambda p: p.stem)
 def test_preset_trains_on_the_tiny_model_with_its_own_settings(preset, request, tmp_path):
-    sdxl = preset.stem.startswith("sdxl")
-    model = request.getfixturevalue("tiny_sdxl_dir" if sdxl else "tiny_sd1_dir")
+    family = preset.stem.split("-")[0]  # sd15, sd2, sdxl
+    sdxl = family == "sdxl"
+    model = request.getfixturevalue({"sd15": "tiny_sd1_dir", "sd2": "tiny_sd2_dir", "sdxl": "tiny_sdxl_dir"}[family])
     data = tmp_path / "img"
     make_dreambooth_folder(data, folder="1_sks shape", n=2)  # one epoch = one or two steps
     shipped = parse_train_args(["--config_file", str(preset)])
@@ -39,7 +40,7 @@ def test_preset_trains_on_the_tiny_model_with_its_own_settings(preset, request, 
                             "--max_train_epochs", "1", "--max_data_loader_n_workers", "0"])
     for name in ("network_dim", "network_alpha", "optimizer_type", "gradient_checkpointing", "cache_latents",
                  "cache_text_encoder_outputs", "network_train_unet_only", "train_batch_size", "mixed_precision",
-                 "no_half_vae", "sdpa", "xformers", "save_precision", "lr_scheduler"):
+                 "no_half_vae", "sdpa", "xformers", "save_precision", "lr_scheduler", "v2", "v_parameterization"):
         assert getattr(cfg, name) == getattr(shipped, name), name  # the tier's settings are untouched
     recorder = RecordingListener()
     final = run_training(cfg, listeners=[recorder])
@@ -50,4 +51,5 @@ def test_preset_trains_on_the_tiny_model_with_its_own_settings(preset, request, 
     prefix = "lora_unet_" if cfg.network_train_unet_only else "lora_"
     assert keys and all(k.startswith(prefix) for k in keys)
     assert metadata["ss_network_dim"] == str(shipped.network_dim)
-    assert metadata["ss_base_model_version"].startswith("sdxl" if sdxl else "sd_v1")
+    assert metadata["ss_base_model_version"] == {"sd15": "sd_v1", "sd2": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}[family]
+    assert metadata["ss_v2"] == str(family == "sd2")
