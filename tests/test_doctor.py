@@ -38,8 +38,10 @@ def test_cpu_torch_is_a_note_not_a_failure():
 
 
 def test_missing_optional_modules_are_notes_and_essentials_fail():
-    checks = {c.name: c for c in doctor.check_modules(importer_without("xformers", "bitsandbytes", "diffusers"))}
+    checks = {c.name: c for c in doctor.check_modules(importer_without("xformers", "bitsandbytes", "gradio",
+                                                                             "diffusers"))}
     assert checks["xformers"].level == NOTE and checks["bitsandbytes"].level == NOTE
+    assert checks["gradio"].level == NOTE and "GUI" in checks["gradio"].detail
     assert checks["diffusers"].level == FAIL and "setup" in checks["diffusers"].fix
     assert checks["safetensors"].level == OK
 

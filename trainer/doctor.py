@@ -23,6 +23,7 @@ ESSENTIAL_MODULES = ("diffusers", "transformers", "accelerate", "safetensors", "
 OPTIONAL_MODULES = {
     "xformers": "optional: --xformers attention; PyTorch's SDPA (--sdpa) is used without it",
     "bitsandbytes": "optional: only the 8-bit optimizers (AdamW8bit) need it",
+    "gradio": "optional: only the browser GUI (gui.ps1 / gui.sh) needs it; setup installs it",
 }
 MIN_FREE_GB = 10.0
 SETUP_HINT = "run ./setup.sh (Linux) or .\\setup.ps1 (Windows)"
