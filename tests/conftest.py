@@ -4,6 +4,7 @@ dataset folders. Nothing here downloads anything; everything is seeded so tests 
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +230,15 @@ def tiny_sdxl_dir(tmp_path_factory):
                   "force_zeros_for_empty_prompt": True})
     (root / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
     return root
+
+
+class NanVae(torch.nn.Module):
+    """A VAE whose latents are all NaN, as SDXL's VAE gives in fp16: for the NaN-latent handling."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+
+    def encode(self, images):
+        sample = torch.full((images.shape[0], 4, 8, 8), float("nan"))
+        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(sample=lambda: sample))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import HIDDEN, POOL, make_dreambooth_folder, make_image, make_tiny_sdxl
+from conftest import HIDDEN, POOL, make_dreambooth_folder, make_image, make_tiny_sdxl, NanVae
 from trainer.cli import main
 from trainer.config.args import parse_train_args
 from trainer.errors import ConfigError, UserError
@@ -258,16 +258,6 @@ def test_cached_outputs_on_an_sd1_model_are_refused(tiny_sd1_dir, train_data_dir
     with pytest.raises(ConfigError) as e:
         run_training(cfg, listeners=[])
     assert "SDXL models only" in str(e.value)
-
-
-class NanVae(torch.nn.Module):
-    def __init__(self, dtype):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
-
-    def encode(self, images):
-        sample = torch.full((images.shape[0], 4, 8, 8), float("nan"))
-        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(sample=lambda: sample))
 
 
 def test_nan_latents_from_an_fp16_sdxl_vae_name_the_fix(caplog):

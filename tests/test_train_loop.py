@@ -3,11 +3,12 @@ the CPU wait for the GPU), and what is read late still stops the run in time, na
 
 import logging
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import NanVae
 from torch.overrides import TorchFunctionMode
 
 from trainer.config.args import parse_train_args
@@ -143,16 +144,6 @@ def test_step_meter_reads_once_keeps_values_for_the_report_and_names_the_nan_ste
     meter.add(torch.tensor(float("nan")))  # step 4, not marked yet
     with pytest.raises(NonFiniteLoss, match="became inf at step 3"):
         meter.check(4)
-
-
-class NanVae(torch.nn.Module):
-    def __init__(self, dtype):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
-
-    def encode(self, images):
-        sample = torch.full((images.shape[0], 4, 8, 8), float("nan"))
-        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(sample=lambda: sample))
 
 
 def test_nan_latents_are_zeroed_at_once_and_reported_once_per_run_when_checked(caplog):
