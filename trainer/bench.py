@@ -8,7 +8,8 @@ median step after warm-up), peak allocated and reserved VRAM (CUDA), peak RSS, a
 
 `--estimate` runs nothing: it prints trainer.memory's estimate, so "does this preset fit my card" can be asked
 before a model is downloaded. `--vram_limit 6GB` caps this process's share of a bigger card (torch's
-per-process memory fraction) to stand in for a small one.
+per-process memory fraction) to stand in for a small one. `--table FILE.json ...` turns the JSONs of runs and
+estimates (scripts/bench-presets.sh writes them) into the GPU table of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     from trainer.memory import FAMILY_OF
 
     p = argparse.ArgumentParser(prog="python -m trainer bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="a training TOML (e.g. presets/sd15-8gb.toml)")
+    p.add_argument("--config", help="a training TOML (e.g. presets/sd15-8gb.toml)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps to run (default 10 on a GPU, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=1, help="first steps left out of it/s (default 1)")
     p.add_argument("--resolution", type=str, default=None,
@@ -90,6 +91,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--vram_limit", type=str, default=None, help='cap this process\'s VRAM, e.g. "6GB" (CUDA only)')
     p.add_argument("--estimate", action="store_true", help="print the memory estimate only; runs nothing")
     p.add_argument("--json", type=str, default=None, help="also write the result to this JSON file")
+    p.add_argument("--table", nargs="+", metavar="FILE", default=None,
+                   help="print the markdown table of docs/benchmarks.md from --json files of runs and estimates")
     return p.parse_args(list(argv))
 
 
@@ -98,11 +101,17 @@ def main(argv: Sequence[str]) -> int:
 
     setup_logging()
     args = parse_args(argv)
+    if args.table:
+        print_utf8(table_markdown(read_bench_files(args.table)))
+        return 0
+    if not args.config:
+        raise ConfigError("--config is required (a training TOML, e.g. presets/sd15-8gb.toml), unless --table is "
+                          "given.")
     cfg = load_preset(args.config)
     family = args.family or family_for_config(cfg)
     resolution = parse_resolution(args.resolution) if args.resolution else None
     if args.estimate:
-        return show_estimate(cfg, family, resolution, args.batch_size, args.json)
+        return show_estimate(cfg, family, resolution, args.batch_size, args.json, preset=args.config)
     import torch
 
     if resolution is None and not torch.cuda.is_available():
@@ -182,12 +191,25 @@ def run_benchmark(cfg, *, preset: str, family: str, steps: int, warmup: int = 1,
         try:
             _limit_vram(vram_limit_gb, device)
             _run(cfg, family, device, result, steps, warmup)
-        except torch.OutOfMemoryError as e:
-            result.out_of_memory = True
-            result.error = f"out of memory: {str(e).splitlines()[0]}"
+        except Exception as e:  # noqa: BLE001 - the JSON must say why a run failed (scripts/bench-presets.sh)
+            _record_failure(result, e)
         finally:
             _record_memory(result, device)
     return result
+
+
+def _record_failure(result: BenchResult, error: Exception) -> None:
+    import torch
+
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    # cuBLAS/cuDNN report a full card as a RuntimeError ("CUBLAS_STATUS_ALLOC_FAILED", "CUDA error: out of memory")
+    if isinstance(error, torch.OutOfMemoryError) or re.search(r"out of memory|ALLOC_FAILED", first_line, re.I):
+        result.out_of_memory = True
+        result.error = f"out of memory: {first_line}"
+        return
+    if not isinstance(error, UserError):  # a bug: the log needs the stack to find it
+        log.error("bench run failed", exc_info=error)
+    result.error = f"{type(error).__name__}: {first_line}"
 
 
 def _run(cfg, family: str, device, result: BenchResult, steps: int, warmup: int) -> None:
@@ -474,7 +496,7 @@ def _nvidia_driver() -> str | None:
 
 
 def result_dict(result: BenchResult) -> dict[str, Any]:
-    data = dataclasses.asdict(result)
+    data = {"kind": "run", **dataclasses.asdict(result)}
     data["time_to_first_step_s"] = result.time_to_first_step_s
     return data
 
@@ -542,13 +564,13 @@ def _print_text(text: str, out=None) -> None:
 
 
 def show_estimate(cfg, family: str, resolution: tuple[int, int] | None, batch_size: int | None,
-                  json_path: str | None, out=None) -> int:
+                  json_path: str | None, out=None, preset: str | None = None) -> int:
     from trainer.memory import estimate_for_config
 
     estimate = estimate_for_config(cfg, family, resolution=resolution, batch_size=batch_size)
     _print_table("trainer bench --estimate", estimate_rows(estimate, cfg), out)
     if json_path:
-        write_json(json_path, estimate_dict(estimate))
+        write_json(json_path, estimate_dict(estimate, preset))
     return 0
 
 
@@ -570,10 +592,189 @@ def estimate_rows(e, cfg) -> list[tuple[str, str]]:
     return rows
 
 
-def estimate_dict(e) -> dict[str, Any]:
-    data = dataclasses.asdict(e)
+def estimate_dict(e, preset: str | None = None) -> dict[str, Any]:
+    # "preset" joins the estimate to the runs of the same preset in --table
+    data = {"kind": "estimate", "preset": preset, **dataclasses.asdict(e)}
     data["needs_card_gb"] = e.needs_card_gb
     return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --table: the JSONs of runs and estimates -> the GPU table of docs/benchmarks.md and the presets' comments
+
+
+@dataclass
+class PresetRuns:
+    """Everything the JSONs say about one preset: its runs (uncapped first) and its estimate."""
+
+    name: str  # the TOML's stem: "sd15-6gb"
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    estimate: dict[str, Any] | None = None
+
+    @property
+    def card_gb(self) -> float | None:
+        """The card size the preset is for, from its name (sd15-6gb -> 6): the tier is the promise to check."""
+        sizes = re.findall(r"(\d+(?:\.\d+)?)\s*gb", self.name, re.IGNORECASE)
+        return float(sizes[-1]) if sizes else None
+
+
+def read_bench_files(paths: Sequence[str]) -> list[PresetRuns]:
+    """Groups the JSONs by preset; presets in family order, then by card size (sd15-6gb before sd15-12gb)."""
+    presets: dict[str, PresetRuns] = {}
+    for path in paths:
+        data = _read_json(path)
+        name = preset_name(data.get("preset"), path)
+        entry = presets.setdefault(name, PresetRuns(name))
+        if json_kind(data) == "estimate":
+            entry.estimate = data
+        else:
+            entry.runs.append(data)
+    for entry in presets.values():
+        entry.runs.sort(key=lambda run: run.get("vram_limit_gb") or 0.0)  # the uncapped run (None) first
+    return sorted(presets.values(), key=lambda e: (re.sub(r"\d+(\.\d+)?\s*gb", "", e.name, flags=re.I),
+                                                   e.card_gb or 0.0, e.name))
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f'--table "{path}": cannot read it as JSON ({e}). Fix: give the files that '
+                          f"`bench --json` or scripts/bench-presets.sh wrote.") from None
+    if not isinstance(data, dict) or not ("preset" in data or "total_gb" in data):
+        raise ConfigError(f'--table "{path}" is not a bench result. Fix: give the files that `bench --json` or '
+                          f"scripts/bench-presets.sh wrote.")
+    return data
+
+
+def json_kind(data: dict[str, Any]) -> str:
+    """"run" or "estimate"; JSONs written before "kind" existed are told apart by their fields."""
+    return data.get("kind") or ("estimate" if "total_gb" in data else "run")
+
+
+def preset_name(preset: Any, path: str) -> str:
+    """The preset's TOML stem; an estimate JSON without "preset" is named by its file (estimate-sd15-6gb.json)."""
+    if preset:
+        return Path(str(preset).replace("\\", "/")).stem  # a Windows path read on Linux too
+    stem = Path(path).stem
+    return re.sub(r"^(estimate|bench)-|-(estimate|capped)$", "", stem)
+
+
+def table_markdown(entries: list[PresetRuns]) -> str:
+    """The table (one row per run; a capped run is its own row under its preset's), then the presets' comments."""
+    from trainer.memory import CUDA_OVERHEAD_GB
+
+    header = ["preset", "GPU / driver", "torch / CUDA", "attention", "resolution x batch", "it/s",
+              "time to first step", "peak allocated", "peak reserved", "estimate (peak)",
+              f"fits its card (≤ size - {CUDA_OVERHEAD_GB:g} GB)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for entry in entries:
+        for run in entry.runs or [{}]:  # a preset with only an estimate still gets its row
+            lines.append("| " + " | ".join(_cell(c) for c in table_row(entry, run, CUDA_OVERHEAD_GB)) + " |")
+    lines += ["", f"GB = GiB. Peak allocated / reserved: torch.cuda.max_memory_allocated / max_memory_reserved; "
+                  f'"fits" adds {CUDA_OVERHEAD_GB:g} GB of CUDA context to peak reserved. A capped row ran with '
+                  f"--vram_limit set to the card's size.", ""]
+    return "\n".join(lines + preset_comments(entries, CUDA_OVERHEAD_GB))
+
+
+def table_row(entry: PresetRuns, run: dict[str, Any], context_gb: float) -> list[str]:
+    m = run.get("machine") or {}
+    limit = run.get("vram_limit_gb")
+    failed = "**out of memory**" if run.get("out_of_memory") else "**error**" if run.get("error") else None
+    return [entry.name + (f", capped at {limit:g} GB" if limit else ""), _device_cell(m),
+            f"{m.get('torch', '?')} / {m.get('cuda') or 'none'}" if m else "?", run.get("attention", "?"),
+            _size_cell(run), failed or _number(run.get("it_per_s")),
+            _number(run.get("time_to_first_step_s"), " s", digits=1), _number(run.get("peak_allocated_gb")),
+            _number(run.get("peak_reserved_gb")), _estimate_cell(entry.estimate),
+            fits_cell(run, entry.card_gb, context_gb)]
+
+
+def fits_cell(run: dict[str, Any], card_gb: float | None, context_gb: float) -> str:
+    """Does the run fit the card its preset is named for: peak reserved + the CUDA context <= the card."""
+    if not run:
+        return "? (not run)"
+    if run.get("out_of_memory"):
+        return f"**no**: {run.get('error') or 'out of memory'}"
+    if run.get("error"):
+        return f"? (failed: {run['error']})"
+    if card_gb is None:
+        return "? (no card size in the preset's name)"
+    if run.get("peak_reserved_gb") is None:
+        return "? (no CUDA: a CPU run)"
+    needs = run["peak_reserved_gb"] + context_gb
+    return f"{'yes' if needs <= card_gb else '**no**'} ({needs:.2f} of {card_gb:g} GB)"
+
+
+def _device_cell(m: dict[str, Any]) -> str:
+    if m.get("gpu"):
+        return f"{m['gpu']} / {m.get('driver') or '?'}"
+    return f"CPU: {m.get('cpu')} ({m.get('cpu_cores')} cores) / -" if m else "?"
+
+
+def _size_cell(run: dict[str, Any]) -> str:
+    resolution, batch = run.get("resolution"), run.get("batch_size", "?")
+    if not resolution:
+        return "?"
+    width, height = resolution
+    return f"{width} x {batch}" if width == height else f"{width}x{height} x {batch}"
+
+
+def _estimate_cell(estimate: dict[str, Any] | None) -> str:
+    if not estimate:
+        return "-"
+    if estimate.get("error"):
+        return "error"
+    return _number(max(estimate.get("total_gb") or 0.0, estimate.get("caching_gb") or 0.0))
+
+
+def _number(value: float | None, unit: str = "", digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def _cell(text: str) -> str:
+    # an error message may hold "|" or newlines, which would break the markdown table
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def preset_comments(entries: list[PresetRuns], context_gb: float) -> list[str]:
+    """The "Expected peak VRAM" comment each preset should carry: the measured peak reserved + the context."""
+    lines = ["Expected peak VRAM comments for the presets (replace the three comment lines that start with "
+             '"# Expected peak VRAM"):', ""]
+    for entry in entries:
+        run = _measured_run(entry)
+        if run is None:
+            lines += [f"- {entry.name}: no CUDA run without an error; the comment stays as it is.", ""]
+            continue
+        lines += [f"presets/{entry.name}.toml:", "```", *expected_vram_comment(entry.name, run, context_gb), "```",
+                  ""]
+    return lines
+
+
+def _measured_run(entry: PresetRuns) -> dict[str, Any] | None:
+    # The uncapped run first: a cap makes the allocator release its cache, which lowers peak reserved.
+    usable = [r for r in entry.runs if r.get("peak_reserved_gb") is not None and not r.get("error")]
+    return usable[0] if usable else None
+
+
+def expected_vram_comment(name: str, run: dict[str, Any], context_gb: float) -> list[str]:
+    m = run.get("machine") or {}
+    width, height = run.get("resolution") or (0, 0)
+    size = f"{width} px" if width == height else f"{width}x{height} px"
+    reserved, allocated = run["peak_reserved_gb"], run.get("peak_allocated_gb") or 0.0
+    return [f"# Expected peak VRAM: about {reserved + context_gb:.1f} GB on the card ({allocated:.1f} GB allocated by "
+            f"training, {size}, batch {run.get('batch_size')}), measured by",
+            f"#   python -m trainer bench --config presets/{name}.toml   (on {m.get('gpu', '?')}, torch "
+            f"{m.get('torch', '?')}:",
+            f"#   peak reserved {reserved:.2f} GB + {context_gb:g} GB CUDA context; docs/benchmarks.md has the table)."]
+
+
+def print_utf8(text: str) -> None:
+    """Prints `text`; redirected to a file (table.md) it is UTF-8 even where the locale's encoding is not."""
+    stream = sys.stdout
+    if hasattr(stream, "reconfigure") and not stream.isatty():  # a console shows "≤" by itself (Windows too)
+        stream.reconfigure(encoding="utf-8")
+    print(text)
 
 
 if __name__ == "__main__":
