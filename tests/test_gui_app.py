@@ -39,7 +39,12 @@ def shown_for(fields, **changes):
 
 
 def labels(blocks) -> dict[str, object]:
-    return {b.label: b for b in blocks.blocks.values() if getattr(b, "label", None)}
+    """Components by label, and the main fields also by their sd-scripts name ("Epochs (max_train_epochs)")."""
+    shown = {b.label: b for b in blocks.blocks.values() if getattr(b, "label", None)}
+    for label, block in list(shown.items()):
+        if label.endswith(")") and " (" in label:
+            shown.setdefault(label.rsplit(" (", 1)[1][:-1], block)
+    return shown
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -57,8 +62,8 @@ def test_build_app_shows_the_simple_fields_the_trigger_and_every_advanced_argume
     assert app.TRIGGER_FIELD not in shown
     names = [spec.name for spec in fields]
     assert len(names) == len(set(names)) and set(form.SIMPLE_FIELDS) <= set(names)
-    # Each argument's help is its info line; the demo preset is loaded into the form.
-    assert shown["network_dim"].info == form.field_spec("network_dim").help
+    # Each advanced argument's help is its info line; the demo preset is loaded into the form.
+    assert shown["network_dropout"].info == form.field_spec("network_dropout").help
     assert shown["pretrained_model_name_or_path"].value == "builtin:tiny-sd1"
     accordions = [b.label for b in blocks.blocks.values() if isinstance(b, gr.Accordion)]
     assert "Advanced: optimizer" in accordions and "Advanced: sampling" in accordions
@@ -148,10 +153,16 @@ def test_console_command_fits_the_platform_and_quotes_spaces(tmp_path):
     assert app.console_command(elsewhere, tmp_path, windows=False) == f"./train.sh --config_file {elsewhere}"
 
 
-def test_a_value_that_does_not_fit_its_argument_is_an_error_not_a_file(tmp_path, fields):
+def test_a_value_that_does_not_fit_its_argument_is_an_error_not_a_file(tmp_path, fields, slot):
     shown = shown_for(fields, resolution="big")
     with pytest.raises(UserError, match="resolution"):
         app.save_form(tmp_path / "configs", tmp_path, None, fields, shown, "", False)
+    # On the page: the field named, what did not happen, and no run.
+    message = app.guarded(lambda: app.start_training(slot, tmp_path / "configs", None, fields,
+                                                     shown_for(fields, learning_rate="abc"), "", False),
+                          "Nothing was saved or started.")
+    assert message.startswith("**Error:** learning_rate: expected a number") and "Nothing was saved" in message
+    assert FakeRun.made == []
     assert not (tmp_path / "configs").exists() or not list((tmp_path / "configs").iterdir())
 
 
@@ -371,3 +382,66 @@ def test_gallery_items_read_samples_from_the_run_folder_and_skip_unreadable_ones
     make_image(tmp_path / "output" / "sample" / "a.png")
     items = app.gallery_items([("output/sample/a.png", "a prompt"), ("output/sample/gone.png", "x")], tmp_path)
     assert len(items) == 1 and items[0][1] == "a prompt" and items[0][0].size == (64, 64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Found by using the page as a first-time user would
+
+
+def test_main_fields_say_what_they_are_and_keep_their_sd_scripts_name(tmp_path):
+    blocks = app.build_app(presets_dir=PRESETS, configs_dir=tmp_path / "configs", cwd=tmp_path)
+    shown = labels(blocks)
+    for name in form.SIMPLE_FIELDS:
+        label = shown[name].label
+        assert label.endswith(f" ({name})") and label != name, label  # words first, the tutorial's name kept
+        assert shown[name].info and shown[name].info != form.field_spec(name).help
+    assert shown["train_data_dir"].label == "Pictures folder (train_data_dir)"
+    assert "10_mychar woman" in shown["train_data_dir"].info
+    assert shown["network_dropout"].label == "network_dropout"  # advanced fields: the argument's own name
+    assert shown["text_encoder_lr"].lines == 1  # a list of numbers fits one line ("5e-5, 1e-4")
+
+
+def test_check_advice_about_the_trigger_names_the_tick_box_the_page_has(tmp_path, fields, train_data_dir):
+    blocks = app.build_app(presets_dir=PRESETS, configs_dir=tmp_path / "configs", cwd=tmp_path)
+    tick = next(b for b in blocks.blocks.values() if isinstance(b, gr.Checkbox) and "caption" in (b.label or "")
+                and b.info and "caption_prefix" in b.info)
+    report = app.check_form(tmp_path, fields, shown_for(fields, train_data_dir=str(train_data_dir)), "mychar", False)
+    assert "will not be learned" in report and f"'{tick.label}'" in report
+
+
+def test_a_reloaded_page_lists_configs_saved_since_the_server_started_and_shows_the_running_training(
+        tmp_path, fields, slot):
+    configs = tmp_path / "configs"
+    app.build_app(presets_dir=PRESETS, configs_dir=configs, cwd=tmp_path)
+    demo = str(PRESETS / "demo.toml")
+    path, _ = app.save_form(configs, tmp_path, None, fields, shown_for(fields, output_name="later"), "", False)
+    choices, source, tab = app.page_opened(slot, PRESETS, configs, demo)
+    assert ("saved: later", str(path)) in choices and source == demo and tab == "settings"
+    app.start_training(slot, configs, None, fields, shown_for(fields, output_name="going"), "", False)
+    choices, source, tab = app.page_opened(slot, PRESETS, configs, demo)
+    assert source == str(configs / "going.toml") and tab == "training"
+    assert source in [value for _, value in choices]
+    FakeRun.made[-1].status.state = "finished"  # over: a reload shows the form as it was built
+    assert app.page_opened(slot, PRESETS, configs, demo)[1:] == (demo, "settings")
+
+
+def test_start_checks_first_and_starts_nothing_that_would_fail_at_once(tmp_path, fields, slot):
+    shown = shown_for(fields, output_name="broken", train_data_dir="no such folder",
+                      pretrained_model_name_or_path="missing.safetensors")
+    message = app.start_training(slot, tmp_path / "configs", None, fields, shown, "", False)
+    assert message.startswith("**Not started:**") and "no such folder" in message and "missing.safetensors" in message
+    assert FakeRun.made == [] and not slot.running
+    assert (tmp_path / "configs" / "broken.toml").is_file()  # saved: the user may fix it by hand
+
+
+def test_check_names_where_an_advanced_setting_it_blames_is_on_the_page(tmp_path, fields):
+    from conftest import make_dreambooth_folder
+
+    make_dreambooth_folder(tmp_path / "imgs", "10_sks shape")
+    shown = shown_for(fields, train_data_dir=str(tmp_path / "imgs"), resolution="64", enable_bucket=True,
+                      min_bucket_reso="256")
+    report = app.check_form(tmp_path, fields, shown, "", False)
+    problem = next(line for line in report.splitlines() if "min_bucket_reso (256)" in line)
+    assert "(min_bucket_reso is under 'Advanced: dataset' below)" in problem
+    assert "command line" not in report  # the console's word for arguments; here they are the page's fields
+    assert app.page_problem("resolution too small", fields) == "resolution too small"  # main fields: no hint

@@ -162,6 +162,25 @@ def test_from_text_reads_what_widgets_and_users_type():
             F.from_text(F.field_spec(name), bad)
 
 
+def test_a_number_that_is_not_one_says_what_to_type_not_pythons_words():
+    with pytest.raises(ConfigError) as error:
+        F.from_text(F.field_spec("learning_rate"), "abc")
+    assert "learning_rate" in str(error.value) and "0.0001" in str(error.value)
+    assert "could not convert" not in str(error.value)
+    with pytest.raises(ConfigError, match=r"dot as the decimal point \(0\.0001\)"):  # a European decimal comma
+        F.from_text(F.field_spec("learning_rate"), "0,0001")
+    with pytest.raises(ConfigError, match="network_alpha: expected a number such as 1, got 'x'"):
+        F.from_text(F.field_spec("network_alpha"), "x")
+
+
+def test_a_list_of_numbers_is_one_line_and_accepts_commas():
+    spec = F.field_spec("text_encoder_lr")
+    assert F.to_text(spec, [5e-05, 1e-4]) == "5e-05, 0.0001"
+    assert F.from_text(spec, "5e-5, 1e-4") == [5e-05, 1e-4]
+    assert F.from_text(spec, "5e-5\n1e-4") == [5e-05, 1e-4]
+    assert F.to_text(F.field_spec("network_args"), ["a=1", "b=2"]) == "a=1\nb=2"  # other lists: one a line
+
+
 def test_apply_trigger():
     values = {"keep_tokens": 0, "output_name": "x"}
     tagged = F.apply_trigger(values, " mychar ", add_to_captions=True)

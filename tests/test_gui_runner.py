@@ -96,6 +96,9 @@ def test_poll_reads_only_new_complete_lines_of_this_run(tmp_path, fake_popen):
     assert status.eta_s is None
     assert "✅" in status_markdown(status) and "1:15" in status_markdown(status)
     assert not run.running
+    # Where the files are, as a full path: the trainer's "out put/..." is relative to the folder it ran in.
+    assert status.folder == str(tmp_path / "out put")
+    assert f"Saved in `{tmp_path / 'out put'}`: `キャラ-000001.safetensors`" in status_markdown(status)
 
 
 def test_a_failed_event_gives_its_reason(tmp_path, fake_popen):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import socket
 import threading
 import time
@@ -50,6 +51,36 @@ def require_gradio() -> Any:
 
 
 TRIGGER_FIELD = "metadata_trigger_phrase"  # shown as the "Trigger word" box, not among the advanced fields
+# The main fields in words a first-time user knows, with the sd-scripts name kept in the label: tutorials and
+# error messages use that name. Advanced fields show the bare name and the argument table's help.
+MAIN_LABELS: dict[str, tuple[str, str]] = {
+    "pretrained_model_name_or_path": (
+        "Base model", "the checkpoint you train on: a .safetensors/.ckpt file (e.g. v1-5-pruned-emaonly.safetensors), "
+                      "a diffusers folder, a Hugging Face id, or builtin:tiny-sd1 for the demo"),
+    "train_data_dir": (
+        "Pictures folder", "the folder that HOLDS your '10_mychar woman' folder (10 = repeats per epoch, then the "
+                           "caption used when a picture has no .txt), not that folder itself"),
+    "reg_data_dir": (
+        "Regularisation pictures (optional)", "same layout (e.g. '1_woman'): other pictures of the class, so the "
+                                              "class does not drift towards your subject; leave empty if unsure"),
+    "output_name": ("LoRA name", "the file name: output\\NAME.safetensors, used as <lora:NAME:0.8>"),
+    "max_train_epochs": ("Epochs", "passes over all pictures (each repeated as its folder says)"),
+    "train_batch_size": ("Batch size", "pictures per step: higher is faster but needs more VRAM"),
+    "learning_rate": ("Learning rate", "how far each step moves the LoRA; 1e-4 (0.0001) is usual"),
+    "unet_lr": ("UNet learning rate", "empty: the learning rate; when set, it wins over it for the UNet"),
+    "text_encoder_lr": ("Text encoder learning rate", "empty: the learning rate; often half the UNet's"),
+    "network_dim": ("LoRA rank", "the LoRA's size: 8-32 for one character or style; higher = bigger file"),
+    "network_alpha": ("LoRA alpha", "scales the LoRA's strength (alpha / rank); half the rank is common"),
+    "resolution": ("Resolution", "training picture size: 512 for SD 1.5, 768 for SD 2.x, 1024 for SDXL; or W,H"),
+}
+
+
+def field_label(spec: form.FieldSpec) -> tuple[str, str]:
+    """(label, info line) of a field: a main field's words with its sd-scripts name, else name and help."""
+    if spec.name in MAIN_LABELS:
+        label, info = MAIN_LABELS[spec.name]
+        return f"{label} ({spec.name})", info
+    return spec.name, spec.help + (" (accepted, has no effect here)" if spec.status == "warn" else "")
 
 
 def form_fields() -> list[form.FieldSpec]:
@@ -134,9 +165,29 @@ def check_form(cwd: Path, fields: Sequence[form.FieldSpec], shown: Sequence[Any]
     values = collect_values(fields, shown, trigger, add_to_captions)
     with tempfile.TemporaryDirectory(prefix="trainer-gui-") as scratch:
         config = form.write_config(Path(scratch) / "check.toml", values)
-        with working_directory(cwd):  # relative paths mean what they will mean to the training run
-            report = form.check_config(config, (trigger or "").strip() or None)
-    return report.to_markdown()
+        return check_file(cwd, config, trigger, fields).to_markdown()
+
+
+def check_file(cwd: Path, config: Path, trigger: str, fields: Sequence[form.FieldSpec]) -> form.CheckReport:
+    """form.check_config from the training folder, its problems worded for this page."""
+    with working_directory(cwd):  # relative paths mean what they will mean to the training run
+        report = form.check_config(config, (trigger or "").strip() or None)
+    report.problems = [page_problem(problem, fields) for problem in report.problems]
+    return report
+
+
+_FROM_ARGUMENTS = re.compile(r"^command line: (datasets\[0\]: )?")
+
+
+def page_problem(problem: str, fields: Sequence[form.FieldSpec]) -> str:
+    """The trainer's message, without the console's "command line:" (the page's folders are its arguments),
+    and with where to find each advanced setting it names: a user cannot fix min_bucket_reso unseen."""
+    first, newline, rest = _FROM_ARGUMENTS.sub("", problem).partition("\n")
+    named = [spec for spec in fields if "_" in spec.name and spec.name not in form.SIMPLE_FIELDS
+             and spec.name != TRIGGER_FIELD and re.search(rf"(?<![\w]){re.escape(spec.name)}(?!\w)", first)]
+    if named:
+        first += " (" + "; ".join(f"{spec.name} is under '{section_title(spec.section)}' below" for spec in named) + ")"
+    return first + newline + rest
 
 
 class working_directory:
@@ -200,6 +251,10 @@ def start_training(slot: RunSlot, configs_dir: Path, source: str | None, fields:
     if slot.running:
         return "A training run is still going: wait for it, or Stop it first."
     path, _ = save_form(configs_dir, slot.cwd, source, fields, shown, trigger, add_to_captions)
+    report = check_file(slot.cwd, path, trigger, fields)  # a run that would fail at once is not started
+    if not report.ok:
+        return (f"**Not started:** the settings are saved in `{path}`, but training would stop at once.\n\n"
+                + report.to_markdown())
     slot.start(path)
     return f"Started training with `{path}`. The same run from a console: `{console_command(path, slot.cwd)}`"
 
@@ -210,7 +265,30 @@ def stop_training(slot: RunSlot) -> str:
     return "No training run is going."
 
 
+def guarded(action: Callable[[], str], outcome: str = "") -> str:
+    """A button's message, or the user error that stopped it (and what did not happen)."""
+    try:
+        return action()
+    except UserError as error:
+        return f"**Error:** {error} {outcome}".rstrip()
+
+
 IDLE_TEXT = "No training run yet. Fill in **Settings**, then press **Start training**."
+
+
+def page_opened(slot: RunSlot, presets_dir: Path, configs_dir: Path,
+                current: str | None) -> tuple[list[tuple[str, str]], str | None, str]:
+    """What a page (re)loaded in the browser starts with: the "Start from" list as the folders are now
+    (configs saved since the server started included), the settings of a run that is going (and its tab),
+    else the form as built. Returns (choices, chosen source, tab id)."""
+    choices = source_choices(presets_dir, configs_dir)
+    run = slot.run
+    if run is None or not slot.running:
+        return choices, current, "settings"
+    config = str(run.config_path)
+    if config not in [path for _, path in choices]:
+        choices.append((f"running: {Path(config).stem}", config))
+    return choices, config, "training"
 
 
 def poll_training(slot: RunSlot, shown_samples: Sequence[str]) -> tuple[str, str, list[tuple[str, str]] | None,
@@ -233,14 +311,14 @@ def poll_training(slot: RunSlot, shown_samples: Sequence[str]) -> tuple[str, str
 
 def field_component(gr: Any, spec: form.FieldSpec, value: Any) -> Any:
     """One argument as a form control, its help text as the info line."""
-    info = spec.help + (" (accepted, has no effect here)" if spec.status == "warn" else "")
+    label, info = field_label(spec)
     if spec.kind == "bool":
-        return gr.Checkbox(value=bool(value), label=spec.name, info=info)
+        return gr.Checkbox(value=bool(value), label=label, info=info)
     if spec.kind == "choice":
-        return gr.Dropdown(choices=[c for c in spec.choices or ()], value=value, label=spec.name, info=info,
+        return gr.Dropdown(choices=[c for c in spec.choices or ()], value=value, label=label, info=info,
                            allow_custom_value=True)
-    lines = 3 if spec.kind == "list" else 1
-    return gr.Textbox(value=value, label=spec.name, info=info, lines=lines, max_lines=12 if lines > 1 else 1)
+    lines = 3 if spec.kind == "list" and spec.table_kind != "float_list" else 1  # numbers: "5e-5, 1e-4"
+    return gr.Textbox(value=value, label=label, info=info, lines=lines, max_lines=12 if lines > 1 else 1)
 
 
 def section_title(section: str) -> str:
@@ -288,19 +366,23 @@ def settings_tab(gr: Any, fields: Sequence[form.FieldSpec], shown: Sequence[Any]
         ui["trigger"] = gr.Textbox(value=trigger, label="Trigger word", scale=3,
                                    info="the word that calls up your subject in prompts (e.g. mychar); saved "
                                         "in the LoRA's metadata")
-        ui["add_trigger"] = gr.Checkbox(value=add, label="Put it first in every caption", scale=2,
+        ui["add_trigger"] = gr.Checkbox(value=add, label=form.TRIGGER_TICK, scale=2,
                                         info="sets caption_prefix and keeps it in front when captions shuffle")
+    # The buttons and their message right under the main fields: most runs need nothing else, and the
+    # answer to Check must not land below sixteen folded sections.
+    with gr.Row():
+        ui["check"] = gr.Button("Check")
+        ui["save"] = gr.Button("Save")
+        ui["start"] = gr.Button("Start training", variant="primary")
+    ui["message"] = gr.Markdown()
+    gr.Markdown("**Advanced settings** (optional): every other sd-scripts argument, by topic. The preset's "
+                "values are a good start; Check, Save and Start use these too.")
     for section in dict.fromkeys(spec.section for spec in fields if spec.name not in components):
         with gr.Accordion(section_title(section), open=False):
             for spec in fields:
                 if spec.section == section and spec.name not in components:
                     components[spec.name] = field_component(gr, spec, values[spec.name])
     ui["fields"] = [components[spec.name] for spec in fields]
-    with gr.Row():
-        ui["check"] = gr.Button("Check")
-        ui["save"] = gr.Button("Save")
-        ui["start"] = gr.Button("Start training", variant="primary")
-    ui["message"] = gr.Markdown()
     return ui
 
 
@@ -327,7 +409,8 @@ def training_tab(gr: Any) -> dict[str, Any]:
     with gr.Row():
         progress["stop"] = gr.Button("Stop (saves the LoRA so far)", variant="stop", interactive=False)
     progress["message"] = gr.Markdown()
-    progress["gallery"] = gr.Gallery(label="Sample images (newest first)", columns=4, height="auto")
+    progress["gallery"] = gr.Gallery(label="Sample images (newest first; they need sample_prompts under "
+                                             "Advanced: sampling)", columns=4, height="auto")
     with gr.Accordion("Log", open=False):
         progress["log"] = gr.Textbox(label="trainer output (last lines)", lines=14, max_lines=30,
                                      autoscroll=True, interactive=False)
@@ -354,23 +437,23 @@ def wire_events(gr: Any, app: Any, tabs: Any, ui: dict, progress: dict, *, field
     def on_refresh(current):
         return gr.Dropdown(choices=source_choices(presets_dir, configs_dir), value=current)
 
+    def on_open(current):
+        choices, source, tab = page_opened(slot, presets_dir, configs_dir, current)
+        return gr.Dropdown(choices=choices, value=source), gr.Tabs(selected=tab)
+
     def listed():  # a file just saved joins the "Start from" list (its value, hence the form, stays)
         return gr.Dropdown(choices=source_choices(presets_dir, configs_dir))
-
-    def guarded(action):
-        try:
-            return action()
-        except UserError as error:
-            return f"**Error:** {error}"
 
     def on_check(source, trigger, add, *shown):
         return guarded(lambda: check_form(cwd, fields, shown, trigger, add))
 
     def on_save(source, trigger, add, *shown):
-        return guarded(lambda: save_form(configs_dir, cwd, source, fields, shown, trigger, add)[1]), listed()
+        return guarded(lambda: save_form(configs_dir, cwd, source, fields, shown, trigger, add)[1],
+                       "Nothing was saved."), listed()
 
     def on_start(source, trigger, add, *shown):
-        message = guarded(lambda: start_training(slot, configs_dir, source, fields, shown, trigger, add))
+        message = guarded(lambda: start_training(slot, configs_dir, source, fields, shown, trigger, add),
+                          "Nothing was saved or started.")
         if not slot.running:
             return message, gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return message, gr.Tabs(selected="training"), message, status_markdown(slot.poll()), listed()
@@ -393,6 +476,7 @@ def wire_events(gr: Any, app: Any, tabs: Any, ui: dict, progress: dict, *, field
                     progress["stop"], ui["start"], progress["message"]]
     progress["timer"].tick(on_poll, progress["shown_samples"], poll_outputs, show_progress="hidden")
     app.load(on_poll, progress["shown_samples"], poll_outputs, show_progress="hidden")
+    app.load(on_open, ui["source"], [ui["source"], tabs], show_progress="hidden")
 
 
 def gallery_items(samples: Sequence[tuple[str, str]], cwd: Path) -> list[tuple[Any, str]]:

@@ -42,6 +42,7 @@ _PATH_NAMES = frozenset({"vae", "network_weights", "resume", "sample_prompts", "
                          "metadata_thumbnail", "base_weights", "console_log_file", "log_tracker_config"})
 _FIELDS = {f.name: f for f in A.ARGUMENTS}
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+TRIGGER_TICK = "Put it first in every caption"  # the page's tick box for apply_trigger; Check's advice names it
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -114,7 +115,8 @@ def to_text(spec: FieldSpec, value: Any) -> str | bool | float | None:
     if value is None:
         return ""
     if spec.kind == "list":
-        return "\n".join(str(item) for item in value) if isinstance(value, (list, tuple)) else str(value)
+        joiner = ", " if spec.table_kind == "float_list" else "\n"  # numbers fit one line; paths do not
+        return joiner.join(str(item) for item in value) if isinstance(value, (list, tuple)) else str(value)
     if spec.table_kind == "resolution":
         return _resolution_text(value)
     return str(value)
@@ -139,7 +141,7 @@ def _from_text(spec: FieldSpec, shown: Any) -> Any:
     if shown is None or shown == "":
         return None
     if spec.kind == "list":
-        items = shown if isinstance(shown, (list, tuple)) else str(shown).splitlines()
+        items = shown if isinstance(shown, (list, tuple)) else _list_items(spec, str(shown))
         items = [str(item).strip() for item in items if str(item).strip()]
         if spec.is_path:
             items = [_strip_path(item) for item in items]
@@ -156,6 +158,13 @@ def _from_text(spec: FieldSpec, shown: Any) -> Any:
                            and shown.lstrip("-").isdigit() else shown)
 
 
+def _list_items(spec: FieldSpec, shown: str) -> list[str]:
+    """One item a line; numbers may also be separated by commas or spaces ("5e-5, 1e-4")."""
+    if spec.table_kind == "float_list":
+        return re.split(r"[\s,;]+", shown)
+    return shown.splitlines()
+
+
 def _number(spec: FieldSpec, shown: Any) -> int | float:
     """Float arguments keep a whole number as int when the default is an int (network_alpha = 16 is saved
     as "16" in the metadata, as sd-scripts does), however the widget handed it over."""
@@ -163,9 +172,26 @@ def _number(spec: FieldSpec, shown: Any) -> int | float:
         raise ValueError(f"expected a number, got {shown!r}")
     if isinstance(shown, int):
         return shown
-    value = float(shown)
+    try:
+        value = float(shown)
+    except ValueError:
+        raise ValueError(_not_a_number(spec, shown)) from None
     whole_default = isinstance(spec.default, int) and not isinstance(spec.default, bool)
     return int(value) if whole_default and value.is_integer() else value
+
+
+def _not_a_number(spec: FieldSpec, shown: Any) -> str:
+    """What a user typing into a number box needs to hear (not Python's "could not convert string to float")."""
+    text = str(shown).strip()
+    if re.fullmatch(r"[+-]?\d*,\d+", text):  # a decimal comma, as typed in much of Europe
+        return f"expected a number with a dot as the decimal point ({text.replace(',', '.')}), got {text!r}"
+    if spec.name.endswith(("_lr", "learning_rate")):
+        example = "0.0001 (or 1e-4)"
+    elif isinstance(spec.default, (int, float)) and not isinstance(spec.default, bool) and spec.default:
+        example = spec.default
+    else:
+        example = 0.5
+    return f"expected a number such as {example}, got {text!r}"
 
 
 def _strip_path(text: str) -> str:
@@ -574,6 +600,6 @@ def _trigger_part(subset: Any, captions: list[str], trigger: str) -> str:
     having = sum(1 for caption in captions if wanted in caption.lower())
     text = f"; {having} of {len(captions)} caption(s) contain the trigger '{trigger}'"
     if having == 0:
-        text += (". Warning: the trigger word will not be learned: add it to the caption files, or tick 'add the "
-                 "trigger word to every caption' (caption_prefix)")
+        text += (". Warning: the trigger word will not be learned: add it to the caption files, or tick "
+                 f"'{TRIGGER_TICK}' next to the trigger word (caption_prefix)")
     return text

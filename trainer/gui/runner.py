@@ -55,6 +55,7 @@ class RunStatus:
     info: list[str] = field(default_factory=list)  # the run's summary lines (images, steps, attention, ...)
     exit_code: int | None = None
     elapsed_s: float | None = None
+    folder: str | None = None  # the output folder, absolute: the trainer's paths are relative to its cwd
 
 
 class TrainingRun:
@@ -85,7 +86,7 @@ class TrainingRun:
         except OSError:  # an output folder that cannot be made: the trainer's own check says why, in this log
             self.log_path = Path(tempfile.gettempdir()) / self.log_path.name
         self._offset = self.events_path.stat().st_size if self.events_path.is_file() else 0
-        self.status = RunStatus(state="running")
+        self.status = RunStatus(state="running", folder=str(self.events_path.parent.absolute()))
         self._stop_requested = self._terminal_event = False
         command = [self.python, "-m", "trainer", "train", "--config_file", str(self.config_path), *self.extra_args]
         with open(self.log_path, "w", encoding="utf-8") as log:
@@ -276,7 +277,8 @@ def status_markdown(status: RunStatus) -> str:
         if rest:
             lines.append("```\n" + rest + "\n```")
     if s.saved:
-        lines.append("Saved: " + ", ".join(f"`{Path(p).name}`" for p in s.saved[-5:]))
+        where = f" in `{s.folder}`" if s.folder else ""  # "output/x.safetensors" says not where "output" is
+        lines.append(f"Saved{where}: " + ", ".join(f"`{Path(p).name}`" for p in s.saved[-5:]))
     if s.samples:
         lines.append(f"Sample images: {len(s.samples)} (latest `{Path(s.samples[-1][0]).name}`)")
     for warning in s.warnings[-3:]:
