@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import make_dreambooth_folder
 from safetensors.torch import load_file
-from test_sdxl import sdxl_args, tiny_sdxl_dir  # noqa: F401 (a fixture)
+from test_sdxl import sdxl_args
 
 from trainer.cli import main
 from trainer.config.args import parse_train_args
