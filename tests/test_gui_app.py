@@ -311,12 +311,14 @@ def test_gui_main_serves_until_ctrl_c_then_stops_the_run_and_closes(monkeypatch,
     monkeypatch.setattr(app, "launch", lambda blocks, host, port, browser: calls.append((host, port, browser))
                         or f"http://{host}:{port}/")
     monkeypatch.setattr(app, "stop_before_exit", lambda slot: calls.append("stopped"))
+    monkeypatch.setattr(cli, "restore_ctrl_c", lambda: calls.append("ctrl-c restored"))
 
     def interrupt(seconds):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(app.time, "sleep", interrupt)
     assert app.main(["--no_browser", "--port", "17990"]) == 0
+    assert calls.pop(0) == "ctrl-c restored"  # before serving
     assert calls[0][0] == "127.0.0.1" and calls[0][1] >= 17990 and calls[0][2] is False
     assert calls[-1] == "stopped"
     assert "Ctrl-C" in capsys.readouterr().out

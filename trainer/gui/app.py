@@ -547,6 +547,9 @@ def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     check_local_host(args.host)
     require_gradio()
+    from trainer.cli import restore_ctrl_c
+
+    restore_ctrl_c()  # started in the background (`./gui.sh &`), Ctrl-C / SIGINT must still close it cleanly
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
     slot = RunSlot(Path.cwd())
     app = build_app(slot=slot)
