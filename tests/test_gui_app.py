@@ -166,6 +166,25 @@ def test_a_value_that_does_not_fit_its_argument_is_an_error_not_a_file(tmp_path,
     assert not (tmp_path / "configs").exists() or not list((tmp_path / "configs").iterdir())
 
 
+def test_fits_my_card_gives_the_memory_estimate_of_the_form_and_saves_nothing(tmp_path, fields, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    answer = app.fit_form(tmp_path, fields, shown_for(fields, train_batch_size="2"), "", False)
+    # No NVIDIA GPU here: the estimate of these settings (the form's batch, not the preset's) is a note.
+    assert "No NVIDIA GPU found" in answer and "needs a card with about" in answer
+    assert "tiny-sd1 at 64x64, batch 2" in answer
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_vram_answer_says_fits_or_what_to_step_down_to():
+    from trainer.doctor import Check
+
+    fits = app.vram_markdown([Check("OK", "VRAM", "fits: needs about 3.5 GB; RTX 3070 has 8.0 GB")])
+    assert fits == "- **Fits.** Fits: needs about 3.5 GB; RTX 3070 has 8.0 GB"
+    too_big = app.vram_markdown([Check("WARN", "VRAM", "does not fit: needs about 9 GB",
+                                       "use presets/sd15-6gb.toml (the 6 GB tier)")])
+    assert too_big.startswith("- **Warning:** Does not fit") and "Fix: use presets/sd15-6gb.toml" in too_big
+
+
 def test_check_reads_relative_paths_from_the_training_folder_and_saves_nothing(tmp_path, fields, monkeypatch):
     from conftest import make_dreambooth_folder
 

@@ -168,6 +168,33 @@ def check_form(cwd: Path, fields: Sequence[form.FieldSpec], shown: Sequence[Any]
         return check_file(cwd, config, trigger, fields).to_markdown()
 
 
+def fit_form(cwd: Path, fields: Sequence[form.FieldSpec], shown: Sequence[Any], trigger: str,
+             add_to_captions: bool) -> str:
+    """Whether these settings fit this PC's NVIDIA card, as `python -m trainer doctor --config` says: the
+    memory estimate (the full-size model traced without memory, a few seconds) against the detected card,
+    and what to step down to when it does not fit. Nothing is saved."""
+    import tempfile
+
+    from trainer.doctor import check_vram
+
+    values = collect_values(fields, shown, trigger, add_to_captions)
+    with tempfile.TemporaryDirectory(prefix="trainer-gui-") as scratch:
+        config = form.write_config(Path(scratch) / "fit.toml", values)
+        with working_directory(cwd):
+            return vram_markdown(check_vram(str(config)))
+
+
+def vram_markdown(checks: Sequence[Any]) -> str:
+    """doctor's VRAM checks as the page's message."""
+    lead = {"OK": "**Fits.**", "WARN": "**Warning:**", "FAIL": "**Problem:**"}
+    lines = []
+    for check in checks:
+        detail = check.detail[0].upper() + check.detail[1:] if check.detail else ""
+        line = f"{lead.get(check.level, '')} {detail}".strip()
+        lines.append(line + (f"\n\n  Fix: {check.fix}" if check.fix else ""))
+    return "\n\n".join(f"- {line}" for line in lines)
+
+
 def check_file(cwd: Path, config: Path, trigger: str, fields: Sequence[form.FieldSpec]) -> form.CheckReport:
     """form.check_config from the training folder, its problems worded for this page."""
     with working_directory(cwd):  # relative paths mean what they will mean to the training run
@@ -372,6 +399,7 @@ def settings_tab(gr: Any, fields: Sequence[form.FieldSpec], shown: Sequence[Any]
     # answer to Check must not land below sixteen folded sections.
     with gr.Row():
         ui["check"] = gr.Button("Check")
+        ui["fit"] = gr.Button("Fits my card?")
         ui["save"] = gr.Button("Save")
         ui["start"] = gr.Button("Start training", variant="primary")
     ui["message"] = gr.Markdown()
@@ -447,6 +475,9 @@ def wire_events(gr: Any, app: Any, tabs: Any, ui: dict, progress: dict, *, field
     def on_check(source, trigger, add, *shown):
         return guarded(lambda: check_form(cwd, fields, shown, trigger, add))
 
+    def on_fit(source, trigger, add, *shown):
+        return guarded(lambda: fit_form(cwd, fields, shown, trigger, add))
+
     def on_save(source, trigger, add, *shown):
         return guarded(lambda: save_form(configs_dir, cwd, source, fields, shown, trigger, add)[1],
                        "Nothing was saved."), listed()
@@ -468,6 +499,7 @@ def wire_events(gr: Any, app: Any, tabs: Any, ui: dict, progress: dict, *, field
     ui["source"].change(on_source, ui["source"], [*ui["fields"], ui["trigger"], ui["add_trigger"], ui["message"]])
     ui["refresh"].click(on_refresh, ui["source"], ui["source"])
     ui["check"].click(on_check, form_inputs, ui["message"])
+    ui["fit"].click(on_fit, form_inputs, ui["message"])
     ui["save"].click(on_save, form_inputs, [ui["message"], ui["source"]])
     ui["start"].click(on_start, form_inputs, [ui["message"], tabs, progress["message"], progress["status"],
                                               ui["source"]])
