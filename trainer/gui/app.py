@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 from trainer.errors import UserError
 from trainer.gui import form
+from trainer.gui.check import CheckReport, check_config
 from trainer.gui.runner import RunStatus, TrainingRun, status_markdown
 
 DEFAULT_PORT = 7860
@@ -195,10 +196,10 @@ def vram_markdown(checks: Sequence[Any]) -> str:
     return "\n\n".join(f"- {line}" for line in lines)
 
 
-def check_file(cwd: Path, config: Path, trigger: str, fields: Sequence[form.FieldSpec]) -> form.CheckReport:
-    """form.check_config from the training folder, its problems worded for this page."""
+def check_file(cwd: Path, config: Path, trigger: str, fields: Sequence[form.FieldSpec]) -> CheckReport:
+    """check_config from the training folder, its problems worded for this page."""
     with working_directory(cwd):  # relative paths mean what they will mean to the training run
-        report = form.check_config(config, (trigger or "").strip() or None)
+        report = check_config(config, (trigger or "").strip() or None)
     report.problems = [page_problem(problem, fields) for problem in report.problems]
     return report
 

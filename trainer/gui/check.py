@@ -1,0 +1,274 @@
+"""The check a user runs before Start (the page's Check button): everything that can be told without
+loading a model. The settings are parsed exactly as `train` parses them (the same messages), then the base
+model's path (and family, where that is cheap) and the picture folders are looked at: repeats, images,
+caption files, and how many captions hold the trigger word."""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+from trainer.config import args as A
+from trainer.errors import ConfigError, UserError
+from trainer.gui.form import TRIGGER_TICK, strip_path
+
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+@dataclass
+class CheckReport:
+    """What `check_config` found: problems stop training; notes are what a user should know."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_markdown(self) -> str:
+        parts = ["**Ready to train.**" if self.ok else f"**{len(self.problems)} problem(s) to fix before training:**"]
+        parts += [_bullet(p) for p in self.problems]
+        if self.notes:
+            parts += ["", "**Found:**"] + [_bullet(n) for n in self.notes]
+        return "\n".join(parts)
+
+
+def _bullet(text: str) -> str:
+    first, _, rest = text.partition("\n")
+    return f"- {first}" + (f"\n\n  ```\n{rest}\n  ```" if rest else "")
+
+
+def check_config(path: str | Path, trigger: str | None = None) -> CheckReport:
+    """Everything that can be told without loading a model: the config parsed exactly as `train` parses it,
+    the base model's path (and family when that is cheap), and the dataset folders: repeats, images, caption
+    files, and how many captions hold the trigger word (default: the config's metadata_trigger_phrase)."""
+    report = CheckReport()
+    with _collected_warnings() as warnings:
+        args = _parse(path, report)
+        if args is not None:
+            _check_model(args, report)
+            _check_files(args, report)
+            _check_dataset(args, (trigger or args.metadata_trigger_phrase or "").strip(), report)
+            _check_output(args, report)
+    report.notes += [f"Warning: {w}" for w in dict.fromkeys(warnings)]
+    report.problems = list(dict.fromkeys(report.problems))
+    return report
+
+
+@contextmanager
+def _collected_warnings() -> Iterator[list[str]]:
+    """The trainer's own warnings (ignored arguments, folders without a repeat count, missing caption files)
+    are what a user needs to read here, so they are collected as notes."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    logger = logging.getLogger("trainer")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def _parse(path: str | Path, report: CheckReport) -> Any:
+    """The TrainConfig `train` would build; when it has problems, they are reported and the file's values
+    that are valid are still used, so the dataset is checked in the same pass."""
+    try:
+        return A.parse_train_args(["--config_file", str(path)])
+    except ConfigError as e:
+        report.problems += e.problems
+    except SystemExit as e:  # argparse; cannot happen with --config_file alone, but never let it end the GUI
+        report.problems.append(f"{path}: rejected (exit {e.code}).")
+        return None
+    try:
+        file, raw = A.read_config_file(str(path))
+    except ConfigError:
+        return None  # already reported by parse_train_args
+    converted, _ = A.check_toml_values(file, raw)
+    return SimpleNamespace(**{**A.default_values(), **converted})
+
+
+def _check_model(args: Any, report: CheckReport) -> None:
+    from trainer.models.load import looks_like_hub_id, missing_path_error, detect_model_family
+
+    spec = strip_path(str(args.pretrained_model_name_or_path or ""))
+    if not spec:
+        return  # parse_train_args said it is required
+    path = Path(spec).expanduser()
+    if spec.startswith("builtin:") or path.is_dir() or (path.is_file() and path.suffix.lower() == ".safetensors"):
+        try:
+            family = detect_model_family(spec)
+        except UserError as e:
+            report.problems.append(str(e))
+            return
+        report.notes.append(f"Model: {FAMILY_NAMES.get(family, family)}, {spec}")
+        _check_family(args, spec, family, report)
+    elif path.is_file():
+        report.notes.append(f"Model: {spec} (its type is checked when training starts)")
+    elif looks_like_hub_id(spec):
+        report.notes.append(f"Model: {spec} is not a local file or folder; it will be downloaded from the "
+                            "Hugging Face hub when training starts.")
+    else:
+        report.problems.append(str(missing_path_error(path)))
+
+
+def _check_family(args: Any, spec: str, family: str, report: CheckReport) -> None:
+    """The weights decide SD vs SDXL (as the trainer does); a preset for the other family is a warning."""
+    if family == "sdxl" and not args.sdxl:
+        report.notes.append(f"Warning: {spec} is an SDXL model but these settings are for SD 1.x/2.x; it trains "
+                            "as SDXL anyway. Start from an sdxl-* preset for settings that fit SDXL.")
+    elif family != "sdxl" and args.sdxl:
+        report.notes.append(f"Warning: {spec} is an {FAMILY_NAMES.get(family, family)} model but these settings "
+                            "are for SDXL (sdxl = true); it trains as SD anyway. Start from an sd15-* preset.")
+        if args.cache_text_encoder_outputs:
+            report.problems.append(f"cache_text_encoder_outputs works for SDXL models only, and {spec} is "
+                                   f"{FAMILY_NAMES.get(family, family)}. Remove it (or start from an sd15-* preset).")
+
+
+def _check_files(args: Any, report: CheckReport) -> None:
+    names = ["vae", "network_weights", "sample_prompts", "log_tracker_config"]
+    if not args.resume_from_huggingface:
+        names.append("resume")
+    for name in names:
+        value = getattr(args, name)
+        if value and not Path(strip_path(str(value))).exists():
+            report.problems.append(f"{name} = {value}: not found. Check the path (relative paths are taken from "
+                                   f"{Path.cwd()}), or clear the field.")
+
+
+def _check_output(args: Any, report: CheckReport) -> None:
+    folder = Path(args.output_dir or "output")
+    if not args.output_name:
+        report.notes.append(f"output_name is not set: the LoRA will be saved as {folder / 'last'}."
+                            f"{args.save_model_as}. Set output_name to name it.")
+    final = folder / f"{args.output_name or 'last'}.{args.save_model_as}"
+    if final.exists():
+        report.notes.append(f"{final} already exists; a finished run replaces it (change output_name to keep it).")
+
+
+# ---- the dataset ---------------------------------------------------------------------------------------
+
+
+def _check_dataset(args: Any, trigger: str, report: CheckReport) -> None:
+    from trainer.config.dataset import load_dataset_config, resolve_datasets
+
+    if args.dataset_class:
+        report.notes.append(f"The dataset comes from the class {args.dataset_class}; it is not scanned here.")
+        return
+    if not (args.train_data_dir or args.dataset_config or args.in_json):
+        return  # parse_train_args reported it
+    if _demo_pictures_pending(args):
+        report.notes.append(f"The demo's pictures are generated in {args.train_data_dir} when training starts.")
+        return
+    try:
+        user_config = None
+        if args.dataset_config:
+            user_config = load_dataset_config(strip_path(args.dataset_config), masked_loss=args.masked_loss)
+        specs = resolve_datasets(args, user_config)
+    except UserError as e:
+        report.problems += getattr(e, "problems", None) or [str(e)]
+        return
+    train_images = steps_per_epoch = 0
+    for spec in specs:
+        counted = [_scan_subset(subset, trigger, report) for subset in spec.subsets]
+        train = sum(n * s.num_repeats for n, s in zip(counted, spec.subsets) if not s.is_reg)
+        has_reg = any(n for n, s in zip(counted, spec.subsets) if s.is_reg)
+        train_images += train
+        steps_per_epoch += math.ceil(train * (2 if has_reg else 1) / spec.batch_size)  # reg images match train
+    if not train_images:
+        report.problems.append("No training images found in any dataset folder. Images (png, jpg, webp, bmp) must "
+                               "be directly inside the '<repeats>_<class tokens>' folders (or image_dir).")
+        return
+    report.notes.append(_steps_note(args, steps_per_epoch))
+
+
+def _demo_pictures_pending(args: Any) -> bool:
+    """The built-in demo model brings its own pictures, written on the first run."""
+    from trainer.demo import DEMO_MODEL
+
+    return (args.pretrained_model_name_or_path == DEMO_MODEL and bool(args.train_data_dir)
+            and not args.dataset_config and not Path(args.train_data_dir).exists())
+
+
+def _steps_note(args: Any, batches: int) -> str:
+    per_epoch = max(1, math.ceil(batches / max(1, args.gradient_accumulation_steps)))
+    if args.max_train_epochs:
+        epochs, total = args.max_train_epochs, args.max_train_epochs * per_epoch
+    else:
+        total, epochs = args.max_train_steps, math.ceil(args.max_train_steps / per_epoch)
+    return (f"Training: about {per_epoch} steps per epoch, {total} steps ({epochs} epoch(s)) in all "
+            "(aspect-ratio buckets can add a few).")
+
+
+def _scan_subset(subset: Any, trigger: str, report: CheckReport) -> int:
+    """One line per folder: images, repeats, caption files, captions with the trigger. Returns the image count."""
+    from trainer.data.folders import list_images, read_finetune_metadata
+
+    if subset.metadata_file:
+        try:
+            entries, _ = read_finetune_metadata(subset.metadata_file, subset.image_dir, subset.caption_separator,
+                                                subset.enable_wildcard)
+        except UserError as e:
+            report.problems.append(str(e))
+            return 0
+        report.notes.append(f"train {subset.metadata_file}: {len(entries)} image(s) x {subset.num_repeats} "
+                            f"repeat(s){_trigger_part(subset, [c for _, c, _ in entries], trigger)}")
+        return len(entries)
+    folder = Path(subset.image_dir)
+    role = "reg" if subset.is_reg else "train"
+    if not folder.is_dir():
+        report.problems.append(f"Image folder not found: {folder}. Check image_dir (or --train_data_dir); relative "
+                               f"paths are taken from the current folder {Path.cwd()}.")
+        return 0
+    images = list_images(folder)
+    if not images:
+        subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        hint = (f"; it has subfolders ({', '.join(subfolders[:5])}), but images must be directly inside it"
+                if subfolders else "")
+        report.notes.append(f"Warning: {role} folder {folder} has no images and is skipped{hint}.")
+        return 0
+    try:
+        captions, files = _captions(subset, images)
+    except UserError as e:
+        report.problems.append(str(e))
+        return len(images)
+    report.notes.append(f"{role} {folder.name}: {len(images)} image(s) x {subset.num_repeats} repeat(s) = "
+                        f"{len(images) * subset.num_repeats}, {files} caption file(s) ({subset.caption_extension})"
+                        + ("" if subset.is_reg else _trigger_part(subset, captions, trigger)))
+    return len(images)
+
+
+def _captions(subset: Any, images: list[Path]) -> tuple[list[str], int]:
+    """Each image's caption as training reads it (caption file, else the folder's class tokens) and how many
+    caption files there are; the trainer's own warning names the images without one."""
+    from trainer.data.folders import caption_candidates, read_folder_captions
+
+    captions = read_folder_captions(images, subset.caption_extension, subset.class_tokens, subset.enable_wildcard,
+                                    Path(subset.image_dir))
+    files = sum(1 for image in images
+                if any(c.is_file() for c in caption_candidates(image, subset.caption_extension)))
+    return captions, files
+
+
+def _trigger_part(subset: Any, captions: list[str], trigger: str) -> str:
+    if not trigger:
+        return ""
+    wanted = trigger.lower()
+    added = f"{subset.caption_prefix or ''}{subset.caption_suffix or ''}".lower()
+    if wanted in added:
+        return f"; the trigger '{trigger}' is added to every caption (caption_prefix/suffix)"
+    having = sum(1 for caption in captions if wanted in caption.lower())
+    text = f"; {having} of {len(captions)} caption(s) contain the trigger '{trigger}'"
+    if having == 0:
+        text += (". Warning: the trigger word will not be learned: add it to the caption files, or tick "
+                 f"'{TRIGGER_TICK}' next to the trigger word (caption_prefix)")
+    return text
