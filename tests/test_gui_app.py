@@ -166,11 +166,44 @@ def test_a_value_that_does_not_fit_its_argument_is_an_error_not_a_file(tmp_path,
     assert not (tmp_path / "configs").exists() or not list((tmp_path / "configs").iterdir())
 
 
+def test_sample_prompts_from_the_main_page_go_to_a_file_the_saved_config_names(tmp_path, fields):
+    from trainer.train.sample import load_prompts
+
+    configs = tmp_path / "configs"
+    shown = app.with_prompts(fields, shown_for(fields, output_name="my char", sample_every_n_epochs=""),
+                             "mychar, smiling --w 64 --h 64\nmychar, full body", configs_dir=configs, cwd=tmp_path,
+                             write=True)
+    path, _ = app.save_form(configs, tmp_path, None, fields, shown, "", False)
+    cfg = parse_train_args(["--config_file", str(path)])
+    assert Path(cfg.sample_prompts) == configs / "my char.prompts.txt"
+    assert cfg.sample_every_n_epochs == 1  # no cadence was set: a picture every epoch
+    assert [p.prompt for p in load_prompts(cfg.sample_prompts)] == ["mychar, smiling", "mychar, full body"]
+    # Loading that config shows the same text, and saving it again writes nothing new.
+    loaded, _, _ = app.load_source(str(path), fields)
+    assert app.prompts_of(fields, loaded, tmp_path) == "mychar, smiling --w 64 --h 64\nmychar, full body"
+    again = app.with_prompts(fields, loaded, "mychar, smiling --w 64 --h 64\nmychar, full body",
+                             configs_dir=configs, cwd=tmp_path, write=True)
+    assert again == loaded
+
+
+def test_sample_prompts_keep_a_cadence_and_are_not_written_by_check(tmp_path, fields):
+    configs = tmp_path / "configs"
+    shown = shown_for(fields, output_name="x", sample_every_n_steps="50", sample_every_n_epochs="")
+    index = {spec.name: i for i, spec in enumerate(fields)}
+    written = app.with_prompts(fields, shown, "a cat", configs_dir=configs, cwd=tmp_path, write=True)
+    assert written[index["sample_every_n_steps"]] == "50" and written[index["sample_every_n_epochs"]] == ""
+    assert app.with_prompts(fields, shown, "a dog", configs_dir=tmp_path / "other", cwd=tmp_path,
+                            write=False) == list(shown)
+    assert app.with_prompts(fields, shown, "  ", configs_dir=tmp_path / "other", cwd=tmp_path,
+                            write=True) == list(shown)
+    assert not (tmp_path / "other").exists()
+
+
 def test_fits_my_card_gives_the_memory_estimate_of_the_form_and_saves_nothing(tmp_path, fields, monkeypatch):
     monkeypatch.chdir(tmp_path)
     answer = app.fit_form(tmp_path, fields, shown_for(fields, train_batch_size="2"), "", False)
     # No NVIDIA GPU here: the estimate of these settings (the form's batch, not the preset's) is a note.
-    assert "No NVIDIA GPU found" in answer and "needs a card with about" in answer
+    assert "No NVIDIA GPU found; this form needs a card with about" in answer and "fit.toml" not in answer
     assert "tiny-sd1 at 64x64, batch 2" in answer
     assert list(tmp_path.iterdir()) == []
 

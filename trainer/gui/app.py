@@ -12,6 +12,7 @@ functions: `python -m trainer` must work without it, and a missing gradio is one
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import os
 import re
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from trainer.errors import UserError
+from trainer.files import atomic_write_text
 from trainer.gui import form
 from trainer.gui.check import CheckReport, check_config
 from trainer.gui.runner import RunStatus, TrainingRun, status_markdown
@@ -51,6 +53,8 @@ def require_gradio() -> Any:
 # The form: every field by name, in the order the page shows them
 
 
+PROMPTS_FIELD = "sample_prompts"  # also on the main page, as the text of the file (with_prompts)
+SAMPLE_CADENCES = ("sample_every_n_epochs", "sample_every_n_steps")
 TRIGGER_FIELD = "metadata_trigger_phrase"  # shown as the "Trigger word" box, not among the advanced fields
 # The main fields in words a first-time user knows, with the sd-scripts name kept in the label: tutorials and
 # error messages use that name. Advanced fields show the bare name and the argument table's help.
@@ -136,6 +140,40 @@ def collect_values(fields: Sequence[form.FieldSpec], shown: Sequence[Any], trigg
     return form.apply_trigger(values, (trigger or "").strip(), bool(add_to_captions))
 
 
+def prompts_of(fields: Sequence[form.FieldSpec], shown: Sequence[Any], cwd: Path) -> str:
+    """The text of the prompt file the form's sample_prompts names (relative paths from the training folder),
+    or "" when it names none or it cannot be read."""
+    value = dict(zip((spec.name for spec in fields), shown)).get(PROMPTS_FIELD)
+    if not value:
+        return ""
+    path = Path(form.strip_path(str(value)))
+    try:
+        return (path if path.is_absolute() else cwd / path).read_text(encoding="utf-8-sig").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def with_prompts(fields: Sequence[form.FieldSpec], shown: Sequence[Any], prompts: str | None, *,
+                 configs_dir: Path, cwd: Path, write: bool) -> list[Any]:
+    """The form's values with the main page's sample prompts in them. Unchanged when the box is empty or holds
+    what the named prompt file holds. Otherwise, with `write` (Save, Start), the text goes to
+    configs/<output_name>.prompts.txt, sample_prompts names that file, and a picture comes every epoch unless
+    a cadence is set; without `write` (Check, Fits my card?) nothing is written and the form is taken as is."""
+    text = (prompts or "").strip()
+    shown = list(shown)
+    if not text or not write or text == prompts_of(fields, shown, cwd):
+        return shown
+    index = {spec.name: i for i, spec in enumerate(fields)}
+    name = str(shown[index["output_name"]] or "").strip() or None
+    path = form.config_path_for(name, configs_dir).with_suffix(".prompts.txt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text + "\n")
+    shown[index[PROMPTS_FIELD]] = str(path)
+    if not any(str(shown[index[cadence]] or "").strip() for cadence in SAMPLE_CADENCES):
+        shown[index["sample_every_n_epochs"]] = "1"
+    return shown
+
+
 def console_command(config: Path, cwd: Path, *, windows: bool = os.name == "nt") -> str:
     """The console command that runs the same file, from the folder the GUI was started in."""
     try:
@@ -182,7 +220,10 @@ def fit_form(cwd: Path, fields: Sequence[form.FieldSpec], shown: Sequence[Any], 
     with tempfile.TemporaryDirectory(prefix="trainer-gui-") as scratch:
         config = form.write_config(Path(scratch) / "fit.toml", values)
         with working_directory(cwd):
-            return vram_markdown(check_vram(str(config)))
+            checks = check_vram(str(config))
+    # doctor names the file it was given; here that is a scratch copy of the form
+    return vram_markdown([dataclasses.replace(c, detail=c.detail.replace(str(config), "this form"))
+                          for c in checks])
 
 
 def vram_markdown(checks: Sequence[Any]) -> str:
@@ -372,7 +413,7 @@ def build_app(presets_dir: Path | None = None, configs_dir: Path | None = None, 
                     "`train.ps1 -Config` runs the same way.")
         with gr.Tabs() as tabs:
             with gr.Tab("Settings", id="settings"):
-                ui = settings_tab(gr, fields, shown, choices, source, trigger, add)
+                ui = settings_tab(gr, fields, shown, choices, source, trigger, add, prompts_of(fields, shown, cwd))
             with gr.Tab("Training", id="training"):
                 progress = training_tab(gr)
         wire_events(gr, app, tabs, ui, progress, fields=fields, slot=slot, presets_dir=presets_dir,
@@ -381,7 +422,7 @@ def build_app(presets_dir: Path | None = None, configs_dir: Path | None = None, 
 
 
 def settings_tab(gr: Any, fields: Sequence[form.FieldSpec], shown: Sequence[Any], choices, source, trigger,
-                 add) -> dict[str, Any]:
+                 add, prompts: str = "") -> dict[str, Any]:
     ui: dict[str, Any] = {}
     with gr.Row():
         ui["source"] = gr.Dropdown(choices=list(choices), value=source, label="Start from", scale=4,
@@ -396,6 +437,9 @@ def settings_tab(gr: Any, fields: Sequence[form.FieldSpec], shown: Sequence[Any]
                                         "in the LoRA's metadata")
         ui["add_trigger"] = gr.Checkbox(value=add, label=form.TRIGGER_TICK, scale=2,
                                         info="sets caption_prefix and keeps it in front when captions shuffle")
+    ui["prompts"] = gr.Textbox(value=prompts, label="Sample prompts (optional)", lines=2, max_lines=8,
+                               info="one prompt a line: a picture of each every epoch, shown in the Training tab "
+                                    "(sd-scripts' options work: --w 512 --h 512 --s 20 --d 42)")
     # The buttons and their message right under the main fields: most runs need nothing else, and the
     # answer to Check must not land below sixteen folded sections.
     with gr.Row():
@@ -438,8 +482,8 @@ def training_tab(gr: Any) -> dict[str, Any]:
     with gr.Row():
         progress["stop"] = gr.Button("Stop (saves the LoRA so far)", variant="stop", interactive=False)
     progress["message"] = gr.Markdown()
-    progress["gallery"] = gr.Gallery(label="Sample images (newest first; they need sample_prompts under "
-                                             "Advanced: sampling)", columns=4, height="auto")
+    progress["gallery"] = gr.Gallery(label="Sample images (newest first; they need sample prompts, in Settings)",
+                                     columns=4, height="auto")
     with gr.Accordion("Log", open=False):
         progress["log"] = gr.Textbox(label="trainer output (last lines)", lines=14, max_lines=30,
                                      autoscroll=True, interactive=False)
@@ -451,17 +495,20 @@ def training_tab(gr: Any) -> dict[str, Any]:
 def wire_events(gr: Any, app: Any, tabs: Any, ui: dict, progress: dict, *, fields, slot: RunSlot,
                 presets_dir: Path, configs_dir: Path, cwd: Path) -> None:
     """gradio events -> the plain callbacks above."""
-    form_inputs = [ui["source"], ui["trigger"], ui["add_trigger"], *ui["fields"]]
+    form_inputs = [ui["source"], ui["trigger"], ui["add_trigger"], ui["prompts"], *ui["fields"]]
     n = len(fields)
 
     def on_source(path):
         if not path:
-            return [gr.skip()] * (n + 3)
+            return [gr.skip()] * (n + 4)
         try:
             shown, trigger, add = load_source(path, fields)
         except UserError as error:
-            return [gr.skip()] * (n + 2) + [f"**Could not read it:** {error}"]
-        return [*shown, trigger, add, f"Loaded `{path}`."]
+            return [gr.skip()] * (n + 3) + [f"**Could not read it:** {error}"]
+        return [*shown, trigger, add, prompts_of(fields, shown, cwd), f"Loaded `{path}`."]
+
+    def prompted(shown, prompts, write):  # the main page's sample prompts, in the form's values
+        return with_prompts(fields, shown, prompts, configs_dir=configs_dir, cwd=cwd, write=write)
 
     def on_refresh(current):
         return gr.Dropdown(choices=source_choices(presets_dir, configs_dir), value=current)
@@ -473,18 +520,20 @@ def wire_events(gr: Any, app: Any, tabs: Any, ui: dict, progress: dict, *, field
     def listed():  # a file just saved joins the "Start from" list (its value, hence the form, stays)
         return gr.Dropdown(choices=source_choices(presets_dir, configs_dir))
 
-    def on_check(source, trigger, add, *shown):
-        return guarded(lambda: check_form(cwd, fields, shown, trigger, add))
+    def on_check(source, trigger, add, prompts, *shown):
+        return guarded(lambda: check_form(cwd, fields, prompted(shown, prompts, False), trigger, add))
 
-    def on_fit(source, trigger, add, *shown):
-        return guarded(lambda: fit_form(cwd, fields, shown, trigger, add))
+    def on_fit(source, trigger, add, prompts, *shown):
+        return guarded(lambda: fit_form(cwd, fields, prompted(shown, prompts, False), trigger, add))
 
-    def on_save(source, trigger, add, *shown):
-        return guarded(lambda: save_form(configs_dir, cwd, source, fields, shown, trigger, add)[1],
+    def on_save(source, trigger, add, prompts, *shown):
+        return guarded(lambda: save_form(configs_dir, cwd, source, fields, prompted(shown, prompts, True),
+                                         trigger, add)[1],
                        "Nothing was saved."), listed()
 
-    def on_start(source, trigger, add, *shown):
-        message = guarded(lambda: start_training(slot, configs_dir, source, fields, shown, trigger, add),
+    def on_start(source, trigger, add, prompts, *shown):
+        message = guarded(lambda: start_training(slot, configs_dir, source, fields, prompted(shown, prompts, True),
+                                                 trigger, add),
                           "Nothing was saved or started.")
         if not slot.running:
             return message, gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -497,7 +546,8 @@ def wire_events(gr: Any, app: Any, tabs: Any, ui: dict, progress: dict, *, field
         return (text, log, gallery, paths, gr.Button(interactive=running), gr.Button(interactive=not running),
                 message)
 
-    ui["source"].change(on_source, ui["source"], [*ui["fields"], ui["trigger"], ui["add_trigger"], ui["message"]])
+    ui["source"].change(on_source, ui["source"], [*ui["fields"], ui["trigger"], ui["add_trigger"], ui["prompts"],
+                                                  ui["message"]])
     ui["refresh"].click(on_refresh, ui["source"], ui["source"])
     ui["check"].click(on_check, form_inputs, ui["message"])
     ui["fit"].click(on_fit, form_inputs, ui["message"])
