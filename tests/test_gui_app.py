@@ -342,6 +342,22 @@ def test_free_port_skips_a_port_in_use():
         assert app.free_port("127.0.0.1", port) == port + 1 or app.free_port("127.0.0.1", port) > port
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="TIME_WAIT binding differs on Windows")
+def test_free_port_reuses_the_port_a_closed_server_just_left():
+    import socket
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gradio's server (uvicorn) binds
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = server.accept()
+            accepted.close()  # the server side closes first: its port waits in TIME_WAIT
+            client.recv(1)
+    assert app.free_port("127.0.0.1", port) == port  # restarting the GUI keeps its address
+
+
 def test_gui_command_without_gradio_says_how_to_install_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now raises ImportError
     assert cli.main(["gui", "--no_browser"]) == 2

@@ -609,6 +609,8 @@ def free_port(host: str, start: int, tries: int = PORTS_TRIED) -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for port in range(start, start + tries):
         with socket.socket(family, socket.SOCK_STREAM) as probe:
+            if os.name != "nt":  # as the server binds: a port the last run just left (TIME_WAIT) is free
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, port))
             except OSError:
