@@ -515,3 +515,5 @@ def test_check_names_where_an_advanced_setting_it_blames_is_on_the_page(tmp_path
     assert "(min_bucket_reso is under 'Advanced: dataset' below)" in problem
     assert "command line" not in report  # the console's word for arguments; here they are the page's fields
     assert app.page_problem("resolution too small", fields) == "resolution too small"  # main fields: no hint
+    missing = "--train_data_dir: folder not found: C:\\my pics. Check the path (quote it if it has spaces)."
+    assert app.page_problem(missing, fields).endswith("Check the path.")  # a form field needs no quotes

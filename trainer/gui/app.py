@@ -249,9 +249,11 @@ _FROM_ARGUMENTS = re.compile(r"^command line: (datasets\[0\]: )?")
 
 
 def page_problem(problem: str, fields: Sequence[form.FieldSpec]) -> str:
-    """The trainer's message, without the console's "command line:" (the page's folders are its arguments),
+    """The trainer's message, without the console's "command line:" and quoting advice (the page's fields
+    are its arguments),
     and with where to find each advanced setting it names: a user cannot fix min_bucket_reso unseen."""
-    first, newline, rest = _FROM_ARGUMENTS.sub("", problem).partition("\n")
+    problem = _FROM_ARGUMENTS.sub("", problem).replace(" (quote it if it has spaces)", "")  # no quoting in a form
+    first, newline, rest = problem.partition("\n")
     named = [spec for spec in fields if "_" in spec.name and spec.name not in form.SIMPLE_FIELDS
              and spec.name != TRIGGER_FIELD and re.search(rf"(?<![\w]){re.escape(spec.name)}(?!\w)", first)]
     if named:
