@@ -70,7 +70,7 @@ def apply_token_weights(states: torch.Tensor, weights: torch.Tensor) -> torch.Te
     1 + i*75 + j gets chunk i's weight at j + 1; the first and last positions keep 1."""
     content = weights[:, :, 1:CHUNK - 1].reshape(weights.shape[0], -1)
     ones = torch.ones_like(content[:, :1])
-    per_position = torch.cat([ones, content, ones], dim=1).to(states.device, states.dtype)
+    per_position = torch.cat([ones, content, ones], dim=1).to(states.device, states.dtype, non_blocking=True)
     return states * per_position.unsqueeze(-1)
 
 
@@ -157,13 +157,15 @@ def encode_captions(models, captions: list[str], *, max_token_length: int | None
 
     if len(models.text_encoders) == 2:
         (ids1, weights1), (ids2, weights2) = (tokenize(tok) for tok in models.tokenizers)
-        hidden1, hidden2, pool2 = encode_sdxl_tokens(models.text_encoders, ids1.to(device), ids2.to(device),
+        hidden1, hidden2, pool2 = encode_sdxl_tokens(models.text_encoders, ids1.to(device, non_blocking=True),
+                                                     ids2.to(device, non_blocking=True),
                                                      eos_token_id=models.tokenizers[1].eos_token_id)
         if weighted:
             hidden1, hidden2 = apply_token_weights(hidden1, weights1), apply_token_weights(hidden2, weights2)
         return hidden1, hidden2, pool2
     ids, weights = tokenize(models.tokenizers[0])
-    states = encode_tokens(models.text_encoders[0], ids.to(device), clip_skip)
+    # non_blocking: a copy from the CPU need not wait for the GPU's queued work (one per step otherwise)
+    states = encode_tokens(models.text_encoders[0], ids.to(device, non_blocking=True), clip_skip)
     return (apply_token_weights(states, weights),) if weighted else (states,)
 
 
@@ -206,5 +208,5 @@ def size_time_ids(batch: dict) -> torch.Tensor:
 def sdxl_conditioning(hidden1: torch.Tensor, hidden2: torch.Tensor, pool2: torch.Tensor, batch: dict) -> Conditioning:
     """Cross-attention context concat(CLIP-L 768, bigG 1280) = 2048 channels, plus pool2 and the size ids."""
     context = torch.cat([hidden1, hidden2.to(hidden1.dtype)], dim=-1)
-    time_ids = size_time_ids(batch).to(context.device)
+    time_ids = size_time_ids(batch).to(context.device, non_blocking=True)
     return Conditioning(context, {"text_embeds": pool2, "time_ids": time_ids})

@@ -42,7 +42,8 @@ class TextEncoderOutputCache:
     def conditioning(self, batch: dict, device) -> Conditioning:
         """The batch's conditioning from the cache; the size ids still come from the batch."""
         rows = [self.outputs(path) for path in batch["image_paths"]]
-        hidden1, hidden2, pool2 = (torch.stack([row[i] for row in rows]).to(device) for i in range(3))
+        hidden1, hidden2, pool2 = (torch.stack([row[i] for row in rows]).to(device, non_blocking=True)
+                                   for i in range(3))
         return sdxl_conditioning(hidden1, hidden2, pool2, batch)
 
 
