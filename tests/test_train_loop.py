@@ -128,6 +128,49 @@ def test_a_nan_loss_stops_the_run_naming_its_step_before_a_file_is_written(tiny_
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["lora-step00000002.safetensors"]
 
 
+def test_ctrl_c_after_a_nan_not_read_yet_writes_no_file(tiny_sd1_dir, train_data_dir, tmp_path, monkeypatch):
+    """Fast steps: the NaN of step 3 is still on the device when Ctrl-C (or the GUI's Stop) comes in step 5;
+    the interrupted save must not write the broken weights."""
+    real, calls = loop.compute_loss, []
+
+    def nan_then_ctrl_c(setup, batch, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        loss = real(setup, batch, **kwargs)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(loop, "compute_loss", nan_then_ctrl_c)
+    monkeypatch.setattr(StepMeter, "due", lambda self, step: step == self.total_steps)  # no read before Ctrl-C
+    out = tmp_path / "out"
+    recorder = RecordingListener()
+    cfg = parse_train_args(args(tiny_sd1_dir, train_data_dir, out))
+    with pytest.raises(UserError, match=r"the loss became nan at step 3\b.*files saved before it are fine"):
+        run_training(cfg, listeners=[recorder])
+    assert not list(out.glob("*.safetensors")) and not recorder.of("interrupted") and recorder.of("failed")
+
+
+def test_weights_that_went_non_finite_with_a_finite_loss_are_not_written(tiny_sd1_dir, train_data_dir, tmp_path,
+                                                                          monkeypatch):
+    real_step, steps = loop.micro_step, []
+
+    def poison_after_step_2(setup, batch, run=None):
+        loss = real_step(setup, batch, run)
+        steps.append(1)
+        if len(steps) == 2:  # e.g. inf gradients in bf16: the loss was fine, the update was not
+            with torch.no_grad():
+                next(iter(setup.network.parameters())).fill_(float("inf"))
+        return loss
+
+    monkeypatch.setattr(loop, "micro_step", poison_after_step_2)
+    out = tmp_path / "out"
+    cfg = parse_train_args(args(tiny_sd1_dir, train_data_dir, out, "--max_train_steps", "4",
+                                "--save_every_n_steps", "1"))
+    with pytest.raises(UserError, match=r"LoRA weights became non-finite by step 2\b"):
+        run_training(cfg, listeners=[])
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["lora-step00000001.safetensors"]
+
+
 def test_step_meter_reads_once_keeps_values_for_the_report_and_names_the_nan_step():
     meter = StepMeter(10, refresh_seconds=1e9, window=2)
     for step, loss in ((1, 1.0), (2, 3.0)):

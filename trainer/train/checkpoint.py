@@ -109,8 +109,12 @@ class Saver:
         self._metadata = metadata
         self._on_saved = on_saved
         self._save_state = save_state if (policy.save_state or policy.save_state_at_end) else None
+        # Runs before every file this saver writes (step, epoch, final, Ctrl-C, out of memory): the loop sets
+        # it to its check that the losses and weights are finite, so no path can write a broken LoRA.
+        self.before_write: Callable[[int], None] = lambda step: None
 
     def save(self, path: Path, step: int, epoch: int) -> Path:
+        self.before_write(step)
         with self._eval_mode():
             self._save(path, self._metadata(step, epoch))
         self._on_saved(path)

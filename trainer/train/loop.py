@@ -87,6 +87,7 @@ def train(setup: TrainingSetup, reporter: Reporter, watch: SpillWatch = NO_WATCH
     run = RunState(setup)
     meter = StepMeter(plan.max_train_steps, start_step=start.step, window=plan.num_batches_per_epoch)
     meter.on_read.append(run.latent_nans.check)
+    setup.saver.before_write = lambda at: check_finite(setup, meter, run, at)
     step, epoch = start.step, start.epoch
     if not start.step:
         setup.sampler.at_first()
@@ -106,16 +107,12 @@ def train(setup: TrainingSetup, reporter: Reporter, watch: SpillWatch = NO_WATCH
                 step += 1
                 meter.max_norm = apply_max_norm(setup)  # the trackers' max_norm/* of this step (on the device)
                 setup.dataset.set_current_step(step)
-                if setup.saver.policy.saves_at_step(step, plan.max_train_steps):
-                    meter.check(step)  # a non-finite loss stops the run before its weights are written
                 report_step(reporter, meter, step, epoch, setup)
                 setup.saver.at_step(step, plan.max_train_steps, epoch)
                 setup.sampler.at_step(step)
                 setup.validator.at_step(step, epoch, meter.moving_average)
                 if step >= plan.max_train_steps:
                     break
-            if setup.saver.policy.saves_at_epoch_end(epoch, plan.num_epochs):
-                meter.check(step)
             setup.saver.at_epoch_end(epoch, plan.num_epochs, step)
             setup.sampler.at_epoch_end(epoch)
             setup.validator.at_epoch_end(epoch, step, meter.moving_average)
@@ -128,10 +125,30 @@ def train(setup: TrainingSetup, reporter: Reporter, watch: SpillWatch = NO_WATCH
         reporter.emit("interrupted", step=step, message=f"Saved the LoRA so far to {path}." if path else
                       "Nothing trained yet, nothing saved.")
         raise
-    meter.check(step)
     final = setup.saver.final(step, epoch)
     reporter.emit("finished", path=str(final), steps=step, seconds=time.time() - meter.started)
     return final
+
+
+def check_finite(setup: TrainingSetup, meter: StepMeter, run: RunState, step: int) -> None:
+    """Before any LoRA file is written: every loss so far and every LoRA weight must be finite, on every
+    process (one bad process makes all weights bad through the averaged gradients). One GPU read per save.
+    Raises NonFiniteLoss naming the first bad step, on all processes alike, so none waits for the others."""
+    problem = None
+    try:
+        meter.check(step)
+    except NonFiniteLoss as e:
+        problem = str(e)
+    with torch.no_grad():
+        finite = torch.stack([p.isfinite().all() for p in run.parameters]).all().float()
+    finite = finite * (0.0 if problem else 1.0)
+    if setup.accelerator.num_processes > 1:
+        finite = setup.accelerator.reduce(finite, reduction="mean")
+    if problem is None and float(finite) < 1.0:
+        problem = (f"the LoRA weights became non-finite by step {step}" if setup.accelerator.num_processes == 1
+                   else f"another process's loss or weights became non-finite by step {step}")
+    if problem:
+        raise NonFiniteLoss(problem)
 
 
 def set_epoch(setup: TrainingSetup, epoch: int) -> None:

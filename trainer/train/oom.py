@@ -56,11 +56,13 @@ def stopped_by_oom(error: BaseException, setup, step: int, epoch: int) -> Traini
     phase, where = phase_of(error.__traceback__, step + 1)
     error.__traceback__ = None  # its frames hold the failed step's activations
     _free_cache()
+    from trainer.train.loop import NonFiniteLoss
+
     saved = None
     if step > 0:
         try:
             saved = setup.saver.interrupted(step, epoch)
-        except torch.cuda.OutOfMemoryError:
+        except (torch.cuda.OutOfMemoryError, NonFiniteLoss):  # the saver refuses to write broken weights
             saved = None
     return TrainingOutOfMemory(phase, where, step, saved, getattr(setup.models, "family", None))
 

@@ -75,7 +75,8 @@ def run_training(cfg: TrainConfig, listeners: list[Listener] | None = None) -> P
             setup = prepare_training(cfg, reporter)
             return train(setup, reporter, spill_watch(cfg, setup, reporter))
         except NonFiniteLoss as e:
-            raise UserError(f"Training stopped: {e}. {NAN_HINT} Nothing was saved from this run.") from None
+            raise UserError(f"Training stopped: {e}. {NAN_HINT} Nothing was written after that step; files "
+                            "saved before it are fine.") from None
         except OUT_OF_MEMORY as e:  # in the loop, or while loading or caching before it
             raise out_of_memory_error(cfg, e) from None
     except UserError as e:
