@@ -186,6 +186,23 @@ def test_sample_prompts_from_the_main_page_go_to_a_file_the_saved_config_names(t
     assert again == loaded
 
 
+def test_emptying_the_sample_prompts_box_stops_the_samples_it_started(tmp_path, fields):
+    configs = tmp_path / "configs"
+    shown = app.with_prompts(fields, shown_for(fields, output_name="x", sample_every_n_epochs=""), "a cat",
+                             configs_dir=configs, cwd=tmp_path, write=True)
+    path, _ = app.save_form(configs, tmp_path, None, fields, shown, "", False)
+    loaded, _, _ = app.load_source(str(path), fields)
+    cleared = app.with_prompts(fields, loaded, "", configs_dir=configs, cwd=tmp_path, write=True)
+    cfg = parse_train_args(["--config_file", str(app.save_form(configs, tmp_path, None, fields, cleared, "",
+                                                               False)[0])])
+    assert cfg.sample_prompts is None and not cfg.sample_every_n_epochs
+    # A prompt file of the user's own, named under Advanced, is left alone by an empty box.
+    own = tmp_path / "mine.txt"
+    own.write_text("a dog\n", encoding="utf-8")
+    kept = shown_for(fields, output_name="x", sample_prompts=str(own))
+    assert app.with_prompts(fields, kept, "", configs_dir=configs, cwd=tmp_path, write=True) == list(kept)
+
+
 def test_sample_prompts_keep_a_cadence_and_are_not_written_by_check(tmp_path, fields):
     configs = tmp_path / "configs"
     shown = shown_for(fields, output_name="x", sample_every_n_steps="50", sample_every_n_epochs="")
@@ -356,6 +373,16 @@ def test_free_port_reuses_the_port_a_closed_server_just_left():
             accepted.close()  # the server side closes first: its port waits in TIME_WAIT
             client.recv(1)
     assert app.free_port("127.0.0.1", port) == port  # restarting the GUI keeps its address
+
+
+def test_a_missing_training_folder_is_a_message_and_the_next_button_still_works(tmp_path, fields):
+    gone = tmp_path / "moved away"
+    with pytest.raises(UserError, match="moved away"):
+        with app.working_directory(gone):
+            pass
+    assert "**Error:**" in app.guarded(lambda: app.check_form(gone, fields, shown_for(fields), "", False))
+    assert app._CWD_LOCK.acquire(timeout=1)  # released after the failure: later buttons do not hang
+    app._CWD_LOCK.release()
 
 
 def test_gui_command_without_gradio_says_how_to_install_it(monkeypatch, capsys):

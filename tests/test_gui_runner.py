@@ -101,6 +101,29 @@ def test_poll_reads_only_new_complete_lines_of_this_run(tmp_path, fake_popen):
     assert f"Saved in `{tmp_path / 'out put'}`: `キャラ-000001.safetensors`" in status_markdown(status)
 
 
+def test_polls_from_several_threads_fold_each_event_once(tmp_path, fake_popen):
+    import threading
+
+    config = tmp_path / "c.toml"
+    config.write_text('output_dir = "out"\noutput_name = "x"\n', encoding="utf-8")
+    run = TrainingRun(str(config), cwd=tmp_path)
+    run.start()
+    run.events_path.parent.mkdir(exist_ok=True)
+    run.events_path.write_bytes(b"".join(line("saved", path=f"x-{i}.safetensors") for i in range(3000)))
+    barrier = threading.Barrier(8)
+
+    def poll():
+        barrier.wait()
+        run.poll()
+
+    threads = [threading.Thread(target=poll) for _ in range(8)]  # the page's timer and a button, at once
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert run.status.saved == [f"x-{i}.safetensors" for i in range(3000)]
+
+
 def test_a_failed_event_gives_its_reason(tmp_path, fake_popen):
     config = tmp_path / "c.toml"
     config.write_text(f'output_dir = "{(tmp_path / "o").as_posix()}"\n', encoding="utf-8")

@@ -19,8 +19,9 @@ import re
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from trainer.errors import UserError
 from trainer.files import atomic_write_text
@@ -155,23 +156,37 @@ def prompts_of(fields: Sequence[form.FieldSpec], shown: Sequence[Any], cwd: Path
 
 def with_prompts(fields: Sequence[form.FieldSpec], shown: Sequence[Any], prompts: str | None, *,
                  configs_dir: Path, cwd: Path, write: bool) -> list[Any]:
-    """The form's values with the main page's sample prompts in them. Unchanged when the box is empty or holds
-    what the named prompt file holds. Otherwise, with `write` (Save, Start), the text goes to
+    """The form's values with the main page's sample prompts in them. An emptied box stops the samples it
+    started (sample_prompts no longer names configs/<output_name>.prompts.txt). Unchanged when the box is
+    empty otherwise, or holds what the named prompt file holds. Otherwise, with `write` (Save, Start), the text goes to
     configs/<output_name>.prompts.txt, sample_prompts names that file, and a picture comes every epoch unless
     a cadence is set; without `write` (Check, Fits my card?) nothing is written and the form is taken as is."""
     text = (prompts or "").strip()
     shown = list(shown)
-    if not text or not write or text == prompts_of(fields, shown, cwd):
-        return shown
     index = {spec.name: i for i, spec in enumerate(fields)}
     name = str(shown[index["output_name"]] or "").strip() or None
     path = form.config_path_for(name, configs_dir).with_suffix(".prompts.txt")
+    if not text and _names_file(shown[index[PROMPTS_FIELD]], path, cwd):  # the box emptied: no more samples
+        shown[index[PROMPTS_FIELD]] = ""
+        if str(shown[index["sample_every_n_epochs"]]).strip() == "1":  # the cadence this function set
+            shown[index["sample_every_n_epochs"]] = ""
+        return shown
+    if not text or not write or text == prompts_of(fields, shown, cwd):
+        return shown
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text + "\n")
     shown[index[PROMPTS_FIELD]] = str(path)
     if not any(str(shown[index[cadence]] or "").strip() for cadence in SAMPLE_CADENCES):
         shown[index["sample_every_n_epochs"]] = "1"
     return shown
+
+
+def _names_file(value: Any, path: Path, cwd: Path) -> bool:
+    """Whether a form's path value (relative ones from the training folder) is `path`."""
+    if not value or not str(value).strip():
+        return False
+    named = Path(form.strip_path(str(value)))
+    return (named if named.is_absolute() else cwd / named).resolve() == path.resolve()
 
 
 def console_command(config: Path, cwd: Path, *, windows: bool = os.name == "nt") -> str:
@@ -261,23 +276,24 @@ def page_problem(problem: str, fields: Sequence[form.FieldSpec]) -> str:
     return first + newline + rest
 
 
-class working_directory:
-    """Run a block with another current directory (the GUI's own is the same in normal use)."""
+_CWD_LOCK = threading.Lock()  # the current directory belongs to the whole process
 
-    _lock = threading.Lock()  # the current directory belongs to the whole process
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def __enter__(self) -> None:
-        self._lock.acquire()
-        self.previous = Path.cwd()
-        if self.path.resolve() != self.previous.resolve():
-            os.chdir(self.path)
-
-    def __exit__(self, *exc: object) -> None:
-        os.chdir(self.previous)
-        self._lock.release()
+@contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    """Run a block in another current directory (the GUI's own is the same in normal use). The lock is
+    released whatever happens, so one failure never hangs every later button."""
+    with _CWD_LOCK:
+        try:
+            previous = Path.cwd()
+            os.chdir(path)
+        except OSError as e:
+            raise UserError(f"The training folder {path} cannot be used ({e.strerror or e}). Start the GUI again "
+                            "from a folder that exists.") from None
+        try:
+            yield
+        finally:
+            os.chdir(previous)
 
 
 # ---------------------------------------------------------------------------------------------------

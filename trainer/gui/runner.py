@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,7 @@ class TrainingRun:
         self._started = 0.0
         self._stop_requested = False
         self._terminal_event = False
+        self._reading = threading.Lock()  # the page's timer and a button can poll at once; events fold once
 
     # ---- control ----------------------------------------------------------------------------------
 
@@ -131,14 +133,15 @@ class TrainingRun:
         the final state from the events and its exit code."""
         if self.process is None:
             return self.status
-        exit_code = self.process.poll()  # before reading: every event of an ended process is then on disk
-        for event in self._new_events():
-            fold_event(self.status, event)
-            self._terminal_event |= event.get("kind") in ("finished", "failed", "interrupted")
-        self.status.elapsed_s = time.time() - self._started
-        self.status.log_tail = read_log_tail(self.log_path)
-        if exit_code is not None:
-            self._settle(exit_code)
+        with self._reading:
+            exit_code = self.process.poll()  # before reading: every event of an ended process is then on disk
+            for event in self._new_events():
+                fold_event(self.status, event)
+                self._terminal_event |= event.get("kind") in ("finished", "failed", "interrupted")
+            self.status.elapsed_s = time.time() - self._started
+            self.status.log_tail = read_log_tail(self.log_path)
+            if exit_code is not None:
+                self._settle(exit_code)
         return self.status
 
     def _new_events(self) -> list[dict[str, Any]]:
