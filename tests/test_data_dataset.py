@@ -244,3 +244,20 @@ def test_spawned_workers_see_the_epoch_as_on_windows(root):
     assert all(batch["captions"][0] for batch in loader)
     data.set_epoch(2)
     assert all(batch["captions"][0] == "" for batch in loader)
+
+
+def test_loader_workers_leave_ctrl_break_to_the_main_process(root, monkeypatch):
+    import signal
+
+    from trainer.data import dataset as dataset_module
+
+    folder = make_dreambooth_folder(root, "1_w", n=2, size=(16, 16))
+    data = build_train_dataset([dataset(subset(folder, 1), resolution=(16, 16))], seed=0)
+    loader = make_dataloader(data, num_workers=1, persistent_workers=False, seed=0)
+    assert loader.worker_init_fn is dataset_module.ignore_ctrl_break
+    assert make_dataloader(data, num_workers=0, persistent_workers=False, seed=0).worker_init_fn is None
+    installed = []
+    monkeypatch.setattr(signal, "SIGBREAK", 21, raising=False)  # as on Windows
+    monkeypatch.setattr(signal, "signal", lambda number, handler: installed.append((number, handler)))
+    dataset_module.ignore_ctrl_break(0)
+    assert installed == [(21, signal.SIG_IGN)]

@@ -753,4 +753,16 @@ def make_dataloader(dataset: TrainDataset, *, num_workers: int, persistent_worke
     # Pinned batches let the copy to the GPU overlap the previous step instead of waiting for it.
     return torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=True, collate_fn=_single_batch,
                                        num_workers=workers, persistent_workers=persistent_workers and workers > 0,
-                                       generator=generator, pin_memory=torch.cuda.is_available())
+                                       generator=generator, pin_memory=torch.cuda.is_available(),
+                                       worker_init_fn=ignore_ctrl_break if workers else None)
+
+
+def ignore_ctrl_break(worker_id: int = 0) -> None:
+    """In a data-loader worker on Windows: Ctrl-Break (the GUI's Stop, sent to the whole process group) is the
+    main process's to handle, which saves the LoRA; a worker dying of it first would turn the stop into a
+    "worker exited unexpectedly" crash. Elsewhere there is no SIGBREAK, and torch's workers already leave
+    Ctrl-C to the main process."""
+    import signal
+
+    if hasattr(signal, "SIGBREAK"):
+        signal.signal(signal.SIGBREAK, signal.SIG_IGN)
