@@ -208,3 +208,25 @@ def test_nan_latents_from_an_fp16_sdxl_vae_stop_at_the_check():
     batch_latents(batch, NanVae(torch.float16), 0.13025, "cpu", torch.float32, family="sdxl", nans=nans)
     with pytest.raises(UserError, match="--no_half_vae"):
         nans.check()
+
+
+def test_the_save_check_agrees_across_processes_except_when_they_stop_apart():
+    from types import SimpleNamespace
+
+    reduced = []
+
+    class TwoProcesses:
+        num_processes = 2
+
+        def reduce(self, value, reduction):
+            reduced.append(reduction)
+            return value * 0.5  # the other process reported a non-finite loss or weights
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    setup = SimpleNamespace(accelerator=TwoProcesses(), network=torch.nn.ParameterList([weight]))
+    run = loop.RunState(setup)
+    with pytest.raises(NonFiniteLoss, match="another process"):
+        loop.check_finite(setup, StepMeter(4), run, 2)  # this process is fine, and stops with the other
+    run.stopping = True  # Ctrl-C / out of memory: the other process may be anywhere, so no collective
+    loop.check_finite(setup, StepMeter(4), run, 3)
+    assert reduced == ["mean"]

@@ -74,6 +74,7 @@ class RunState:
     def __init__(self, setup: TrainingSetup):
         self.parameters = list(setup.network.parameters())
         self.latent_nans = LatentNaNs()
+        self.stopping = False  # Ctrl-C or out of memory: the processes are no longer in step
 
 
 def train(setup: TrainingSetup, reporter: Reporter, watch: SpillWatch = NO_WATCH) -> Path:
@@ -119,8 +120,10 @@ def train(setup: TrainingSetup, reporter: Reporter, watch: SpillWatch = NO_WATCH
             if step >= plan.max_train_steps:
                 break
     except torch.cuda.OutOfMemoryError as e:
+        run.stopping = True
         raise stopped_by_oom(e, setup, step, epoch) from None
     except KeyboardInterrupt:
+        run.stopping = True
         path = setup.saver.interrupted(step, epoch) if step > 0 else None
         reporter.emit("interrupted", step=step, message=f"Saved the LoRA so far to {path}." if path else
                       "Nothing trained yet, nothing saved.")
@@ -142,7 +145,9 @@ def check_finite(setup: TrainingSetup, meter: StepMeter, run: RunState, step: in
     with torch.no_grad():
         finite = torch.stack([p.isfinite().all() for p in run.parameters]).all().float()
     finite = finite * (0.0 if problem else 1.0)
-    if setup.accelerator.num_processes > 1:
+    # Processes stop for Ctrl-C or out of memory each at its own point: a collective then could wait forever,
+    # so each judges its own copy (identical while they train in step).
+    if setup.accelerator.num_processes > 1 and not run.stopping:
         finite = setup.accelerator.reduce(finite, reduction="mean")
     if problem is None and float(finite) < 1.0:
         problem = (f"the LoRA weights became non-finite by step {step}" if setup.accelerator.num_processes == 1
