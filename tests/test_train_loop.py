@@ -2,6 +2,7 @@
 the CPU wait for the GPU), and what is read late still stops the run in time, naming the right step."""
 
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -230,3 +231,16 @@ def test_the_save_check_agrees_across_processes_except_when_they_stop_apart():
     run.stopping = True  # Ctrl-C / out of memory: the other process may be anywhere, so no collective
     loop.check_finite(setup, StepMeter(4), run, 3)
     assert reduced == ["mean"]
+
+
+def test_with_several_processes_a_refresh_keeps_the_nan_for_the_next_save_check():
+    meter = StepMeter(10, refresh_seconds=0.0)
+    meter.stop_at_read = False  # several processes: one of them must not stop alone at a console refresh
+    meter.add(torch.tensor(1.0))
+    meter.mark(1, 1, [0.1])
+    meter.add(torch.tensor(float("nan")))
+    meter.mark(2, 1, [0.1])
+    assert math.isnan(meter.read(2)["loss"])  # shown as nan, and the run goes on ...
+    meter.add(torch.tensor(1.0))
+    with pytest.raises(NonFiniteLoss, match="nan at step 2"):  # ... until the save check, which all reach
+        meter.check(3)

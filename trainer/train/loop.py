@@ -88,6 +88,7 @@ def train(setup: TrainingSetup, reporter: Reporter, watch: SpillWatch = NO_WATCH
     run = RunState(setup)
     meter = StepMeter(plan.max_train_steps, start_step=start.step, window=plan.num_batches_per_epoch)
     meter.on_read.append(run.latent_nans.check)
+    meter.stop_at_read = setup.accelerator.num_processes == 1
     setup.saver.before_write = lambda at: check_finite(setup, meter, run, at)
     step, epoch = start.step, start.epoch
     if not start.step:
@@ -296,6 +297,11 @@ class StepMeter:
         self.max_norm: torch.Tensor | tuple | None = None  # --scale_weight_norms result of the current step
         self.window: deque[float] = deque(maxlen=max(1, window))  # read values, for each step's average
         self.on_read: list[Callable[[], None]] = []  # other device checks to run with each read
+        # With several processes a console refresh must not stop one of them alone (the others would wait in
+        # the next gradient all-reduce forever): the loss found there is kept, and raised by the next `check`
+        # at a save, which all processes reach together (loop.check_finite).
+        self.stop_at_read = True
+        self.failure: str | None = None
 
     def add(self, loss: torch.Tensor) -> None:
         self.losses.append(loss)
@@ -317,6 +323,8 @@ class StepMeter:
     def check(self, step: int) -> None:
         """Read everything still on the device (one transfer) and stop on a non-finite loss, naming the first
         step it happened in (`step`, the step now running, for micro-batches of no marked step)."""
+        if self.failure:
+            raise NonFiniteLoss(self.failure)
         for callback in self.on_read:
             callback()
         norms = [m for m in self.marks if isinstance(m["max_norm"], torch.Tensor)]
@@ -334,10 +342,15 @@ class StepMeter:
         for index in range(first_new, len(self.values)):
             if not math.isfinite(self.values[index]):
                 at = next((m["step"] for m in self.marks if m["_end"] > index), step)
-                raise NonFiniteLoss(f"the loss became {self.values[index]} at step {at}")
+                self.failure = f"the loss became {self.values[index]} at step {at}"
+                raise NonFiniteLoss(self.failure)
 
     def read(self, step: int) -> dict:
-        self.check(step)
+        try:
+            self.check(step)
+        except NonFiniteLoss:
+            if self.stop_at_read:
+                raise
         self.last_report = time.time()
         values, self.values = self.values, []
         if values:
