@@ -220,7 +220,7 @@ def test_fits_my_card_gives_the_memory_estimate_of_the_form_and_saves_nothing(tm
     monkeypatch.chdir(tmp_path)
     answer = app.fit_form(tmp_path, fields, shown_for(fields, train_batch_size="2"), "", False)
     # No NVIDIA GPU here: the estimate of these settings (the form's batch, not the preset's) is a note.
-    assert "No NVIDIA GPU found; this form needs a card with about" in answer and "fit.toml" not in answer
+    assert "No NVIDIA GPU found; this form needs a card with about" in answer and "form.toml" not in answer
     assert "tiny-sd1 at 64x64, batch 2" in answer
     assert list(tmp_path.iterdir()) == []
 

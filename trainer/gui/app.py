@@ -144,29 +144,39 @@ def collect_values(fields: Sequence[form.FieldSpec], shown: Sequence[Any], trigg
 def prompts_of(fields: Sequence[form.FieldSpec], shown: Sequence[Any], cwd: Path) -> str:
     """The text of the prompt file the form's sample_prompts names (relative paths from the training folder),
     or "" when it names none or it cannot be read."""
-    value = dict(zip((spec.name for spec in fields), shown)).get(PROMPTS_FIELD)
-    if not value:
+    path = form_path(dict(zip((spec.name for spec in fields), shown)).get(PROMPTS_FIELD), cwd)
+    if path is None:
         return ""
-    path = Path(form.strip_path(str(value)))
     try:
-        return (path if path.is_absolute() else cwd / path).read_text(encoding="utf-8-sig").strip()
+        return path.read_text(encoding="utf-8-sig").strip()
     except (OSError, UnicodeDecodeError):
         return ""
+
+
+def form_path(value: Any, cwd: Path) -> Path | None:
+    """A path field's value as the training run will read it: pasted quotes gone, relative to the training
+    folder; None when the field is empty."""
+    text = form.strip_path(str(value or ""))
+    if not text:
+        return None
+    path = Path(text)
+    return path if path.is_absolute() else cwd / path
 
 
 def with_prompts(fields: Sequence[form.FieldSpec], shown: Sequence[Any], prompts: str | None, *,
                  configs_dir: Path, cwd: Path, write: bool) -> list[Any]:
     """The form's values with the main page's sample prompts in them. An emptied box stops the samples it
     started (sample_prompts no longer names configs/<output_name>.prompts.txt). Unchanged when the box is
-    empty otherwise, or holds what the named prompt file holds. Otherwise, with `write` (Save, Start), the text goes to
-    configs/<output_name>.prompts.txt, sample_prompts names that file, and a picture comes every epoch unless
-    a cadence is set; without `write` (Check, Fits my card?) nothing is written and the form is taken as is."""
+    empty otherwise, or holds what the named prompt file holds. Otherwise, with `write` (Save, Start), the
+    text goes to configs/<output_name>.prompts.txt, sample_prompts names that file, and a picture comes every
+    epoch unless a cadence is set; without `write` (Check, Fits my card?) nothing is written."""
     text = (prompts or "").strip()
     shown = list(shown)
     index = {spec.name: i for i, spec in enumerate(fields)}
     name = str(shown[index["output_name"]] or "").strip() or None
     path = form.config_path_for(name, configs_dir).with_suffix(".prompts.txt")
-    if not text and _names_file(shown[index[PROMPTS_FIELD]], path, cwd):  # the box emptied: no more samples
+    named = form_path(shown[index[PROMPTS_FIELD]], cwd)
+    if not text and named is not None and named.resolve() == path.resolve():  # the box emptied: no samples
         shown[index[PROMPTS_FIELD]] = ""
         if str(shown[index["sample_every_n_epochs"]]).strip() == "1":  # the cadence this function set
             shown[index["sample_every_n_epochs"]] = ""
@@ -179,14 +189,6 @@ def with_prompts(fields: Sequence[form.FieldSpec], shown: Sequence[Any], prompts
     if not any(str(shown[index[cadence]] or "").strip() for cadence in SAMPLE_CADENCES):
         shown[index["sample_every_n_epochs"]] = "1"
     return shown
-
-
-def _names_file(value: Any, path: Path, cwd: Path) -> bool:
-    """Whether a form's path value (relative ones from the training folder) is `path`."""
-    if not value or not str(value).strip():
-        return False
-    named = Path(form.strip_path(str(value)))
-    return (named if named.is_absolute() else cwd / named).resolve() == path.resolve()
 
 
 def console_command(config: Path, cwd: Path, *, windows: bool = os.name == "nt") -> str:
@@ -211,14 +213,19 @@ def save_form(configs_dir: Path, cwd: Path, source: str | None, fields: Sequence
     return path, (f"Saved `{path}`.\n\nThe same training from a console: `{console_command(path, cwd)}`")
 
 
+@contextmanager
+def scratch_config(values: dict[str, Any]) -> Iterator[Path]:
+    """The form's values as a TOML in a temporary folder, for the buttons that save nothing."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="trainer-gui-") as scratch:
+        yield form.write_config(Path(scratch) / "form.toml", values)
+
+
 def check_form(cwd: Path, fields: Sequence[form.FieldSpec], shown: Sequence[Any], trigger: str,
                add_to_captions: bool) -> str:
     """Check the form as `train` would read it (from a scratch file; nothing is saved) -> markdown."""
-    import tempfile
-
-    values = collect_values(fields, shown, trigger, add_to_captions)
-    with tempfile.TemporaryDirectory(prefix="trainer-gui-") as scratch:
-        config = form.write_config(Path(scratch) / "check.toml", values)
+    with scratch_config(collect_values(fields, shown, trigger, add_to_captions)) as config:
         return check_file(cwd, config, trigger, fields).to_markdown()
 
 
@@ -227,13 +234,9 @@ def fit_form(cwd: Path, fields: Sequence[form.FieldSpec], shown: Sequence[Any], 
     """Whether these settings fit this PC's NVIDIA card, as `python -m trainer doctor --config` says: the
     memory estimate (the full-size model traced without memory, a few seconds) against the detected card,
     and what to step down to when it does not fit. Nothing is saved."""
-    import tempfile
-
     from trainer.doctor import check_vram
 
-    values = collect_values(fields, shown, trigger, add_to_captions)
-    with tempfile.TemporaryDirectory(prefix="trainer-gui-") as scratch:
-        config = form.write_config(Path(scratch) / "fit.toml", values)
+    with scratch_config(collect_values(fields, shown, trigger, add_to_captions)) as config:
         with working_directory(cwd):
             checks = check_vram(str(config))
     # doctor names the file it was given; here that is a scratch copy of the form
