@@ -12,6 +12,7 @@ import importlib
 import importlib.metadata
 import json
 import platform
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -195,6 +196,7 @@ def check_config(config: str, importer: Importer = importlib.import_module) -> l
 # Does a training config fit this card?
 
 PRESETS_DIR = REPO_ROOT / "presets"
+CARD_SLACK_GB = 0.5  # a card sold as 6 GB reports a little less (5.8-6.0 GiB)
 _PRESET_PREFIX = {"sd15": "sd15", "tiny-sd1": "sd15", "sd2-512": "sd2", "sd2-768-v": "sd2", "sdxl": "sdxl"}
 
 
@@ -234,8 +236,6 @@ def _card_from_nvidia_smi() -> Card | None:
 
 def stated_peak_gb(config: str | Path) -> float | None:
     """The (upper) GB figure of a preset's "# Expected peak VRAM: ..." comment, or None."""
-    import re
-
     try:
         lines = Path(config).read_text(encoding="utf-8").splitlines()
     except OSError:
@@ -304,8 +304,6 @@ def check_vram(config: str, detect: Callable[[], Card | None] = detect_card,
 
 def step_down_advice(config: str | Path, card_gb: float, presets_dir: Path = PRESETS_DIR) -> str:
     """Which shipped preset tier fits `card_gb`, and the settings that save the most memory, for this config."""
-    import re
-
     cfg = None
     try:
         from trainer.bench import family_for_config, load_preset
@@ -314,16 +312,22 @@ def step_down_advice(config: str | Path, card_gb: float, presets_dir: Path = PRE
         prefix = _PRESET_PREFIX[family_for_config(cfg)]
     except Exception:  # the advice must come even when the config cannot be read here
         prefix = Path(config).stem.lower().split("-")[0]
-    tiers = sorted((int(m.group(1)), p) for p in presets_dir.glob(f"{prefix}-*gb.toml")
-                   if (m := re.fullmatch(rf"{prefix}-(\d+)gb", p.stem)))
-    # A card sold as 6 GB reports a little less (5.8-6.0 GiB), hence the half-gigabyte of slack.
-    fitting = [(gb, p) for gb, p in tiers if gb <= card_gb + 0.5 and p.resolve() != Path(config).resolve()]
-    parts = [f"use {_short_path(fitting[-1][1])} (the {fitting[-1][0]} GB tier)"] if fitting else []
+    fitting = [(gb, p) for gb, p in preset_tiers(prefix, presets_dir)
+               if gb <= card_gb + CARD_SLACK_GB and p.resolve() != Path(config).resolve()]
+    parts = [f"use {short_path(fitting[-1][1])} (the {fitting[-1][0]} GB tier)"] if fitting else []
     parts += memory_savers(cfg) if cfg is not None else []
     return "; or ".join(parts) if parts else "lower the resolution (e.g. 448 for SD 1.5) or network_dim"
 
 
-def _short_path(path: Path) -> Path:
+def preset_tiers(prefix: str, presets_dir: Path = PRESETS_DIR) -> list[tuple[int, Path]]:
+    """The shipped presets of one model family by the card size in their names, smallest first:
+    [(6, presets/sd15-6gb.toml), (8, ...), (12, ...)]."""
+    return sorted((int(m.group(1)), p) for p in presets_dir.glob(f"{prefix}-*gb.toml")
+                  if (m := re.fullmatch(rf"{prefix}-(\d+)gb", p.stem)))
+
+
+def short_path(path: Path) -> Path:
+    """A path inside the trainer folder relative to it (presets/sd15-6gb.toml), any other as it is."""
     try:
         return path.resolve().relative_to(REPO_ROOT)
     except ValueError:

@@ -5,7 +5,6 @@ Ctrl-C does); `run_training` turns either into one `UserError` with the steps fo
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -163,23 +162,17 @@ def _size_savers(cfg) -> list[str]:
 
 def lower_tier(cfg, family: str, card: float | None) -> str | None:
     """The next lower shipped preset than the one this config came from, else the largest that fits the card."""
-    from trainer.doctor import PRESETS_DIR, REPO_ROOT
+    from trainer.doctor import CARD_SLACK_GB, preset_tiers, short_path
 
-    prefix = "sdxl" if family == "sdxl" else "sd2" if cfg.v2 else "sd15"
-    tiers = sorted((int(m.group(1)), p) for p in PRESETS_DIR.glob(f"{prefix}-*gb.toml")
-                   if (m := re.fullmatch(rf"{prefix}-(\d+)gb", p.stem)))
+    tiers = preset_tiers("sdxl" if family == "sdxl" else "sd2" if cfg.v2 else "sd15")
     current = next((gb for gb, p in tiers if cfg.config_file and Path(cfg.config_file).name == p.name), None)
     if current is not None:
         fitting = [(gb, p) for gb, p in tiers if gb < current]
-    elif card is not None:  # a card sold as 6 GB reports a little less, hence the slack
-        fitting = [(gb, p) for gb, p in tiers if gb <= card + 0.5]
+    elif card is not None:
+        fitting = [(gb, p) for gb, p in tiers if gb <= card + CARD_SLACK_GB]
     else:
         fitting = tiers[:1]
     if not fitting:
         return None
     gb, path = fitting[-1]
-    try:
-        shown = path.resolve().relative_to(REPO_ROOT)
-    except ValueError:
-        shown = path
-    return f"the {gb} GB preset {shown.as_posix()} (copy your paths into it)"
+    return f"the {gb} GB preset {short_path(path).as_posix()} (copy your paths into it)"
