@@ -76,6 +76,14 @@ def make_tiny_sd1(seed: int = 0) -> dict:
                 scheduler=scheduler)
 
 
+def read_lora(path) -> tuple[dict, dict]:
+    """A saved LoRA file's tensors and metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
 def assert_same_weights(a, b, dtype=None):
     """Same keys and exactly equal tensors (after casting `a`'s floating ones to `dtype` when given)."""
     sa, sb = a.state_dict(), b.state_dict()

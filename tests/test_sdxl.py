@@ -8,9 +8,8 @@ import types
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 
-from conftest import HIDDEN, POOL, make_dreambooth_folder, make_image, make_tiny_sdxl, NanVae
+from conftest import HIDDEN, POOL, NanVae, make_dreambooth_folder, make_image, make_tiny_sdxl, read_lora
 from trainer.cli import main
 from trainer.config.args import parse_train_args
 from trainer.errors import ConfigError, UserError
@@ -23,11 +22,6 @@ def sdxl_args(model_dir, data_dir, out_dir, *extra):
             "--caption_extension", ".txt", "--network_module", "networks.lora", "--network_dim", "4",
             "--learning_rate", "1e-2", "--max_train_steps", "2", "--train_batch_size", "2", "--seed", "1",
             "--max_data_loader_n_workers", "0", *extra]
-
-
-def read_lora(path):
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ import logging
 
 import pytest
 import torch
-from safetensors import safe_open
 
+from conftest import read_lora
 from trainer.config.args import parse_train_args
 from trainer.errors import ConfigError
 from trainer.models.compile import check_backend, compile_unet
@@ -23,11 +23,6 @@ def run_args(model_dir, data_dir, out_dir, *extra):
             "--output_dir", str(out_dir), "--output_name", "lora", "--resolution", "64", "--caption_extension",
             ".txt", "--network_dim", "4", "--learning_rate", "1e-3", "--max_train_steps", "2",
             "--train_batch_size", "2", "--seed", "1", "--max_data_loader_n_workers", "0", *extra]
-
-
-def read_lora(path):
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
 # ------------------------------------------------------------------------------------------- full_fp16

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from conftest import make_dreambooth_folder, make_image
+from conftest import make_dreambooth_folder, read_lora
 from trainer.cli import main
 from trainer.config.args import parse_train_args
 from trainer.train.events import RecordingListener, Reporter
@@ -24,11 +23,6 @@ def base_args(model_dir, data_dir, out_dir, *extra):
             "--caption_extension", ".txt", "--network_module", "networks.lora", "--network_dim", "4",
             "--learning_rate", "1e-3", "--max_train_steps", "4", "--train_batch_size", "2", "--seed", "1",
             "--max_data_loader_n_workers", "0", *extra]
-
-
-def read_lora(path):
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
 def test_cli_trains_a_lora_with_sd_scripts_arguments(tiny_sd1_dir, train_data_dir, tmp_path):
