@@ -56,9 +56,15 @@ def write_demo_dataset(train_data_dir: str | Path, count: int = 8) -> Path:
     return folder
 
 
+def demo_pictures_pending(cfg) -> bool:
+    """Whether the first run will generate the demo's pictures: the built-in model and a data folder that
+    does not exist yet."""
+    return (cfg.pretrained_model_name_or_path == DEMO_MODEL and bool(cfg.train_data_dir)
+            and not Path(cfg.train_data_dir).exists())
+
+
 def maybe_write_demo_dataset(cfg) -> None:
     """The demo model comes with its pictures: generate them when the demo's data folder does not exist yet."""
-    if cfg.pretrained_model_name_or_path == DEMO_MODEL and cfg.train_data_dir and \
-            not Path(cfg.train_data_dir).exists():
+    if demo_pictures_pending(cfg):
         folder = write_demo_dataset(cfg.train_data_dir)
         log.info("Generated the demo pictures in %s", folder)

@@ -160,13 +160,14 @@ def _check_output(args: Any, report: CheckReport) -> None:
 
 def _check_dataset(args: Any, trigger: str, report: CheckReport) -> None:
     from trainer.config.dataset import load_dataset_config, resolve_datasets
+    from trainer.demo import demo_pictures_pending
 
     if args.dataset_class:
         report.notes.append(f"The dataset comes from the class {args.dataset_class}; it is not scanned here.")
         return
     if not (args.train_data_dir or args.dataset_config or args.in_json):
         return  # parse_train_args reported it
-    if _demo_pictures_pending(args):
+    if not args.dataset_config and demo_pictures_pending(args):  # (a dataset TOML replaces the folder)
         report.notes.append(f"The demo's pictures are generated in {args.train_data_dir} when training starts.")
         return
     try:
@@ -189,14 +190,6 @@ def _check_dataset(args: Any, trigger: str, report: CheckReport) -> None:
                                "be directly inside the '<repeats>_<class tokens>' folders (or image_dir).")
         return
     report.notes.append(_steps_note(args, steps_per_epoch))
-
-
-def _demo_pictures_pending(args: Any) -> bool:
-    """The built-in demo model brings its own pictures, written on the first run."""
-    from trainer.demo import DEMO_MODEL
-
-    return (args.pretrained_model_name_or_path == DEMO_MODEL and bool(args.train_data_dir)
-            and not args.dataset_config and not Path(args.train_data_dir).exists())
 
 
 def _steps_note(args: Any, batches: int) -> str:
