@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 # ---------------------------------------------------------------------------------------------------
-# Tiny models (SD1 topology, ~1 M UNet params; see ../shared/spec/environment-notes.md)
+# Tiny models (SD1 topology, ~1 M UNet params: one full training step takes about 70 ms on two CPU cores)
 
 TINY_UNET_CONFIG = dict(
     sample_size=8,

@@ -4,10 +4,17 @@ import logging
 
 import pytest
 
-from trainer.config.args import (ARGUMENTS, REFUSE, TrainConfig, non_default_values, parse_network_args,
-                                 parse_train_args, write_output_config)
-from trainer.config.compat import compatibility_markdown
+from trainer.config.args import (
+    ARGUMENTS,
+    REFUSE,
+    TrainConfig,
+    non_default_values,
+    parse_network_args,
+    parse_train_args,
+    write_output_config,
+)
 from trainer.errors import ConfigError
+from trainer.tools.compat import compatibility_markdown
 
 BASE = ["--pretrained_model_name_or_path", "model.safetensors", "--train_data_dir", "data"]
 

@@ -1,5 +1,6 @@
-"""Block-wise LoRA options of sd-scripts' networks.lora (spec/sd-scripts.md §7.4-7.5): block numbers of module
-names, per-block ranks, per-block learning rates (and blocks dropped at weight 0), LoRA+ param groups."""
+"""Block-wise LoRA options of sd-scripts' networks.lora (the `--network_args` block_dims, block_alphas,
+conv_block_dims, conv_block_alphas, down/mid/up_lr_weight, block_lr_zero_threshold and loraplus_*): block numbers
+of module names, per-block ranks, per-block learning rates (and blocks dropped at weight 0), LoRA+ param groups."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from trainer.config.blocks import block_index, block_lr_weights, preset_weights
 from trainer.errors import ConfigError
-from trainer.network.blocks import block_index, block_lr_weights, preset_weights
 from trainer.network.keys import find_lora_targets
 from trainer.network.lora import network_from_args
 
-SPEC_DIR = Path(__file__).resolve().parents[2] / "shared" / "spec" / "lora-keys"
-needs_spec = pytest.mark.skipif(not SPEC_DIR.is_dir(), reason=f"spec lists not found at {SPEC_DIR}")
+# Generated from sd-scripts' own networks/lora.py by the scripts in that folder; see its README.md.
+SPEC_DIR = Path(__file__).resolve().parent / "fixtures" / "lora-keys"
 
 # Blocks of the tiny SD1 UNet (conftest): down_blocks.0 = attention + resnet (1) and a downsampler (3),
 # down_blocks.1 = resnet (4), mid (12), up_blocks.0 = resnets (13, 14) and an upsampler (15),
@@ -52,7 +53,7 @@ TINY_ATTENTION_BLOCKS = {1, 12, 16, 17}
     ("lora_unet_output_blocks_8_0_skip_connection", True, 21),
     ("lora_te2_text_model_encoder_layers_31_mlp_fc1", True, -1),
 ])
-def test_block_index_of_spec_examples(name, sdxl, index):
+def test_block_index_of_sd_scripts_module_names(name, sdxl, index):
     assert block_index(name, sdxl) == index
 
 
@@ -60,7 +61,6 @@ def spec_names(file: str) -> list[str]:
     return [line.split()[0] for line in (SPEC_DIR / file).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-@needs_spec
 @pytest.mark.parametrize("spec_file, sdxl, blocks", [
     ("sd15-conv.txt", False, set(range(1, 25))),  # SD1.5 has a LoRA in every block but 0 (conv_in)
     ("sd2.txt", False, {1, 2, 4, 5, 7, 8, 12, 16, 17, 18, 19, 20, 21, 22, 23, 24}),
@@ -73,8 +73,9 @@ def test_every_module_sd_scripts_makes_has_a_block(spec_file, sdxl, blocks):
 
 
 def sdxl_block_from_diffusers(path: str) -> int:
-    """Independent of the SGM names: SDXL's block number from the diffusers module path (spec §7.5 rules
-    applied to the layout table of spec/lora-keys)."""
+    """Independent of the SGM names: SDXL's block number from the diffusers module path. sd-scripts numbers
+    input_blocks k as 1+k, middle_block k as 10+k and output_blocks k as 13+k; the SGM-to-diffusers layout is the
+    table in tests/fixtures/lora-keys/README.md."""
     if m := re.match(r"down_blocks\.(\d)\.(resnets|attentions|downsamplers)\.(\d)", path):
         level, kind, j = int(m[1]), m[2], int(m[3])
         return 1 + (3 * (level + 1) if kind == "downsamplers" else 3 * level + j + 1)
@@ -85,7 +86,6 @@ def sdxl_block_from_diffusers(path: str) -> int:
     return 13 + 3 * level + (2 if kind == "upsamplers" else j)
 
 
-@needs_spec
 def test_sdxl_block_of_every_module_agrees_with_the_diffusers_layout():
     rows = [line.split() for line in (SPEC_DIR / "sdxl-diffusers-map.txt").read_text(encoding="utf-8").splitlines()
             if line.strip() and not line.startswith("#")]

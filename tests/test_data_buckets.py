@@ -1,4 +1,5 @@
-"""Bucket list, bucket choice and resize/crop (spec §5), with sd-scripts' numbers."""
+"""Bucket list, bucket choice and resize/crop as sd-scripts does them (make_bucket_resolutions,
+BucketManager.select_bucket, trim_and_resize_if_required), with sd-scripts' numbers."""
 
 from __future__ import annotations
 
@@ -8,8 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.data.buckets import (BucketManager, color_augment, crop_around_face, crop_ltrb_for,
-                                  face_info_from_name, make_bucket_resolutions, resize_and_crop)
+from trainer.data.buckets import (
+    BucketManager,
+    color_augment,
+    crop_around_face,
+    crop_ltrb_for,
+    face_info_from_name,
+    make_bucket_resolutions,
+    resize_and_crop,
+)
 from trainer.errors import ConfigError
 
 
@@ -32,7 +40,7 @@ def test_bucket_list_for_sdxl_contains_the_square_and_respects_limits():
 
 
 @pytest.mark.parametrize("size, bucket, resized", [
-    ((1200, 800), (640, 384), (640, 427)),   # the spec's example
+    ((1200, 800), (640, 384), (640, 427)),   # sd-scripts' own example
     ((512, 512), (512, 512), (512, 512)),    # exactly a bucket
     ((256, 256), (512, 512), (512, 512)),    # small images are upscaled
     ((800, 1200), (384, 640), (427, 640)),
@@ -78,7 +86,7 @@ def test_resize_and_crop_centre_crops_and_reports_the_sdxl_quirk_crop():
     assert array.shape == (384, 640, 3) and array.dtype == np.uint8
     expected = np.asarray(image.resize((640, 427), Image.Resampling.BOX))[21:21 + 384]
     np.testing.assert_array_equal(array, expected)
-    # crop_ltrb is the box of the image *fitted inside* the bucket, not the crop applied (spec §5.3)
+    # crop_ltrb is the box of the image *fitted inside* the bucket, not the crop applied (an sd-scripts quirk)
     assert crop == (32.0, 0, 608.0, 384)
 
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from conftest import make_dreambooth_folder, make_image
 
-from trainer.config.dataset import DatasetSpec, SubsetSpec
 from trainer.data import cache as cache_files
+from trainer.data.config import DatasetSpec, SubsetSpec
 from trainer.data.dataset import build_train_dataset
 from trainer.errors import ConfigError, DatasetError
 

@@ -1,11 +1,11 @@
-"""Caption processing per sample (spec §4.2), with fixed seeds."""
+"""Caption processing per sample, in the order of sd-scripts' BaseDataset.process_caption, with fixed seeds."""
 
 from __future__ import annotations
 
 import random
 
-from trainer.config.dataset import SubsetSpec
 from trainer.data.captions import CaptionRules, process_caption
+from trainer.data.config import SubsetSpec
 
 
 def run(caption: str, seed: int = 0, *, epoch: int = 1, step: int = 0, max_train_steps: int = 100, **rules) -> str:

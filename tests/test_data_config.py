@@ -1,5 +1,6 @@
 """Dataset config: sd-scripts' schema (every problem at once, with key paths) and value resolution
-subset > dataset > [general] > argument > default (spec §3). Expected values follow config_util's rules."""
+subset > dataset > [general] > argument > default, the first value that is not None winning. Expected values
+follow config_util's rules."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import make_dreambooth_folder
 
-from trainer.config.dataset import load_dataset_config, resolve_datasets, verify_bucket_reso_steps
+from trainer.data.config import load_dataset_config, resolve_datasets, verify_bucket_reso_steps
 from trainer.errors import ConfigError, DatasetError
 
 # What sd-scripts' argparse gives when nothing is passed (the values that act as global defaults).

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import make_dreambooth_folder, make_image
 
-from trainer.config.dataset import DatasetSpec, SubsetSpec
+from trainer.data.config import DatasetSpec, SubsetSpec
 from trainer.data.dataset import build_train_dataset, make_dataloader
 from trainer.errors import DatasetError
 
@@ -30,7 +30,7 @@ def root(tmp_path) -> Path:
     return tmp_path / "データ set"
 
 
-def test_reg_images_are_balanced_to_the_train_count_as_in_the_spec(root, caplog):
+def test_reg_images_are_balanced_to_the_train_count_as_sd_scripts_does(root, caplog):
     train = make_dreambooth_folder(root / "train", "10_sks", n=5, size=(32, 32))
     reg = make_dreambooth_folder(root / "reg", "1_dog", n=20, size=(32, 32), captions=False)
     data = build_train_dataset([dataset(subset(train, 10), subset(reg, 1, is_reg=True, class_tokens="dog"))],
@@ -101,7 +101,7 @@ def test_flip_mirrors_the_image_and_the_crop_left(root):
         items[batch["flipped"][0]] = batch
     plain, mirrored = items[False], items[True]
     assert torch.equal(mirrored["images"][0], torch.flip(plain["images"][0], dims=[2]))
-    # crop_ltrb of 21x32 fitted in 32x32 is (5.0, 0, 26.0, 32); flipped left = 32 - right = 6 (spec §5.3)
+    # crop_ltrb of 21x32 fitted in 32x32 is (5.0, 0, 26.0, 32); flipped left = 32 - right = 6, as in sd-scripts
     assert plain["crop_top_lefts"][0].tolist() == [0, 5] and mirrored["crop_top_lefts"][0].tolist() == [0, 6]
 
 

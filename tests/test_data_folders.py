@@ -1,5 +1,6 @@
-"""DreamBooth folders, image listing and caption files (spec §3.4, §4.1), and the folder mistakes users
-make (pointing at `10_name`, forgetting the `N_` prefix) ending in messages that say what to do."""
+"""DreamBooth folders (`<repeats>_<class tokens>` under --train_data_dir), image listing and caption files as
+sd-scripts reads them, and the folder mistakes users make (pointing at `10_name`, forgetting the `N_` prefix)
+ending in messages that say what to do."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ from pathlib import Path
 import pytest
 from conftest import make_dreambooth_folder, make_image
 
-from trainer.data.folders import (find_dreambooth_subsets, list_images, parse_repeats_folder, read_caption,
-                                  read_folder_captions)
+from trainer.data.folders import (
+    find_dreambooth_subsets,
+    list_images,
+    parse_repeats_folder,
+    read_caption,
+    read_folder_captions,
+)
 from trainer.errors import DatasetError
 
 

@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import make_dreambooth_folder, make_image
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import make_dreambooth_folder, make_image
 from trainer.config.args import parse_train_args
-from trainer.config.dataset import DatasetSpec, SubsetSpec, load_dataset_config, resolve_datasets
+from trainer.data.config import DatasetSpec, SubsetSpec, load_dataset_config, resolve_datasets
 from trainer.data.dataset import build_train_dataset
 from trainer.errors import ConfigError, DatasetError
 from trainer.train.run import run_training

@@ -226,7 +226,7 @@ def test_fits_my_card_gives_the_memory_estimate_of_the_form_and_saves_nothing(tm
 
 
 def test_vram_answer_says_fits_or_what_to_step_down_to():
-    from trainer.doctor import Check
+    from trainer.tools.doctor import Check
 
     fits = app.vram_markdown([Check("OK", "VRAM", "fits: needs about 3.5 GB; RTX 3070 has 8.0 GB")])
     assert fits == "- **Fits.** Fits: needs about 3.5 GB; RTX 3070 has 8.0 GB"
@@ -406,7 +406,7 @@ def test_gui_main_serves_until_ctrl_c_then_stops_the_run_and_closes(monkeypatch,
     monkeypatch.setattr(app, "launch", lambda blocks, host, port, browser: calls.append((host, port, browser))
                         or f"http://{host}:{port}/")
     monkeypatch.setattr(app, "stop_before_exit", lambda slot: calls.append("stopped"))
-    monkeypatch.setattr(cli, "restore_ctrl_c", lambda: calls.append("ctrl-c restored"))
+    monkeypatch.setattr(app, "restore_ctrl_c", lambda: calls.append("ctrl-c restored"))
 
     def interrupt(seconds):
         raise KeyboardInterrupt
@@ -425,41 +425,6 @@ def test_usage_lists_the_gui_command():
 
 # ---------------------------------------------------------------------------------------------------
 # Stop on Windows: CTRL_BREAK_EVENT in the trainer acts as Ctrl-C
-
-
-def test_ctrl_break_becomes_keyboard_interrupt_where_windows_has_it():
-    class FakeSignals:
-        SIGBREAK = 21
-        installed = {}
-
-        @classmethod
-        def signal(cls, number, handler):
-            cls.installed[number] = handler
-
-    assert cli.stop_on_ctrl_break(FakeSignals) is True
-    with pytest.raises(KeyboardInterrupt):
-        FakeSignals.installed[21](21, None)
-
-
-def test_ctrl_break_handler_is_not_installed_where_there_is_no_sigbreak():
-    class NoBreak:
-        def signal(self, *args):
-            raise AssertionError("must not be called")
-
-    assert cli.stop_on_ctrl_break(NoBreak()) is False
-
-
-def test_an_ignored_ctrl_c_is_restored_so_stop_still_saves():
-    import signal
-
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        assert cli.restore_ctrl_c() is True
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        assert cli.restore_ctrl_c() is False  # a working handler is left alone
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def test_train_installs_the_ctrl_break_handler_before_training(monkeypatch):

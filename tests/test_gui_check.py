@@ -4,6 +4,7 @@ picture folders, on datasets made in the test."""
 from __future__ import annotations
 
 from conftest import make_dreambooth_folder, make_image
+
 from trainer.gui import form as F
 from trainer.gui.check import check_config
 

@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from trainer.gui import runner as R
-from trainer.gui.form import load_values, write_config, PRESETS_DIR
+from trainer.gui.form import PRESETS_DIR, load_values, write_config
 from trainer.gui.runner import RunStatus, TrainingRun, status_markdown
 
 

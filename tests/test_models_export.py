@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import assert_same_weights
 from safetensors import safe_open
 
 from trainer.models.export import openclip_to_ldm, save_single_file, to_ldm_state_dict, unet_to_ldm
 from trainer.models.load import CONFIG_DIR, detect_family, load_models
-from conftest import assert_same_weights
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,8 @@ def test_diffusers_from_single_file_reads_our_file(tiny, tmp_path):
 def test_save_refuses_other_formats_and_unknown_layers(tiny, tmp_path):
     with pytest.raises(ValueError, match=".safetensors"):
         save_single_file(tiny, tmp_path / "model.ckpt")
-    from diffusers import UNet2DConditionModel
-
     from conftest import TINY_UNET_CONFIG
+    from diffusers import UNet2DConditionModel
 
     odd = UNet2DConditionModel(**TINY_UNET_CONFIG, class_embed_type="timestep")
     with pytest.raises(ValueError, match="class_embedding"):

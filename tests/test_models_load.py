@@ -10,12 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import assert_same_weights
 from safetensors.torch import save_file
 
 from trainer.errors import ModelLoadError
 from trainer.models.export import to_ldm_state_dict
 from trainer.models.load import classify_checkpoint, detect_family, load_models
-from conftest import assert_same_weights
+
 
 def to_ldm(unet, vae, text_encoder) -> dict:
     """The SD1 single-file layout, written by trainer.models.export (checked on its own in test_models_export)."""

@@ -1,14 +1,20 @@
-"""--weighted_captions: A1111 attention syntax parsed, tokens weighted, text-encoder states scaled (spec §4.3)."""
+"""--weighted_captions as in sd-scripts: A1111 attention syntax parsed, tokens weighted, text-encoder states
+scaled."""
 
 import json
 
 import pytest
 import torch
-
 from conftest import make_image
+
 from trainer.models.prompt_weights import parse_weighted_caption, strip_weights
-from trainer.models.text import (apply_token_weights, encode_batch, encode_tokens, tokenize_captions,
-                                 tokenize_weighted_captions)
+from trainer.models.text import (
+    apply_token_weights,
+    encode_batch,
+    encode_tokens,
+    tokenize_captions,
+    tokenize_weighted_captions,
+)
 from trainer.models.tokenizer import openai_clip_tokenizer
 
 W = 1.1
@@ -122,6 +128,7 @@ def test_weighted_captions_cannot_use_cached_text_encoder_outputs():
 
 def test_cli_run_with_weighted_captions(tiny_sd1_dir, tmp_path, monkeypatch):
     from test_train_run import base_args
+
     from trainer.cli import main
     from trainer.models import text
 

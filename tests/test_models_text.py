@@ -1,4 +1,4 @@
-"""Caption tokenisation and text-encoder states, including long-caption chunking (spec §4.3)."""
+"""Caption tokenisation and text-encoder states, including long-caption chunking, as in sd-scripts."""
 
 import torch
 

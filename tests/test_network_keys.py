@@ -1,4 +1,4 @@
-"""The LoRA layer walk and kohya names match the lists sd-scripts itself produced (spec/lora-keys), for the
+"""The LoRA layer walk and kohya names match the lists sd-scripts itself produced (tests/fixtures/lora-keys), for the
 full-size SD1.5, SD2 and SDXL architectures built on the meta device (no weights, about a second each)."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from trainer.network.keys import (
     text_encoder_kohya_path,
 )
 
-SPEC_DIR = Path(__file__).resolve().parents[2] / "shared" / "spec" / "lora-keys"
-needs_spec = pytest.mark.skipif(not SPEC_DIR.is_dir(), reason=f"spec lists not found at {SPEC_DIR}")
+# Generated from sd-scripts' own networks/lora.py by the scripts in that folder; see its README.md.
+SPEC_DIR = Path(__file__).resolve().parent / "fixtures" / "lora-keys"
 
 SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
                  layers_per_block=2, use_linear_projection=False, sample_size=64)
@@ -95,7 +95,6 @@ def walk(text_encoders, unet, *, include_conv: bool, sdxl: bool) -> list:
     return targets
 
 
-@needs_spec
 @pytest.mark.parametrize("family, include_conv, spec_file", [
     ("sd15", False, "sd15.txt"),
     ("sd15", True, "sd15-conv.txt"),
@@ -112,7 +111,6 @@ def test_targets_match_sd_scripts_lists(meta_models, family, include_conv, spec_
     assert found - expected == set() and expected - found == set()
 
 
-@needs_spec
 def test_lora_state_dict_shapes_and_order_match_sd_scripts(meta_models):
     """network.state_dict() of a default SD1.5 LoRA: same keys, shapes and dtypes (int64 alpha) as sd-scripts'."""
     from trainer.network.lora import LoRANetwork
@@ -134,7 +132,6 @@ def test_lora_state_dict_shapes_and_order_match_sd_scripts(meta_models):
     assert [k for k, *_ in ours[:3]] == [k for k, *_ in section[:3]]
 
 
-@needs_spec
 def test_sdxl_path_table_round_trips_every_spec_row():
     rows = [line.split() for line in (SPEC_DIR / "sdxl-diffusers-map.txt").read_text(encoding="utf-8").splitlines()
             if line.strip()]
@@ -190,7 +187,6 @@ def read_safetensors_header(path: Path) -> tuple[int, dict]:
     return length, json.loads(raw[8:8 + length])
 
 
-@needs_spec
 @pytest.mark.parametrize("precision, section_index", [(None, 2), ("fp16", 3)])
 def test_saved_sd15_file_has_sd_scripts_layout(meta_models, tmp_path, precision, section_index):
     """Same tensors in the same on-disk order and dtypes, same header and file size as sd-scripts' save_weights()
@@ -219,7 +215,8 @@ def test_saved_sd15_file_has_sd_scripts_layout(meta_models, tmp_path, precision,
 
 @pytest.mark.filterwarnings("ignore:for lora_unet.*non-meta:UserWarning")
 def test_sdxl_file_with_diffusers_style_names_loads_under_sgm_names(meta_models):
-    """Some tools save SDXL LoRAs as `lora_unet_down_blocks_...`; sd-scripts converts them on load (spec §7.2)."""
+    """Some tools save SDXL LoRAs as `lora_unet_down_blocks_...`; sd-scripts' create_network_from_weights converts
+    them to the SGM names (`lora_unet_input_blocks_...`) on load."""
     import torch
 
     from trainer.network.lora import LoRANetwork
@@ -246,7 +243,7 @@ def test_sdxl_file_with_diffusers_style_names_loads_under_sgm_names(meta_models)
     ("sdxl", {"conv_rank": 4}, 3156), ("sdxl", {"conv_rank": 4, "train_text_encoder": False}, 2364),
 ])
 def test_network_key_counts_match_sd_scripts(meta_models, family, options, keys):
-    """The state-dict key counts of spec/lora-keys/README.md, through LoRANetwork's own checks."""
+    """The state-dict key counts in tests/fixtures/lora-keys/README.md, through LoRANetwork's own checks."""
     from trainer.network.lora import LoRANetwork
 
     text_encoders, unet = meta_models(family)

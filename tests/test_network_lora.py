@@ -220,7 +220,8 @@ def test_unet_only_network_has_no_text_encoder_modules_and_skips_them_on_load(ti
 
 
 def test_linear_and_1x1_conv_weights_load_into_each_other(tiny_sd1):
-    """SD2 proj_in/proj_out are Linear in diffusers models and 1x1 convs in checkpoints (spec §7.2)."""
+    """SD2 proj_in/proj_out are Linear in diffusers models and 1x1 convs in single-file checkpoints (sd2.txt and
+    sd2-ckpt.txt in tests/fixtures/lora-keys)."""
     network = make_network(tiny_sd1)
     randomize_up(network)
     weights = {k: (v.flatten(1) if v.dim() == 4 else v) for k, v in network.state_dict().items()}
@@ -463,6 +464,7 @@ def test_dim_from_weights_takes_the_network_shape_from_the_file(tiny_sd1, tmp_pa
 def test_training_run_merges_base_weights_first(tiny_sd1_dir, train_data_dir, tmp_path):
     from conftest import make_tiny_sd1
     from test_train_run import base_args
+
     from trainer.cli import main
 
     base_lora = make_network(make_tiny_sd1(), rank=4, alpha=4.0)  # the weights saved in tiny_sd1_dir

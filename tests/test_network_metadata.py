@@ -1,4 +1,4 @@
-"""Hash and modelspec metadata (spec/sd-scripts.md §8.2-8.3)."""
+"""Hash and modelspec metadata as sd-scripts writes it (sshs_* and A1111 hashes, library/sai_model_spec.py)."""
 
 from __future__ import annotations
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import make_dreambooth_folder
 from safetensors import safe_open
 
-from conftest import make_dreambooth_folder
 from trainer.config.args import parse_train_args
 from trainer.train.events import RecordingListener
 from trainer.train.run import run_training

@@ -8,13 +8,14 @@ import types
 import numpy as np
 import pytest
 import torch
-
 from conftest import HIDDEN, POOL, NanVae, make_dreambooth_folder, make_image, make_tiny_sdxl, read_lora
+
 from trainer.cli import main
 from trainer.config.args import parse_train_args
 from trainer.errors import ConfigError, UserError
 from trainer.train.events import RecordingListener, Reporter
 from trainer.train.run import run_training
+
 
 def sdxl_args(model_dir, data_dir, out_dir, *extra):
     return ["--pretrained_model_name_or_path", str(model_dir), "--train_data_dir", str(data_dir),
@@ -68,12 +69,12 @@ def test_sdxl_lora_trains_with_sai_names_and_loads_in_diffusers(tiny_sdxl_dir, t
 @pytest.mark.parametrize("to_disk", [False, True])
 def test_cached_text_encoder_outputs_train_the_unet_only(tiny_sdxl_dir, train_data_dir, tmp_path, caplog, to_disk,
                                                          monkeypatch):
-    from trainer.train import loop
+    from trainer.train import step
 
     def no_encoding(*args, **kwargs):
         raise AssertionError("the text encoders ran during training")
 
-    monkeypatch.setattr(loop, "encode_batch", no_encoding)
+    monkeypatch.setattr(step, "encode_batch", no_encoding)
     option = "--cache_text_encoder_outputs_to_disk" if to_disk else "--cache_text_encoder_outputs"
     with caplog.at_level(logging.WARNING, logger="trainer"):
         cfg = parse_train_args(sdxl_args(tiny_sdxl_dir, train_data_dir, tmp_path / "out", option))
@@ -196,7 +197,7 @@ def test_time_ids_per_sample_come_from_bucket_and_crop(tiny_sdxl_dir, tmp_path):
         batches = list(setup.dataloader)
         with torch.no_grad():
             for batch in batches:
-                compute_loss(setup, batch)
+                compute_loss(setup.step, batch)
     finally:
         hook.remove()
     assert len(seen) == len(batches) == 4

@@ -1,4 +1,4 @@
-"""trainer.bench: real training steps on random-weight architectures, with speed and memory reported."""
+"""trainer.tools.bench: real training steps on random-weight architectures, with speed and memory reported."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import bench
 from trainer.errors import ConfigError
+from trainer.presets import load_preset
+from trainer.tools import bench
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
 
@@ -61,7 +62,7 @@ def test_cpu_bench_runs_real_steps_of_a_preset_and_writes_json(tmp_path, capsys,
 def test_run_steps_counts_optimizer_steps_with_gradient_accumulation(tmp_path, one_thread):
     from trainer.train.events import Reporter
 
-    cfg = dataclasses.replace(bench.load_preset(str(PRESETS / "demo.toml")), gradient_accumulation_steps=2,
+    cfg = dataclasses.replace(load_preset(str(PRESETS / "demo.toml")), gradient_accumulation_steps=2,
                               max_data_loader_n_workers=0)
     cfg = bench.bench_config(cfg, family="tiny-sd1", folder=tmp_path, steps=2, resolution=(64, 64), batch_size=1)
     bench.write_pictures(Path(cfg.train_data_dir), (64, 64), count=2, caption_extension=cfg.caption_extension)
@@ -75,7 +76,7 @@ def test_run_steps_counts_optimizer_steps_with_gradient_accumulation(tmp_path, o
 
 
 def test_bench_config_keeps_the_preset_settings_and_replaces_data_output_and_length(tmp_path):
-    cfg = bench.load_preset(str(PRESETS / "sd15-8gb.toml"))
+    cfg = load_preset(str(PRESETS / "sd15-8gb.toml"))
     run = bench.bench_config(cfg, family="sd15", folder=tmp_path, steps=5, resolution=(128, 64), batch_size=None)
     for name in ("train_batch_size", "gradient_checkpointing", "network_dim", "mixed_precision", "optimizer_type",
                  "cache_latents", "learning_rate", "sdpa"):
@@ -85,15 +86,6 @@ def test_bench_config_keeps_the_preset_settings_and_replaces_data_output_and_len
     assert run.resolution == (128, 64) and run.min_bucket_reso <= 64 and run.max_bucket_reso >= 128
     assert bench.bench_config(cfg, family="sdxl", folder=tmp_path, steps=1, resolution=None,
                               batch_size=4).train_batch_size == 4
-
-
-def test_family_comes_from_the_config():
-    cfg = bench.load_preset(str(PRESETS / "sd15-6gb.toml"))
-    assert bench.family_for_config(cfg) == "sd15"
-    assert bench.family_for_config(bench.load_preset(str(PRESETS / "demo.toml"))) == "tiny-sd1"
-    assert bench.family_for_config(dataclasses.replace(cfg, sdxl=True)) == "sdxl"
-    assert bench.family_for_config(dataclasses.replace(cfg, v2=True, v_parameterization=True)) == "sd2-768-v"
-    assert bench.family_for_config(dataclasses.replace(cfg, v2=True)) == "sd2-512"
 
 
 def test_full_size_sd15_is_built_for_the_bench_without_memory_on_the_meta_device():

@@ -1,4 +1,4 @@
-"""trainer.doctor: each check says OK / NOTE / WARN / FAIL with a fix, and the exit code follows FAIL only."""
+"""trainer.tools.doctor: each check says OK / NOTE / WARN / FAIL with a fix, and the exit code follows FAIL only."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import types
 from collections import namedtuple
 from pathlib import Path
 
-from trainer import doctor
-from trainer.doctor import FAIL, NOTE, OK, WARN, Check
+from trainer.tools import doctor
+from trainer.tools.doctor import FAIL, NOTE, OK, WARN, Check
 
 
 def importer_without(*missing):

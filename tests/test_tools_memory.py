@@ -1,4 +1,4 @@
-"""trainer.memory: the GPU memory estimate, made on the CPU from fake tensors.
+"""trainer.tools.memory: the GPU memory estimate, made on the CPU from fake tensors.
 
 The parameter and optimizer parts are checked against a real optimizer step of the tiny model (bytes summed
 from the tensors themselves); the activation part against what autograd saves and against the same step on
@@ -12,8 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer import memory
-from trainer.memory import CudaAutocastLike, LiveBytes, estimate_training_memory
+from trainer import presets
+from trainer.presets import load_preset
+from trainer.tools import memory
+from trainer.tools.memory import CudaAutocastLike, LiveBytes, estimate_training_memory
 
 TINY = dict(resolution=64, mixed_precision="no", network_dim=8, train_text_encoder=True, cache_latents=True)
 PARAMETER_TOLERANCE = 0.05  # tiny tensors: the estimate rounds each to the CUDA allocator's 512-byte blocks
@@ -50,9 +52,9 @@ def test_optimizer_states_by_optimizer():
 
 
 def test_parameters_and_optimizer_match_a_real_optimizer_step(tmp_path):
-    from trainer import bench
+    from trainer.tools import bench
 
-    cfg = dataclasses.replace(bench.load_preset("presets/demo.toml"), train_batch_size=1,
+    cfg = dataclasses.replace(load_preset("presets/demo.toml"), train_batch_size=1,
                               max_data_loader_n_workers=0, cache_latents=False, network_dim=8)
     cfg = bench.bench_config(cfg, family="tiny-sd1", folder=tmp_path, steps=1, resolution=(64, 64), batch_size=1)
     bench.write_pictures(tmp_path / "img", (64, 64), count=2, caption_extension=cfg.caption_extension)
@@ -146,13 +148,12 @@ def test_cuda_autocast_rules_are_replayed_on_the_cpu():
 
 
 def test_estimate_for_a_config_and_the_card_margin():
-    from trainer import bench
 
-    cfg = bench.load_preset("presets/demo.toml")
+    cfg = load_preset("presets/demo.toml")
     estimate = memory.estimate_for_config(cfg, "tiny-sd1")
     assert estimate.details["resolution"] == [64, 64] and estimate.details["batch_size"] == cfg.train_batch_size
-    assert estimate.needs_card_gb == pytest.approx(max(estimate.total_gb, estimate.caching_gb) * memory.FRAGMENTATION
-                                                   + memory.CUDA_OVERHEAD_GB)
+    assert estimate.needs_card_gb == pytest.approx(max(estimate.total_gb, estimate.caching_gb) * presets.FRAGMENTATION
+                                                   + presets.CUDA_OVERHEAD_GB)
     with pytest.raises(Exception, match="sd15"):
         memory.estimate_training_memory("sd16", resolution=64)
 

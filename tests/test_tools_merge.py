@@ -12,10 +12,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from trainer.errors import ConfigError, ModelLoadError
-from trainer.merge import main, parse_lora_spec
 from trainer.models.export import lora_family, merge_lora_into, save_single_file
 from trainer.models.load import load_models
 from trainer.network.lora import LoRANetwork, read_weights_file
+from trainer.tools.merge import main, parse_lora_spec
 
 
 def make_lora(models, path: Path, seed: int, *, conv_rank=None, train_text_encoder=True) -> Path:

@@ -1,4 +1,4 @@
-"""trainer.setup_env: nvidia-smi -> torch build, the pip plan, the idempotency stamp, the index fallback.
+"""trainer.tools.setup_env: nvidia-smi -> torch build, the pip plan, the idempotency stamp, the index fallback.
 
 Nothing here runs pip, nvidia-smi or the network: a FakeWorld stands in for all of them.
 """
@@ -17,9 +17,19 @@ from pathlib import Path
 
 import pytest
 
-from trainer import setup_env
-from trainer.setup_env import (GPU, TORCH_VERSION, Context, arch_supported, choose_torch, detect_gpus,
-                               judge_verification, parse_nvidia_smi, plan_steps, probe_index)
+from trainer.tools import setup_env
+from trainer.tools.setup_env import (
+    GPU,
+    TORCH_VERSION,
+    Context,
+    arch_supported,
+    choose_torch,
+    detect_gpus,
+    judge_verification,
+    parse_nvidia_smi,
+    plan_steps,
+    probe_index,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -460,7 +470,7 @@ def test_probe_index_sees_an_answering_index():
 
 
 def test_setup_module_imports_no_heavy_library():
-    code = ("import sys, trainer.setup_env, trainer.doctor; "
+    code = ("import sys, trainer.tools.setup_env, trainer.tools.doctor; "
             "print([m for m in ('torch', 'diffusers', 'transformers', 'rich') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""File names, cadence and retention of saved LoRAs (spec §8.4), and the output-folder pre-flight."""
+"""File names, cadence and retention of saved LoRAs as in sd-scripts, and the output-folder pre-flight."""
 
 import os
 from pathlib import Path

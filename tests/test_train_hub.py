@@ -11,8 +11,8 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 from safetensors import safe_open
-
 from test_train_run import base_args
+
 from trainer.cli import main
 from trainer.config.args import non_default_values, parse_train_args
 from trainer.errors import ConfigError

@@ -1,4 +1,4 @@
-"""Timesteps, noise and loss weighting (spec §10.1-10.3)."""
+"""Timesteps, noise and loss weighting, as sd-scripts' train_network.py computes them."""
 
 import math
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import torch
 
 from trainer.cli import main
-from trainer.train.oom import lower_tier, memory_steps
+from trainer.presets import lower_tier, memory_advice
 
 OOM = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
@@ -82,12 +82,12 @@ def cfg(**overrides):
     values = dict(train_batch_size=1, gradient_accumulation_steps=1, gradient_checkpointing=True,
                   cache_latents=True, cache_text_encoder_outputs=False, train_text_encoder=True, sdxl=False,
                   v2=False, resolution=(1024, 1024), enable_bucket=True, max_bucket_reso=2048,
-                  mixed_precision="bf16", fp8_base=False, fp8_base_unet=False, vae_batch_size=1, config_file=None)
+                  mixed_precision="bf16", fp8_base=False, fp8_base_unet=False, vae_batch_size=1, config_file=None, network_dim=16)
     return SimpleNamespace(**{**values, **overrides})
 
 
 def test_sdxl_steps_cache_the_text_encoders_then_shrink_the_pictures():
-    steps = memory_steps(cfg(sdxl=True), "sdxl", "train", 8.0)
+    steps = memory_advice(cfg(sdxl=True), "sdxl", "train", 8.0)
     text = " | ".join(steps)
     assert text.index("cache_text_encoder_outputs = true with network_train_unet_only = true") < \
         text.index("max_bucket_reso = 1024 (now 2048)") < text.index('resolution = "896"') < \

@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from trainer.errors import ConfigError, UserError
-from trainer.train.optim import (build_optimizer, build_scheduler, eval_mode_for, is_schedule_free,
-                                 parse_optimizer_args, warmup_steps)
+from trainer.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    eval_mode_for,
+    is_schedule_free,
+    parse_optimizer_args,
+    warmup_steps,
+)
 
 
 def groups(*lrs):
@@ -338,6 +344,7 @@ def test_argument_checks_before_any_model_loads():
 
 def run_cli(tiny_sd1_dir, train_data_dir, out, *extra):
     from test_train_run import base_args
+
     from trainer.cli import main
 
     assert main(["train", *base_args(tiny_sd1_dir, train_data_dir, out, *extra)]) == 0

@@ -4,8 +4,8 @@ import logging
 
 import pytest
 import torch
-
 from conftest import read_lora
+
 from trainer.config.args import parse_train_args
 from trainer.errors import ConfigError
 from trainer.models.compile import check_backend, compile_unet

@@ -7,10 +7,10 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import make_dreambooth_folder
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import make_dreambooth_folder
 from trainer.cli import main
 from trainer.config.args import parse_train_args
 from trainer.errors import ConfigError

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_dreambooth_folder, read_lora
+
 from trainer.cli import main
 from trainer.config.args import parse_train_args
 from trainer.train.events import RecordingListener, Reporter
@@ -74,12 +74,12 @@ def test_training_lowers_the_loss_on_a_fixed_batch(tiny_sd1_dir, train_data_dir,
     def fixed_loss():
         torch.manual_seed(123)  # same timesteps and noise every time
         with torch.no_grad():
-            return compute_loss(setup, batch).item()
+            return compute_loss(setup.step, batch).item()
 
     before = fixed_loss()
     for _ in range(30):
         torch.manual_seed(123)
-        loss = compute_loss(setup, batch)
+        loss = compute_loss(setup.step, batch)
         setup.accelerator.backward(loss)
         setup.optimizer.step()
         setup.optimizer.zero_grad()
@@ -265,7 +265,7 @@ def test_fp8_base_with_gradient_checkpointing_gives_the_same_gradients(tiny_sd1_
         setup.dataset.set_epoch(1)
         batch = next(iter(setup.dataloader))
         torch.manual_seed(0)
-        compute_loss(setup, batch).backward()
+        compute_loss(setup.step, batch).backward()
         grads.append(torch.cat([p.grad.flatten().float() for p in setup.network.parameters() if p.grad is not None]))
     assert grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[1], rtol=1e-2, atol=1e-4)
@@ -276,6 +276,7 @@ def _nonzero_lora(tmp_path):
     path = tmp_path / "start.safetensors"
     if not path.exists():
         import conftest
+
         from trainer.network.lora import LoRANetwork
 
         m = conftest.make_tiny_sd1()

@@ -6,8 +6,14 @@ from PIL import Image
 
 from trainer.cli import main
 from trainer.errors import ConfigError
-from trainer.train.sample import (SamplePrompt, SampleSchedule, load_prompts, make_scheduler, parse_prompt_line,
-                                  sample_file_name)
+from trainer.train.sample import (
+    SamplePrompt,
+    SampleSchedule,
+    load_prompts,
+    make_scheduler,
+    parse_prompt_line,
+    sample_file_name,
+)
 
 
 def test_txt_prompt_options():

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_dreambooth_folder
 from test_train_run import base_args
+
 from trainer.cli import main
 from trainer.config.args import parse_train_args
 from trainer.errors import ConfigError

@@ -16,7 +16,7 @@ from test_sdxl import sdxl_args
 
 from trainer.cli import main
 from trainer.config.args import parse_train_args
-from trainer.config.dataset import DatasetSpec, SubsetSpec
+from trainer.data.config import DatasetSpec, SubsetSpec
 from trainer.data.dataset import build_train_dataset, split_train_val
 from trainer.train.events import ConsoleListener, Event, RecordingListener, Reporter
 from trainer.train.run import run_training

@@ -80,7 +80,7 @@ def test_no_watch_and_cpu_runs_do_nothing():
 def test_training_feeds_the_watch_every_step_and_its_warning_becomes_an_event(
         tiny_sd1_dir, train_data_dir, tmp_path, monkeypatch):
     from trainer.config.args import parse_train_args
-    from trainer.train import watch as watch_module
+    from trainer.train import run as run_module
     from trainer.train.events import RecordingListener
     from trainer.train.run import run_training
 
@@ -91,7 +91,7 @@ def test_training_feeds_the_watch_every_step_and_its_warning_becomes_an_event(
                                total_gb=1.0, memory_gb=lambda: next(memory), memory_every=1))
         return made[-1]
 
-    monkeypatch.setattr(watch_module, "spill_watch", fake_spill_watch)
+    monkeypatch.setattr(run_module, "spill_watch", fake_spill_watch)  # what run_training calls
     cfg = parse_train_args(["--pretrained_model_name_or_path", str(tiny_sd1_dir), "--train_data_dir",
                             str(train_data_dir), "--output_dir", str(tmp_path), "--resolution", "64",
                             "--caption_extension", ".txt", "--network_dim", "4", "--max_train_steps", "3",

@@ -3,12 +3,10 @@ that need them, so `setup` and `doctor` work before torch is installed."""
 
 from __future__ import annotations
 
-import logging
-import signal
 import sys
 from typing import Callable, Sequence
 
-from trainer.errors import UserError
+from trainer.console import quiet_libraries, restore_ctrl_c, run_guarded, setup_logging, stop_on_ctrl_break
 
 USAGE = """usage: python -m trainer <command> [arguments]
 
@@ -38,111 +36,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_guarded(lambda: handler(rest))
 
 
-def run_guarded(action: Callable[[], int]) -> int:
-    """User mistakes become one readable message and exit status 2, never a stack trace."""
-    try:
-        return action()
-    except UserError as error:
-        _print_error(str(error))
-        return 2
-    except KeyboardInterrupt:
-        _print_error("Stopped (Ctrl-C).")
-        return 130
-
-
-def _print_error(message: str) -> None:
-    try:
-        from rich.console import Console
-
-        from rich.markup import escape
-
-        # soft_wrap: long paths are wrapped by the terminal, not broken by inserted newlines
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    except ImportError:
-        print(f"error: {message}", file=sys.stderr)
-
-
 def cmd_train(argv: list[str]) -> int:
     setup_logging()
+    # lazy: each command imports what it needs, so `setup` and `doctor` start before torch is installed
     from trainer.config.args import parse_train_args, write_output_config
 
     cfg = parse_train_args(argv)
+    setup_logging(cfg.console_log_level, cfg.console_log_file, cfg.console_log_simple)
     if cfg.output_config:
         print(f"wrote {write_output_config(cfg)}")
         return 0
     stop_on_ctrl_break()
     restore_ctrl_c()
     quiet_libraries()
-    from trainer.train.run import run_training
+    from trainer.train.run import run_training  # lazy: see cmd_train
 
     return 0 if run_training(cfg) else 1
 
 
-def stop_on_ctrl_break(signals=signal) -> bool:
-    """On Windows, make Ctrl-Break stop training the way Ctrl-C does (the LoRA so far is saved).
-
-    The GUI stops a run with CTRL_BREAK_EVENT: Windows cannot send Ctrl-C to one child process group, and
-    Python's default for Ctrl-Break is to exit at once without saving. Returns whether it was installed
-    (never elsewhere: POSIX has no SIGBREAK, and the GUI sends SIGINT there)."""
-    if not hasattr(signals, "SIGBREAK"):
-        return False
-    signals.signal(signals.SIGBREAK, _raise_keyboard_interrupt)
-    return True
-
-
-def restore_ctrl_c(signals=signal) -> bool:
-    """A program started with Ctrl-C ignored (`nohup ./gui.sh &`) passes that on to its children, and the
-    GUI's Stop (SIGINT on Linux) would then be lost: training must still stop and save on it."""
-    if signals.getsignal(signals.SIGINT) != signals.SIG_IGN:
-        return False
-    signals.signal(signals.SIGINT, signals.default_int_handler)
-    return True
-
-
-def _raise_keyboard_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def cmd_gui(argv: list[str]) -> int:
-    from trainer.gui import app
+    from trainer.gui import app  # lazy: see cmd_train
 
     return app.main(argv)
 
 
 def cmd_demo(argv: list[str]) -> int:
-    from trainer.demo import DEMO_PRESET
+    from trainer.demo import DEMO_PRESET  # lazy: see cmd_train
 
     return cmd_train(["--config_file", str(DEMO_PRESET), *argv])
 
 
 def cmd_merge(argv: list[str]) -> int:
     setup_logging()
-    from trainer import merge
+    from trainer.tools import merge  # lazy: see cmd_train
 
     return merge.main(argv)
 
 
 def cmd_bench(argv: list[str]) -> int:
     setup_logging()
-    from trainer import bench
+    from trainer.tools import bench  # lazy: see cmd_train
 
     return bench.main(argv)
 
 
 def cmd_setup(argv: list[str]) -> int:
-    from trainer import setup_env
+    from trainer.tools import setup_env  # lazy: see cmd_train
 
     return setup_env.main(argv)
 
 
 def cmd_doctor(argv: list[str]) -> int:
-    from trainer import doctor
+    from trainer.tools import doctor  # lazy: see cmd_train
 
     return doctor.main(argv)
 
 
 def cmd_args(argv: list[str]) -> int:
-    from trainer.config.compat import main as compat_main
+    from trainer.tools.compat import main as compat_main  # lazy: see cmd_train
 
     return compat_main(argv)
 
@@ -150,35 +101,3 @@ def cmd_args(argv: list[str]) -> int:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train, "gui": cmd_gui, "demo": cmd_demo, "merge": cmd_merge, "bench": cmd_bench,
     "setup": cmd_setup, "doctor": cmd_doctor, "args": cmd_args}
-
-
-def setup_logging(level: str | None = None, log_file: str | None = None) -> None:
-    """Our warnings through rich; the libraries' chatter (diffusers, transformers) only when it is an error."""
-    try:
-        from rich.logging import RichHandler
-
-        handler: logging.Handler = RichHandler(show_time=False, show_path=False, markup=False)
-    except ImportError:
-        handler = logging.StreamHandler()
-    root = logging.getLogger("trainer")
-    root.handlers[:] = [handler]
-    root.setLevel(level or "INFO")
-    root.propagate = False
-    if log_file:
-        file_handler = logging.FileHandler(log_file, encoding="utf-8")
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(file_handler)
-    for noisy in ("diffusers", "transformers", "accelerate"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-
-
-def quiet_libraries() -> None:
-    """The libraries' own progress bars ("Loading weights") would garble ours."""
-    import diffusers.utils.logging
-    import transformers.utils.logging
-
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.disable_progress_bar()
-    # Their notes (e.g. "CLIPImageProcessor requires torchvision") are about parts a trainer never uses.
-    transformers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.set_verbosity_error()

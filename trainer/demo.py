@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.paths import PRESETS_DIR
+
 log = logging.getLogger(__name__)
 
 DEMO_MODEL = "builtin:tiny-sd1"
-DEMO_PRESET = Path(__file__).resolve().parents[1] / "presets" / "demo.toml"
+DEMO_PRESET = PRESETS_DIR / "demo.toml"
 DEMO_FOLDER = "10_shp shape"  # 10 repeats, class token "shp shape"
 SHAPES = ("circle", "square", "triangle", "ring")
 COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "yellow": (230, 200, 40)}

@@ -14,13 +14,14 @@ Status of an argument here:
 import argparse
 import dataclasses
 import logging
-import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from trainer.config.blocks import check_block_options
+from trainer.config.optimizers import parse_optimizer_args, parse_scheduler_args
 from trainer.errors import ConfigError, did_you_mean
+from trainer.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,8 @@ class TrainConfig:
     log_config: bool = flag("log the arguments (without paths and secrets) to the tracker", LOGGING)
     console_log_level: str | None = arg(None, "console log level", LOGGING,
                                         choices=(None, "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
-    console_log_file: str | None = arg(None, "also write the log to this file", LOGGING)
+    console_log_file: str | None = arg(None, "write the log to this file instead of the console (as sd-scripts; the "
+                                                 "progress bar stays on the console)", LOGGING)
     console_log_simple: bool = flag("plain console log", LOGGING)
 
     # ------------------------------------------------------------------ noise and loss
@@ -560,8 +562,6 @@ def parse_network_args(items: Iterable[str] | None, sdxl: bool | None = None) ->
 
 
 def _network_value_problems(options: dict[str, str], sdxl: bool | None) -> list[str]:
-    from trainer.network.blocks import check_block_options
-
     problems = []
     for key, kind, low, high in (("conv_dim", int, 1, None), ("conv_alpha", float, None, None),
                                  ("rank_dropout", float, 0.0, 1.0), ("module_dropout", float, 0.0, 1.0)):
@@ -733,8 +733,6 @@ def _check_precision(v: dict[str, Any]) -> list[str]:
 def _check_optimizer_options(v: dict[str, Any]) -> list[str]:
     """What can be told before any model loads: key=value syntax, warmup with a custom schedule, the
     piecewise_constant rules, weighted captions with cached text-encoder outputs."""
-    from trainer.train.optim import parse_optimizer_args, parse_scheduler_args  # no torch at import
-
     problems = []
     scheduler_args: dict = {}
     try:
@@ -823,7 +821,6 @@ def write_output_config(cfg: TrainConfig) -> Path:
     """`--output_config`: write the non-default arguments as a flat TOML to --config_file; never overwrite."""
     import toml
 
-    from trainer.files import atomic_write_text
 
     if not cfg.config_file:
         raise ConfigError("--output_config needs --config_file: the path of the TOML to write.")

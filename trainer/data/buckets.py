@@ -13,6 +13,8 @@ import random
 import numpy as np
 from PIL import Image
 
+from trainer.errors import ConfigError, DatasetError
+
 Size = tuple[int, int]  # (width, height), as sd-scripts writes resolutions
 
 _PIL_FILTERS = {
@@ -31,8 +33,6 @@ def make_bucket_resolutions(max_reso: Size, min_size: int, max_size: int, divisi
     area = max_reso[0] * max_reso[1]
     square = int(math.sqrt(area) // divisible) * divisible if divisible > 0 else 0
     if min_size < 1 or square < 1:
-        from trainer.errors import ConfigError
-
         raise ConfigError(f"Bucket settings make a bucket of size 0 (resolution {max_reso[0]}x{max_reso[1]}, "
                           f"min_bucket_reso {min_size}, bucket_reso_steps {divisible}): bucket_reso_steps must be "
                           "positive, and min_bucket_reso and the resolution's sides at least bucket_reso_steps.")
@@ -238,8 +238,6 @@ def color_augment(array: np.ndarray, rng: random.Random) -> np.ndarray:
 
 def load_image(path, *, alpha: bool = False) -> Image.Image:
     """The image converted to RGB (RGBA for alpha masks); a damaged file is a DatasetError naming it."""
-    from trainer.errors import DatasetError
-
     try:
         with Image.open(path) as image:
             image.load()

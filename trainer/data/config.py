@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.data.captions import CaptionRules
+from trainer.data.folders import find_dreambooth_subsets, list_images, parse_repeats_folder
 from trainer.errors import ConfigError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -549,8 +550,6 @@ def _warn_ignored_folder_arguments(args: Any) -> None:
 
 def _config_from_arguments(args: Any) -> dict:
     """Spec §3.4: one dataset from the DreamBooth folders, or one fine-tuning subset from --in_json."""
-    from trainer.data.folders import find_dreambooth_subsets
-
     train_data_dir = getattr(args, "train_data_dir", None)
     in_json = getattr(args, "in_json", None)
     with_masks = getattr(args, "conditioning_data_dir", None) is not None and getattr(args, "masked_loss", False)
@@ -579,8 +578,6 @@ def _config_from_arguments(args: Any) -> dict:
 
 def _is_flat_image_folder(folder: Path) -> bool:
     """Images directly inside and no `N_tokens` subfolders (sd-scripts' ControlNet train_data_dir)."""
-    from trainer.data.folders import list_images, parse_repeats_folder
-
     if not folder.is_dir() or not list_images(folder):
         return False
     return not any(p.is_dir() and parse_repeats_folder(p.name) for p in folder.iterdir())

@@ -31,13 +31,25 @@ from typing import Callable
 import numpy as np
 import torch
 
-from trainer.config.dataset import DatasetSpec, SubsetSpec
 from trainer.data import cache as cache_files
-from trainer.data.buckets import (BucketManager, color_augment, face_info_from_name, fit_to_resolution, load_image,
-                                  resize_and_crop)
+from trainer.data.buckets import (
+    BucketManager,
+    color_augment,
+    face_info_from_name,
+    fit_to_resolution,
+    load_image,
+    resize_and_crop,
+)
 from trainer.data.captions import CaptionRules, count_tags, process_caption
-from trainer.data.folders import (IMAGE_EXTENSIONS, balance_reg_images, list_images, read_finetune_metadata,
-                                  read_folder_captions, read_image_size)
+from trainer.data.config import DatasetSpec, SubsetSpec
+from trainer.data.folders import (
+    IMAGE_EXTENSIONS,
+    balance_reg_images,
+    list_images,
+    read_finetune_metadata,
+    read_folder_captions,
+    read_image_size,
+)
 from trainer.errors import ConfigError, DatasetError
 from trainer.files import atomic_write_text
 

@@ -23,11 +23,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from trainer.console import restore_ctrl_c
 from trainer.errors import UserError
 from trainer.files import atomic_write_text
 from trainer.gui import form
 from trainer.gui.check import CheckReport, check_config
 from trainer.gui.runner import RunStatus, TrainingRun, status_markdown
+from trainer.tools.doctor import check_vram
 
 DEFAULT_PORT = 7860
 PORTS_TRIED = 100
@@ -234,8 +236,6 @@ def fit_form(cwd: Path, fields: Sequence[form.FieldSpec], shown: Sequence[Any], 
     """Whether these settings fit this PC's NVIDIA card, as `python -m trainer doctor --config` says: the
     memory estimate (the full-size model traced without memory, a few seconds) against the detected card,
     and what to step down to when it does not fit. Nothing is saved."""
-    from trainer.doctor import check_vram
-
     with scratch_config(collect_values(fields, shown, trigger, add_to_captions)) as config:
         with working_directory(cwd):
             checks = check_vram(str(config))
@@ -653,7 +653,6 @@ def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     check_local_host(args.host)
     require_gradio()
-    from trainer.cli import restore_ctrl_c
 
     restore_ctrl_c()  # started in the background (`./gui.sh &`), Ctrl-C / SIGINT must still close it cleanly
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool

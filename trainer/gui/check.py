@@ -14,8 +14,12 @@ from types import SimpleNamespace
 from typing import Any, Iterator
 
 from trainer.config import args as A
+from trainer.data.config import load_dataset_config, resolve_datasets
+from trainer.data.folders import caption_candidates, list_images, read_finetune_metadata, read_folder_captions
+from trainer.demo import demo_pictures_pending
 from trainer.errors import ConfigError, UserError
 from trainer.gui.form import TRIGGER_TICK, strip_path
+from trainer.models.load import detect_model_family, looks_like_hub_id, missing_path_error
 
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
@@ -98,8 +102,6 @@ def _parse(path: str | Path, report: CheckReport) -> Any:
 
 
 def _check_model(args: Any, report: CheckReport) -> None:
-    from trainer.models.load import looks_like_hub_id, missing_path_error, detect_model_family
-
     spec = strip_path(str(args.pretrained_model_name_or_path or ""))
     if not spec:
         return  # parse_train_args said it is required
@@ -159,9 +161,6 @@ def _check_output(args: Any, report: CheckReport) -> None:
 
 
 def _check_dataset(args: Any, trigger: str, report: CheckReport) -> None:
-    from trainer.config.dataset import load_dataset_config, resolve_datasets
-    from trainer.demo import demo_pictures_pending
-
     if args.dataset_class:
         report.notes.append(f"The dataset comes from the class {args.dataset_class}; it is not scanned here.")
         return
@@ -204,8 +203,6 @@ def _steps_note(args: Any, batches: int) -> str:
 
 def _scan_subset(subset: Any, trigger: str, report: CheckReport) -> int:
     """One line per folder: images, repeats, caption files, captions with the trigger. Returns the image count."""
-    from trainer.data.folders import list_images, read_finetune_metadata
-
     if subset.metadata_file:
         try:
             entries, _ = read_finetune_metadata(subset.metadata_file, subset.image_dir, subset.caption_separator,
@@ -243,8 +240,6 @@ def _scan_subset(subset: Any, trigger: str, report: CheckReport) -> int:
 def _captions(subset: Any, images: list[Path]) -> tuple[list[str], int]:
     """Each image's caption as training reads it (caption file, else the folder's class tokens) and how many
     caption files there are; the trainer's own warning names the images without one."""
-    from trainer.data.folders import caption_candidates, read_folder_captions
-
     captions = read_folder_captions(images, subset.caption_extension, subset.class_tokens, subset.enable_wildcard,
                                     Path(subset.image_dir))
     files = sum(1 for image in images

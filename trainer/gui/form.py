@@ -20,8 +20,9 @@ from typing import Any
 
 from trainer.config import args as A
 from trainer.errors import ConfigError, did_you_mean
+from trainer.files import atomic_write_text
+from trainer.paths import PRESETS_DIR
 
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
 CONFIGS_DIR = Path.cwd() / "configs"
 
 # The main page, in order; everything else is in the advanced form. unet_lr / text_encoder_lr are here
@@ -254,8 +255,6 @@ def config_path_for(output_name: str | None, folder: str | Path | None = None) -
 def write_config(path: str | Path, values: dict[str, Any], *, source: str | None = None) -> Path:
     """Write `values` as a sectioned TOML that `--config_file` reads back to the same TrainConfig; only values
     that differ from the defaults. A header says where it came from and how to run it. Atomic."""
-    from trainer.files import atomic_write_text
-
     entries, problems = _checked_entries(values)
     if problems:
         raise ConfigError(problems)

@@ -23,14 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from trainer.config.args import read_config_file
 from trainer.errors import ConfigError
+from trainer.paths import REPO_ROOT
 
 STATES = ("idle", "running", "finished", "failed", "interrupted")
 MAX_WARNINGS = 20
 LOG_TAIL_LINES = 30
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _MARKS = {"finished": "✅", "interrupted": "⏹"}
-_TRAINER_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the `trainer` package
 
 
 @dataclass
@@ -297,8 +298,6 @@ def _output_files(config: Path, extra_args: list[str], cwd: Path) -> tuple[Path,
     """The events file the trainer will append to (`<output_dir>/<output_name>.events.jsonl`, as
     trainer.train.run.events_file names it) and the console log beside it. Read from the TOML without
     checking it: a broken config must still get a log that says what is wrong."""
-    from trainer.config.args import read_config_file
-
     try:
         _, values = read_config_file(str(config))
     except ConfigError:
@@ -318,7 +317,7 @@ def _child_env() -> dict[str, str]:
     live, and this checkout's `trainer` package first on the path."""
     env = dict(os.environ)
     env.update(PYTHONUTF8="1", PYTHONIOENCODING="utf-8", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_TRAINER_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("COLUMNS", "120")  # rich wraps a non-terminal at 80 columns otherwise
     return env
 

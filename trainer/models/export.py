@@ -14,7 +14,9 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from trainer.files import atomic_path
 from trainer.models.checkpoint import SD1_TE, SD2_TE, SDXL_TE1, SDXL_TE2, UNET, VAE, classify_checkpoint
+from trainer.network.lora import LoRANetwork, NetworkWeightsError, read_weights_file
 
 if TYPE_CHECKING:
     import torch
@@ -233,8 +235,6 @@ def save_single_file(models, path: str | Path, dtype=None, metadata: Mapping[str
     `dtype` (None keeps each tensor's own). The file appears complete under `path` or not at all."""
     from safetensors.torch import save_file
 
-    from trainer.files import atomic_path
-
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"single-file export writes .safetensors only, got {path.name}")
@@ -258,8 +258,6 @@ def merge_lora_into(models, lora_paths: Sequence[str | Path], multipliers: Seque
     file is built from the file's own keys (ranks, alphas, conv layers), so any kohya-format LoRA / LoCon
     fits. Returns the number of layers merged per file. A file for another model family, or not a LoRA,
     raises NetworkWeightsError (a ModelLoadError) naming the file and what it is for."""
-    from trainer.network.lora import LoRANetwork, NetworkWeightsError, read_weights_file
-
     if len(lora_paths) != len(multipliers):
         raise ValueError(f"{len(lora_paths)} LoRA files but {len(multipliers)} multipliers")
     counts = []
@@ -302,8 +300,6 @@ def lora_family(weights: Mapping[str, Any], metadata: Mapping[str, str] | None =
 
 
 def _check_lora_fits(weights: Mapping[str, Any], path, models) -> None:
-    from trainer.network.lora import NetworkWeightsError
-
     if not any(".lora_down." in k for k in weights):
         kind = classify_checkpoint({k: tuple(v.shape) for k, v in weights.items()})
         what = f"a full {FAMILY_NAMES[kind]} checkpoint" if kind in FAMILY_NAMES else \

@@ -40,7 +40,9 @@ from trainer.models.checkpoint import (  # noqa: F401  (re-exported: trainer.mod
     short_message,
     torch_load,
 )
+from trainer.models.families import ARCHITECTURES, LATENT_SCALE, tokenizers_for
 from trainer.models.tokenizer import openai_clip_tokenizer
+from trainer.paths import MODEL_CONFIGS_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +56,8 @@ class _DropEmptyFp32Warning(logging.Filter):
 
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropEmptyFp32Warning())
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = MODEL_CONFIGS_DIR
 BUILTIN_MODELS = {"tiny-sd1": "tiny-sd1"}
-LATENT_SCALE = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 # sd-scripts trains every family with this DDPM schedule, whatever the model folder's scheduler says.
 DDPM_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                   clip_sample=False)
@@ -122,14 +123,30 @@ def load_models(name_or_path: str, *, v2: bool = False, v_parameterization: bool
         parts["name"] = path.name or path.resolve().name  # as given: a symlink keeps its own name
     if vae:
         parts["vae"] = load_vae(vae, parts["config_root"], vae_dtype)
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler(**DDPM_BETAS, prediction_type="v_prediction" if v_parameterization else "epsilon")
     return LoadedModels(family=parts["family"], unet=parts["unet"], vae=parts["vae"],
                         text_encoders=parts["text_encoders"], tokenizers=parts["tokenizers"],
-                        noise_scheduler=scheduler, v_parameterization=v_parameterization,
+                        noise_scheduler=training_scheduler(v_parameterization), v_parameterization=v_parameterization,
                         latent_scale=LATENT_SCALE[parts["family"]], name=parts["name"],
                         source_file=parts.get("source_file"))
+
+
+def training_scheduler(v_parameterization: bool):
+    """The DDPM schedule sd-scripts trains every family with, for epsilon or v-prediction."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**DDPM_BETAS, prediction_type="v_prediction" if v_parameterization else "epsilon")
+
+
+def models_from_parts(parts: dict, architecture: str, *, v_parameterization: bool = False,
+                      name: str | None = None) -> LoadedModels:
+    """LoadedModels around a shipped architecture built with random weights (trainer.models.families'
+    `build_architecture`: real tensors for bench, fake ones for the memory estimate)."""
+    arch = ARCHITECTURES[architecture]
+    v_parameterization = v_parameterization or arch.v_parameterization
+    return LoadedModels(family=arch.family, unet=parts["unet"], vae=parts["vae"], text_encoders=parts["text_encoders"],
+                        tokenizers=tokenizers_for(arch.family), noise_scheduler=training_scheduler(v_parameterization),
+                        v_parameterization=v_parameterization, latent_scale=LATENT_SCALE[arch.family],
+                        name=name or f"random:{architecture}", source_file=None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

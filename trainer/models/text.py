@@ -18,6 +18,8 @@ import logging
 
 import torch
 
+from trainer.models.prompt_weights import parse_weighted_caption
+
 log = logging.getLogger(__name__)
 
 CHUNK = 77  # CLIP's context length; every SD text encoder has it
@@ -42,8 +44,6 @@ def tokenize_weighted_captions(tokenizer, captions: list[str],
 
 
 def _weighted_ids(tokenizer, caption: str, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from trainer.models.prompt_weights import parse_weighted_caption
-
     tokens: list[int] = []
     weights: list[float] = []
     for text, weight in parse_weighted_caption(caption):

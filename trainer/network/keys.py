@@ -165,7 +165,7 @@ def _container_types(is_text_encoder: bool, include_conv: bool) -> tuple[type, .
     """The blocks whose Linear/Conv2d layers get a LoRA (spec §7.1). isinstance, not class names:
     transformers' SDPA attention variants subclass CLIPAttention, so they are covered too."""
     if is_text_encoder:
-        from transformers.models.clip.modeling_clip import CLIPAttention, CLIPMLP
+        from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
 
         return (CLIPAttention, CLIPMLP)
     from diffusers.models.transformers.transformer_2d import Transformer2DModel

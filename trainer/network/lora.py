@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.config import blocks
+from trainer.config.blocks import BlockDims, block_index
 from trainer.errors import ModelLoadError
 from trainer.files import atomic_path
-from trainer.network import blocks
-from trainer.network.blocks import BlockDims, block_index
 from trainer.network.keys import (
     UNET_PREFIX,
-    expected_attention_targets,
     LoraTarget,
+    expected_attention_targets,
     find_lora_targets,
     kohya_name,
     text_encoder_prefixes,
@@ -239,7 +239,7 @@ class LoRANetwork(nn.Module):
     UNet SGM-style names). `conv_rank` turns on LoCon: 3x3 convs get `conv_rank`/`conv_alpha`, Linear and
     1x1 layers always use `rank`/`alpha`. Parts that are not trained get no modules at all, so they are
     not saved. `module_dims` ({name: (rank, alpha)}, as read from a file) creates exactly those modules.
-    `block_dims` (sd-scripts' block mode, trainer.network.blocks) gives the UNet's ranks per block instead of
+    `block_dims` (sd-scripts' block mode, trainer.config.blocks) gives the UNet's ranks per block instead of
     `rank`/`conv_rank`; a block of rank 0 gets no modules. The text encoders keep `rank`/`alpha`.
     """
 
@@ -391,7 +391,7 @@ class LoRANetwork(nn.Module):
         return [p for m in self.lora_modules() for p in (m.lora_down.weight, m.lora_up.weight)]
 
     def set_block_lr_weight(self, weights: Sequence[float] | None) -> None:
-        """One lr weight per UNet block (trainer.network.blocks.block_lr_weights); the UNet lr is multiplied by
+        """One lr weight per UNet block (trainer.config.blocks.block_lr_weights); the UNet lr is multiplied by
         the weight of each module's block, one param group per block (sd-scripts' `set_block_lr_weight`)."""
         self.block_lr_weights = list(weights) if weights is not None else None
 

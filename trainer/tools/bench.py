@@ -6,7 +6,7 @@ through the training code itself: trainer.train.build's parts, `compute_loss`, `
 optimizer and scheduler, as `trainer.train.loop.train` calls them. Reported: time to the first step, it/s (the
 median step after warm-up), peak allocated and reserved VRAM (CUDA), peak RSS, and the machine.
 
-`--estimate` runs nothing: it prints trainer.memory's estimate, so "does this preset fit my card" can be asked
+`--estimate` runs nothing: it prints trainer.tools.memory's estimate, so "does this preset fit my card" can be asked
 before a model is downloaded. `--vram_limit 6GB` caps this process's share of a bigger card (torch's
 per-process memory fraction) to stand in for a small one. `--table FILE.json ...` turns the JSONs of runs and
 estimates (scripts/bench-presets.sh writes them) into the GPU table of docs/benchmarks.md.
@@ -31,6 +31,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from trainer.errors import ConfigError, UserError
+from trainer.files import atomic_write_text
+from trainer.models.families import FAMILY_OF, architecture_for_config, build_architecture
+from trainer.models.load import models_from_parts
+from trainer.presets import DEFAULT_NETWORK_DIM, load_preset, memory_advice
+from trainer.tools.bench_table import print_utf8, read_bench_files, table_markdown
+from trainer.tools.memory import estimate_for_config
+from trainer.train.build import prepare_training, weight_dtype_for
+from trainer.train.events import RecordingListener, Reporter
+from trainer.train.loop import RunState, apply_max_norm, micro_step
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +86,6 @@ class BenchResult:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    from trainer.memory import FAMILY_OF
-
     p = argparse.ArgumentParser(prog="python -m trainer bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="a training TOML (e.g. presets/sd15-8gb.toml)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps to run (default 10 on a GPU, 3 on CPU)")
@@ -97,20 +104,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str]) -> int:
-    from trainer.cli import setup_logging
-
-    setup_logging()
     args = parse_args(argv)
     if args.table:
-        from trainer.bench_table import print_utf8, read_bench_files, table_markdown
-
         print_utf8(table_markdown(read_bench_files(args.table)))
         return 0
     if not args.config:
         raise ConfigError("--config is required (a training TOML, e.g. presets/sd15-8gb.toml), unless --table is "
                           "given.")
     cfg = load_preset(args.config)
-    family = args.family or family_for_config(cfg)
+    family = args.family or architecture_for_config(cfg)
     resolution = parse_resolution(args.resolution) if args.resolution else None
     if args.estimate:
         return show_estimate(cfg, family, resolution, args.batch_size, args.json, preset=args.config)
@@ -124,29 +126,10 @@ def main(argv: Sequence[str]) -> int:
     result = run_benchmark(cfg, preset=args.config, family=family, steps=steps, warmup=args.warmup,
                            resolution=resolution, batch_size=args.batch_size,
                            vram_limit_gb=parse_size_gb(args.vram_limit) if args.vram_limit else None)
-    print_result(result)
+    print_result(result, advice=memory_advice(cfg, FAMILY_OF[family], "train", result.vram_limit_gb))
     if args.json:
         write_json(args.json, result_dict(result))
     return 1 if result.error else 0
-
-
-def load_preset(path: str):
-    from trainer.config.args import parse_train_args
-
-    if not Path(path).is_file():
-        raise ConfigError(f'--config "{path}" does not exist. Fix: give a training TOML, e.g. presets/sd15-8gb.toml.')
-    return parse_train_args(["--config_file", path])
-
-
-def family_for_config(cfg) -> str:
-    """The shipped architecture a config trains: from builtin:tiny-sd1, --sdxl, --v2 (+ --v_parameterization)."""
-    if str(cfg.pretrained_model_name_or_path or "").strip() == "builtin:tiny-sd1":
-        return "tiny-sd1"
-    if cfg.sdxl:
-        return "sdxl"
-    if cfg.v2:
-        return "sd2-768-v" if cfg.v_parameterization else "sd2-512"
-    return "sd15"
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -217,9 +200,6 @@ def _record_failure(result: BenchResult, error: Exception) -> None:
 def _run(cfg, family: str, device, result: BenchResult, steps: int, warmup: int) -> None:
     import torch
 
-    from trainer.train.build import weight_dtype_for
-    from trainer.train.events import RecordingListener, Reporter
-
     # As build.select_mixed_precision decides (which also warns, once, when preparing): no fp16 on a CPU.
     if cfg.mixed_precision == "fp16" and device.type == "cpu":
         result.mixed_precision = "no (fp16 needs a GPU)"
@@ -247,8 +227,6 @@ def _run(cfg, family: str, device, result: BenchResult, steps: int, warmup: int)
 def bench_config(cfg, *, family: str, folder: Path, steps: int, resolution: tuple[int, int] | None,
                  batch_size: int | None):
     """The preset's settings with generated data in `folder`, exactly `steps` steps, nothing saved or sampled."""
-    from trainer.memory import FAMILY_OF
-
     width, height = resolution or cfg.resolution or (512, 512)
     overrides = dict(
         pretrained_model_name_or_path=f"bench:{family}", train_data_dir=str(folder / "img"), reg_data_dir=None,
@@ -286,51 +264,24 @@ def write_pictures(folder: Path, size: tuple[int, int], *, count: int, caption_e
 def build_random_models(family: str, *, dtype, vae_dtype, device, v_parameterization: bool = False):
     """A LoadedModels of the full-size `family` with random weights, created on `device` in `dtype`."""
     import torch
-    from diffusers import DDPMScheduler
-
-    from trainer.memory import FAMILY_OF, build_architecture, tokenizers_for
-    from trainer.models.load import DDPM_BETAS, LATENT_SCALE, LoadedModels
 
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(0)
         parts = build_architecture(family, dtype=dtype, vae_dtype=vae_dtype)
-    kind = FAMILY_OF[family]
-    v_parameterization = v_parameterization or family == "sd2-768-v"
-    scheduler = DDPMScheduler(**DDPM_BETAS, prediction_type="v_prediction" if v_parameterization else "epsilon")
-    return LoadedModels(family=kind, unet=parts["unet"], vae=parts["vae"], text_encoders=parts["text_encoders"],
-                        tokenizers=tokenizers_for(kind), noise_scheduler=scheduler,
-                        v_parameterization=v_parameterization, latent_scale=LATENT_SCALE[kind],
-                        name=f"bench:{family}", source_file=None)
+    return models_from_parts(parts, family, v_parameterization=v_parameterization, name=f"bench:{family}")
 
 
 def prepare_with_models(cfg, models, reporter):
-    """trainer.train.build.prepare_training, the training code itself, with models already in memory.
-
-    Uses `prepare_training(cfg, reporter, models=...)` once build.py has that parameter. Until then the load
-    step is stood in for: `trainer.models.load.load_models` (which prepare_training imports when called) returns
-    `models` for the duration of this call. Everything else (precision, attention, freezing, fp8, caches, LoRA,
-    checkpointing, optimizer, accelerate) runs exactly as in a training run."""
-    import inspect
-
-    from trainer.models import load
-    from trainer.train import build
-
-    if "models" in inspect.signature(build.prepare_training).parameters:
-        return build.prepare_training(cfg, reporter, models=models)
-    original = load.load_models
-    load.load_models = lambda *args, **kwargs: models
-    try:
-        return build.prepare_training(cfg, reporter)
-    finally:
-        load.load_models = original
+    """trainer.train.build.prepare_training, the training code itself, given the models already in memory:
+    precision, attention, freezing, fp8, caches, LoRA, checkpointing, optimizer and accelerate run exactly as
+    in a training run."""
+    return prepare_training(cfg, reporter, models=models)
 
 
 def run_steps(setup, steps: int, losses: list | None = None) -> list[float]:
     """`steps` optimizer steps as trainer.train.loop.train makes them (its inner step, minus reporting, saving,
     sampling and validation); seconds per step, data loading included, the device synchronised at each
     step's end so the time is the step's own."""
-    from trainer.train.loop import RunState, apply_max_norm, micro_step
-
     acc = setup.accelerator
     setup.network.train()
     run = RunState(setup)
@@ -504,8 +455,6 @@ def result_dict(result: BenchResult) -> dict[str, Any]:
 
 
 def write_json(path: str, data: dict[str, Any]) -> None:
-    from trainer.files import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
@@ -538,11 +487,12 @@ def result_rows(r: BenchResult) -> list[tuple[str, str]]:
     return rows
 
 
-def print_result(result: BenchResult, out: Callable[[Any], None] | None = None) -> None:
+def print_result(result: BenchResult, out: Callable[[Any], None] | None = None, advice: list[str] = ()) -> None:
     _print_table("trainer bench", result_rows(result), out)
     if result.out_of_memory:
-        _print_text("Out of memory: use a smaller preset tier, or turn on gradient_checkpointing / cache_latents, "
-                    "or lower train_batch_size / resolution / network_dim.", out)
+        steps = " ".join(f"({i}) {step}." for i, step in enumerate(advice, 1))
+        _print_text(f"Out of memory. To fit, change these, the biggest saving first: {steps}" if steps else
+                    "Out of memory.", out)
 
 
 def _print_table(title: str, rows: list[tuple[str, str]], out=None) -> None:
@@ -567,8 +517,6 @@ def _print_text(text: str, out=None) -> None:
 
 def show_estimate(cfg, family: str, resolution: tuple[int, int] | None, batch_size: int | None,
                   json_path: str | None, out=None, preset: str | None = None) -> int:
-    from trainer.memory import estimate_for_config
-
     estimate = estimate_for_config(cfg, family, resolution=resolution, batch_size=batch_size)
     _print_table("trainer bench --estimate", estimate_rows(estimate, cfg), out)
     if json_path:
@@ -582,7 +530,7 @@ def estimate_rows(e, cfg) -> list[tuple[str, str]]:
             ("resolution x batch", f"{d['resolution'][0]}x{d['resolution'][1]} x {d['batch_size']}"),
             ("precision / grad. checkpointing", f"{d['mixed_precision']} / "
                                                 f"{'on' if d['gradient_checkpointing'] else 'off'}"),
-            ("LoRA", f"dim {cfg.network_dim or 4}, {d['trainable_parameters'] / 1e6:.1f} M trainable; text encoder "
+            ("LoRA", f"dim {cfg.network_dim or DEFAULT_NETWORK_DIM}, {d['trainable_parameters'] / 1e6:.1f} M trainable; text encoder "
                      f"{'trained' if cfg.train_text_encoder else 'frozen'}; optimizer {cfg.optimizer_type or 'AdamW'}"),
             ("weights + LoRA + gradients", _gb(e.parameters_gb)), ("optimizer states", _gb(e.optimizer_gb)),
             ("activations at the peak", _gb(e.activations_gb)), ("expected peak allocated", _gb(e.total_gb))]
@@ -599,9 +547,3 @@ def estimate_dict(e, preset: str | None = None) -> dict[str, Any]:
     data = {"kind": "estimate", "preset": preset, **dataclasses.asdict(e)}
     data["needs_card_gb"] = e.needs_card_gb
     return data
-
-
-if __name__ == "__main__":
-    from trainer.cli import run_guarded
-
-    sys.exit(run_guarded(lambda: main(sys.argv[1:])))

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from trainer.errors import ConfigError
+from trainer.presets import CUDA_OVERHEAD_GB
+
 
 @dataclass
 class PresetRuns:
@@ -72,8 +74,6 @@ def preset_name(preset: Any, path: str) -> str:
 
 def table_markdown(entries: list[PresetRuns]) -> str:
     """The table (one row per run; a capped run is its own row under its preset's), then the presets' comments."""
-    from trainer.memory import CUDA_OVERHEAD_GB
-
     header = ["preset", "GPU / driver", "torch / CUDA", "attention", "resolution x batch", "it/s",
               "time to first step", "peak allocated", "peak reserved", "estimate (peak)",
               f"fits its card (≤ size - {CUDA_OVERHEAD_GB:g} GB)"]

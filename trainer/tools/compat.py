@@ -6,12 +6,19 @@ import argparse
 from pathlib import Path
 
 from trainer.config.args import ARGUMENTS, DONE, NOT_YET, REFUSE, WARN, kind_of
+from trainer.tools.argmap import argument_readers
 
 STATUS_TEXT = {DONE: "implemented", WARN: "accepted, ignored with a warning", REFUSE: "refused: not supported yet"}
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[2] / "docs" / "compatibility.md"
 
 
+def effect_modules(modules: list[str]) -> str:
+    """The "takes effect in" cell: module paths without the "trainer/" prefix, or "-" when none reads it."""
+    return ", ".join(m.removeprefix("trainer/") for m in modules) or "-"
+
+
 def compatibility_markdown() -> str:
+    readers = argument_readers()
     counts = {s: sum(f.metadata["status"] == s for f in ARGUMENTS) for s in STATUS_TEXT}
     lines = [
         "# sd-scripts arguments: what this trainer does with each",
@@ -22,16 +29,18 @@ def compatibility_markdown() -> str:
         f"{counts[DONE]} implemented, {counts[WARN]} accepted and ignored with a warning (ignoring them cannot "
         f"change the trained LoRA), {counts[REFUSE]} refused with a clear message when set (not supported yet).",
         "Names, types and defaults are sd-scripts' own; any other name fails like argparse does.",
+        "\"takes effect in\" lists the modules under `trainer/` that read the argument (found by "
+        "`trainer/tools/argmap.py`, whose docstring gives the rules).",
         "",
-        "| argument | type | default | status | notes |",
-        "|---|---|---|---|---|",
+        "| argument | type | default | status | notes | takes effect in |",
+        "|---|---|---|---|---|---|",
     ]
     for f in sorted(ARGUMENTS, key=lambda f: (f.metadata["section"], f.name)):
         meta = f.metadata
         note = meta["note"] or (NOT_YET if meta["status"] == REFUSE else "")
         help_text = meta["help"] + (f" ({note})" if note else "")
         lines.append(f"| `--{f.name}` | {kind_of(f)} | `{f.default!r}` | {STATUS_TEXT[meta['status']]} | "
-                     f"{meta['section']}: {help_text.replace('|', '/')} |")
+                     f"{meta['section']}: {help_text.replace('|', '/')} | {effect_modules(readers[f.name])} |")
     return "\n".join(lines) + "\n"
 
 

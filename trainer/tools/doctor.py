@@ -12,12 +12,17 @@ import importlib
 import importlib.metadata
 import json
 import platform
-import re
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+
+from trainer.models.families import ARCHITECTURES, architecture_for_config
+from trainer.models.tokenizer import find_bpe_file
+from trainer.paths import PRESETS_DIR, REPO_ROOT, short_path
+from trainer.presets import CARD_SLACK_GB, load_preset, memory_advice, preset_tiers, stated_peak_gb  # noqa: F401
+from trainer.tools.setup_env import arch_supported
 
 OK, NOTE, WARN, FAIL = "OK", "NOTE", "WARN", "FAIL"
 ESSENTIAL_MODULES = ("diffusers", "transformers", "accelerate", "safetensors", "rich", "toml")
@@ -28,7 +33,6 @@ OPTIONAL_MODULES = {
 }
 MIN_FREE_GB = 10.0
 SETUP_HINT = "run ./setup.sh (Linux) or .\\setup.ps1 (Windows)"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -95,8 +99,6 @@ def check_torch(importer: Importer = importlib.import_module) -> list[Check]:
 
 
 def _arch_ok(cap: tuple[int, int], arch_list: Sequence[str]) -> bool:
-    from trainer.setup_env import arch_supported
-
     return arch_supported(cap, arch_list)
 
 
@@ -126,9 +128,7 @@ def _version(module: object, name: str) -> str:
 
 
 def check_clip_vocab(find: Callable[[], Path | None] | None = None) -> list[Check]:
-    if find is None:
-        from trainer.models.tokenizer import find_bpe_file as find
-    path = find()
+    path = (find or find_bpe_file)()
     if path is None:
         return [Check(WARN, "CLIP vocabulary", "not found: single-file checkpoints and the demo cannot build a "
                       "tokenizer offline", "python -m pip install --no-deps clip-anytorch==2.6.0, or " + SETUP_HINT)]
@@ -195,11 +195,6 @@ def check_config(config: str, importer: Importer = importlib.import_module) -> l
 # ---------------------------------------------------------------------------------------------------------------
 # Does a training config fit this card?
 
-PRESETS_DIR = REPO_ROOT / "presets"
-CARD_SLACK_GB = 0.5  # a card sold as 6 GB reports a little less (5.8-6.0 GiB)
-_PRESET_PREFIX = {"sd15": "sd15", "tiny-sd1": "sd15", "sd2-512": "sd2", "sd2-768-v": "sd2", "sdxl": "sdxl"}
-
-
 @dataclass(frozen=True)
 class Card:
     name: str
@@ -234,33 +229,14 @@ def _card_from_nvidia_smi() -> Card | None:
         return None
 
 
-def stated_peak_gb(config: str | Path) -> float | None:
-    """The (upper) GB figure of a preset's "# Expected peak VRAM: ..." comment, or None."""
-    try:
-        lines = Path(config).read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return None
-    start = next((i for i, line in enumerate(lines) if "expected peak vram" in line.lower()), None)
-    if start is None:
-        return None
-    for line in lines[start:]:
-        if not line.lstrip().startswith("#"):
-            break
-        match = re.search(r"(\d+(?:\.\d+)?)(?:\s*[-–]\s*(\d+(?:\.\d+)?))?\s*GB", line, re.IGNORECASE)
-        if match:
-            return float(match.group(2) or match.group(1))
-    return None
-
-
 def estimate_needs(config: str) -> tuple[float, str] | None:
-    """GB a card needs for this config, from trainer.memory's estimate; None without torch/diffusers."""
-    try:
-        from trainer.bench import family_for_config, load_preset
-        from trainer.memory import estimate_for_config
+    """GB a card needs for this config, from trainer.tools.memory's estimate; None without torch/diffusers."""
+    try:  # lazy: the doctor runs before torch is installed, and says so
+        from trainer.tools.memory import estimate_for_config
     except ImportError:
         return None
     cfg = load_preset(config)
-    family = family_for_config(cfg)
+    family = architecture_for_config(cfg)
     estimate = estimate_for_config(cfg, family)
     return estimate.needs_card_gb, (f"estimated peak {max(estimate.total_gb, estimate.caching_gb):.1f} GB for "
                                     f"{family} at {estimate.details['resolution'][0]}x"
@@ -303,55 +279,17 @@ def check_vram(config: str, detect: Callable[[], Card | None] = detect_card,
 
 
 def step_down_advice(config: str | Path, card_gb: float, presets_dir: Path = PRESETS_DIR) -> str:
-    """Which shipped preset tier fits `card_gb`, and the settings that save the most memory, for this config."""
-    cfg = None
+    """The shipped preset tier that fits `card_gb` and the settings that save the most memory, for this config
+    (trainer.presets.memory_advice: the same advice the out-of-memory message gives)."""
     try:
-        from trainer.bench import family_for_config, load_preset
-
-        cfg = load_preset(str(config))
-        prefix = _PRESET_PREFIX[family_for_config(cfg)]
+        cfg = load_preset(config)
     except Exception:  # the advice must come even when the config cannot be read here
         prefix = Path(config).stem.lower().split("-")[0]
-    fitting = [(gb, p) for gb, p in preset_tiers(prefix, presets_dir)
-               if gb <= card_gb + CARD_SLACK_GB and p.resolve() != Path(config).resolve()]
-    parts = [f"use {short_path(fitting[-1][1])} (the {fitting[-1][0]} GB tier)"] if fitting else []
-    parts += memory_savers(cfg) if cfg is not None else []
-    return "; or ".join(parts) if parts else "lower the resolution (e.g. 448 for SD 1.5) or network_dim"
-
-
-def preset_tiers(prefix: str, presets_dir: Path = PRESETS_DIR) -> list[tuple[int, Path]]:
-    """The shipped presets of one model family by the card size in their names, smallest first:
-    [(6, presets/sd15-6gb.toml), (8, ...), (12, ...)]."""
-    return sorted((int(m.group(1)), p) for p in presets_dir.glob(f"{prefix}-*gb.toml")
-                  if (m := re.fullmatch(rf"{prefix}-(\d+)gb", p.stem)))
-
-
-def short_path(path: Path) -> Path:
-    """A path inside the trainer folder relative to it (presets/sd15-6gb.toml), any other as it is."""
-    try:
-        return path.resolve().relative_to(REPO_ROOT)
-    except ValueError:
-        return path
-
-
-def memory_savers(cfg) -> list[str]:
-    """Settings of this config that are not yet at their memory-saving value, biggest saving first."""
-    savers = []
-    if not cfg.gradient_checkpointing:
-        savers.append("gradient_checkpointing = true")
-    if cfg.train_batch_size > 1:
-        savers.append(f"train_batch_size = 1 with gradient_accumulation_steps = {cfg.train_batch_size}")
-    if cfg.sdxl and not cfg.cache_text_encoder_outputs:
-        savers.append("cache_text_encoder_outputs = true with network_train_unet_only = true")
-    if not cfg.cache_latents:
-        savers.append("cache_latents = true")
-    if cfg.mixed_precision == "no":
-        savers.append('mixed_precision = "fp16" (or "bf16" on RTX 30xx and newer)')
-    if (cfg.network_dim or 4) > 32:
-        savers.append("network_dim = 32 or less")
-    if cfg.train_text_encoder:
-        savers.append("network_train_unet_only = true")
-    return savers
+        fitting = [(gb, p) for gb, p in preset_tiers(prefix, presets_dir) if gb <= card_gb + CARD_SLACK_GB]
+        return (f"use {short_path(fitting[-1][1]).as_posix()} (the {fitting[-1][0]} GB tier)" if fitting else
+                "lower the resolution (e.g. 448 for SD 1.5) or network_dim")
+    family = ARCHITECTURES[architecture_for_config(cfg)].family
+    return "; or ".join(memory_advice(cfg, family, "train", card_gb))
 
 
 def run_checks(args: argparse.Namespace) -> list[Check]:

@@ -32,22 +32,26 @@ from __future__ import annotations
 
 import math
 import weakref
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
+from trainer.config.args import TrainConfig, parse_network_args
+from trainer.models.families import FAMILY_OF, build_architecture, default_dtype
+from trainer.models.load import models_from_parts
+from trainer.models.text import CHUNK, sdxl_conditioning
+from trainer.network.lora import LoRANetwork
+from trainer.presets import CUDA_OVERHEAD_GB, DEFAULT_NETWORK_DIM, FRAGMENTATION
+from trainer.train.build import enable_gradient_checkpointing, weight_dtype_for
+from trainer.train.step import DiffusionSettings, StepParts, compute_loss
+
 GB = 2**30
 ALLOCATOR_BLOCK = 512  # the CUDA caching allocator rounds every block up to a multiple of 512 bytes
-FRAGMENTATION = 1.10  # reserved / allocated; an assumption until calibrated on a GPU
-CUDA_OVERHEAD_GB = 0.5  # CUDA context + cuBLAS/cuDNN workspaces, not seen by torch's memory counters
 
-# Shipped config folder -> model family (trainer.models.load's names).
-FAMILY_OF = {"sd15": "sd1", "tiny-sd1": "sd1", "sd2-512": "sd2", "sd2-768-v": "sd2", "sdxl": "sdxl"}
 
 
 @dataclass(frozen=True)
@@ -70,52 +74,6 @@ class MemoryEstimate:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Architectures
-
-
-def config_root(family_config: str) -> Path:
-    from trainer.models.load import CONFIG_DIR
-
-    if family_config not in FAMILY_OF:
-        from trainer.errors import ConfigError, did_you_mean
-
-        raise ConfigError(f'Unknown model family "{family_config}"{did_you_mean(family_config, FAMILY_OF)}. '
-                          f"Choose one of: {', '.join(FAMILY_OF)}.")
-    return CONFIG_DIR / family_config
-
-
-def build_architecture(family_config: str, *, dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, Any]:
-    """UNet, VAE and text encoder(s) of a shipped config with freshly initialised weights, in `dtype`.
-
-    Built with `dtype` as torch's default dtype, so no float32 copy of a full-size model ever exists. Under a
-    `torch.device(...)` context the weights are created there; under FakeTensorMode they cost nothing."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    root = config_root(family_config)
-
-    def clip_config(sub: str):
-        config = CLIPTextConfig.from_json_file(root / sub / "config.json")
-        config.dtype = dtype  # transformers builds the inner text model in the config's dtype otherwise
-        return config
-
-    with default_dtype(dtype):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
-        encoders = [CLIPTextModel(clip_config("text_encoder"))]
-        if (root / "text_encoder_2").is_dir():
-            encoders.append(CLIPTextModelWithProjection(clip_config("text_encoder_2")))
-    with default_dtype(vae_dtype):
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))
-    return dict(unet=unet.eval(), vae=vae.eval(), text_encoders=[e.eval() for e in encoders])
-
-
-@contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def parameter_counts(family_config: str) -> dict[str, int]:
@@ -338,8 +296,6 @@ def estimate_training_memory(family: str, *, resolution: int | tuple[int, int], 
     sd2-768-v, sdxl, tiny-sd1) with these settings, without a GPU and without model weights."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from trainer.train.build import weight_dtype_for
-
     size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
     dtype = weight_dtype_for(mixed_precision)
     vae_dtype = torch.float32 if no_half_vae else dtype
@@ -410,8 +366,6 @@ def training_models(family: str, *, dtype: torch.dtype, vae_dtype: torch.dtype, 
     with default_dtype(lora_dtype):  # --full_bf16: LoRA weights (and so their optimizer states) in bf16
         network = attach_lora(parts, family, rank, conv_rank, train_text_encoder)
     if gradient_checkpointing:
-        from trainer.train.build import enable_gradient_checkpointing
-
         enable_gradient_checkpointing(SimpleNamespace(**parts), train_text_encoder)
         parts["unet"].enable_gradient_checkpointing(checkpoint_keeping_autocast)
     return parts, network
@@ -454,44 +408,7 @@ def store_in_fp8(module: torch.nn.Module, compute_dtype: torch.dtype, prefix: st
     module.register_forward_hook(restore)
 
 
-class _Setup(SimpleNamespace):
-    """The TrainingSetup fields compute_loss reads; any other field (a feature that is off) reads None."""
-
-    def __getattr__(self, name: str):
-        return None
-
-
-class _Models:
-    """The parts of trainer.models.load.LoadedModels that training code reads, for fake models."""
-
-    def __init__(self, parts: dict, family_config: str = "sd15", v_parameterization: bool = False):
-        from diffusers import DDPMScheduler
-
-        from trainer.models.load import DDPM_BETAS, LATENT_SCALE
-
-        family = FAMILY_OF.get(family_config, "sd1")
-        self.family = family
-        self.unet, self.vae, self.text_encoders = parts["unet"], parts["vae"], parts["text_encoders"]
-        self.tokenizers = tokenizers_for(family)
-        self.noise_scheduler = DDPMScheduler(**DDPM_BETAS,
-                                             prediction_type="v_prediction" if v_parameterization else "epsilon")
-        self.v_parameterization = v_parameterization
-        self.latent_scale = LATENT_SCALE[family]
-
-
-def tokenizers_for(family: str) -> list:
-    from trainer.models.tokenizer import openai_clip_tokenizer
-
-    if family == "sd1":
-        return [openai_clip_tokenizer()]
-    if family == "sd2":
-        return [openai_clip_tokenizer(pad_token="!")]
-    return [openai_clip_tokenizer(), openai_clip_tokenizer(pad_token="!")]
-
-
 def attach_lora(parts: dict, family: str, rank: int, conv_rank: int | None, train_text_encoder: bool):
-    from trainer.network.lora import LoRANetwork
-
     network = LoRANetwork(parts["text_encoders"], parts["unet"], sdxl=FAMILY_OF[family] == "sdxl", rank=rank,
                           alpha=rank, conv_rank=conv_rank, conv_alpha=1.0 if conv_rank else None,
                           train_text_encoder=train_text_encoder)
@@ -504,23 +421,16 @@ def step_peak_bytes(parts: dict, network, family: str, *, batch: int, size: tupl
                     cache_latents: bool = True, cache_text_encoder_outputs: bool = False,
                     train_text_encoder: bool = True, max_token_length: int | None = None,
                     v_parameterization: bool = False) -> int:
-    """Peak bytes above the weights of one trainer.train.loop.compute_loss + backward, on fake or real tensors
+    """Peak bytes above the weights of one trainer.train.step.compute_loss + backward, on fake or real tensors
     (fp16/bf16 `dtype`: under CudaAutocastLike, as accelerate's autocast would run it on a GPU)."""
-    import dataclasses
-
-    from trainer.config.args import TrainConfig
-    from trainer.train.build import DiffusionSettings
-    from trainer.train.loop import compute_loss
-
-    models = _Models(parts, family, v_parameterization)
-    settings = DiffusionSettings.from_config(dataclasses.replace(TrainConfig(), max_token_length=max_token_length),
-                                             v_parameterization=v_parameterization,
+    models = models_from_parts(parts, family, v_parameterization=v_parameterization)
+    settings = DiffusionSettings.from_config(TrainConfig(max_token_length=max_token_length),
+                                             v_parameterization=models.v_parameterization,
                                              latent_scale=models.latent_scale)
-    autocast = (lambda: CudaAutocastLike(dtype)) if dtype != torch.float32 else nullcontext
-    accelerator = SimpleNamespace(device=torch.device("cpu"), autocast=autocast)
-    setup = _Setup(settings=settings, models=models, accelerator=accelerator, weight_dtype=dtype,
-                   train_text_encoder=train_text_encoder,
-                   text_cache=_CachedText(parts["text_encoders"], dtype) if cache_text_encoder_outputs else None)
+    step = StepParts(models=models, settings=settings, device=torch.device("cpu"),
+                     autocast=(lambda: CudaAutocastLike(dtype)) if dtype != torch.float32 else nullcontext,
+                     weight_dtype=dtype, train_text_encoder=train_text_encoder,
+                     text_cache=_CachedText(parts["text_encoders"], dtype) if cache_text_encoder_outputs else None)
     width, height = size
     sizes = torch.tensor([[height, width]] * batch)
     batch_data = {"captions": ["a photo of a cat"] * batch, "loss_weights": torch.ones(batch),
@@ -532,7 +442,7 @@ def step_peak_bytes(parts: dict, network, family: str, *, batch: int, size: tupl
                   for t in (*m.parameters(), *m.buffers()))
     tracker.known(v for v in batch_data.values() if isinstance(v, torch.Tensor))
     with tracker:
-        loss = compute_loss(setup, batch_data)
+        loss = compute_loss(step, batch_data)
         loss.backward()
         del loss
     return tracker.peak
@@ -547,8 +457,6 @@ class _CachedText:
         self.dtype = dtype
 
     def conditioning(self, batch: dict, device):
-        from trainer.models.text import CHUNK, sdxl_conditioning
-
         n = len(batch["captions"])
         hidden1, hidden2 = (torch.zeros(n, CHUNK, width, dtype=self.dtype) for width in self.widths[:2])
         return sdxl_conditioning(hidden1, hidden2, torch.zeros(n, self.pooled, dtype=self.dtype), batch)
@@ -576,7 +484,7 @@ def estimate_for_config(cfg, family: str, *, resolution: tuple[int, int] | None 
     return estimate_training_memory(
         family, resolution=(width, height), batch_size=batch_size or cfg.train_batch_size,
         mixed_precision=cfg.mixed_precision, gradient_checkpointing=cfg.gradient_checkpointing,
-        network_dim=cfg.network_dim or 4, train_text_encoder=cfg.train_text_encoder,
+        network_dim=cfg.network_dim or DEFAULT_NETWORK_DIM, train_text_encoder=cfg.train_text_encoder,
         cache_latents=cfg.cache_latents, cache_text_encoder_outputs=cfg.cache_text_encoder_outputs,
         optimizer_type=cfg.optimizer_type, attention=attention, conv_dim=_conv_dim(cfg),
         no_half_vae=cfg.no_half_vae, vae_batch_size=cfg.vae_batch_size or 1,
@@ -586,7 +494,5 @@ def estimate_for_config(cfg, family: str, *, resolution: tuple[int, int] | None 
 
 
 def _conv_dim(cfg) -> int | None:
-    from trainer.config.args import parse_network_args
-
     options = parse_network_args(cfg.network_args)
     return int(options["conv_dim"]) if "conv_dim" in options else None

@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 
 from trainer.errors import ConfigError, ModelLoadError, did_you_mean
+from trainer.models.checkpoint import classify_checkpoint, read_checkpoint_shapes
+from trainer.models.export import merge_lora_into, save_single_file
+from trainer.models.load import detect_model_family, load_models
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +57,6 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from trainer.models.export import merge_lora_into, save_single_file
-    from trainer.models.load import detect_model_family, load_models
 
     dtype = getattr(torch, PRECISIONS[args.precision])
     save_dtype = getattr(torch, PRECISIONS[args.save_precision or args.precision])
@@ -127,8 +128,6 @@ def _check_paths(model: str, loras: list[tuple[Path, float]], output: Path, over
 
 
 def _check_base_is_not_a_lora(base: Path) -> None:
-    from trainer.models.checkpoint import classify_checkpoint, read_checkpoint_shapes
-
     if base.suffix.lower() == ".safetensors" and classify_checkpoint(read_checkpoint_shapes(base)) == "lora":
         raise ModelLoadError(f'--model "{base}" is a LoRA file, not a base model. Fix: give the Stable Diffusion '
                              f"checkpoint as --model and the LoRA as --lora.")

@@ -39,6 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from trainer.files import atomic_write_text
+from trainer.paths import REPO_ROOT
+
 TORCH_VERSION = "2.13.0"
 PYTORCH_INDEX = "https://download.pytorch.org/whl"
 INDEX_PROBE_TIMEOUT_S = 5.0
@@ -388,8 +391,6 @@ def read_stamp(path: Path) -> dict:
 
 
 def write_stamp(path: Path, data: dict) -> None:
-    from trainer.files import atomic_write_text  # standard library only
-
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -517,7 +518,7 @@ class Context:
     version_of: Callable[[str], str | None] = installed_version
     python: str = sys.executable
     venv_dir: Path = field(default_factory=lambda: Path(sys.prefix))
-    repo_root: Path = field(default_factory=lambda: Path(__file__).resolve().parents[1])
+    repo_root: Path = field(default_factory=lambda: REPO_ROOT)
     system: str = field(default_factory=platform.system)
     in_venv: bool = field(default_factory=lambda: sys.prefix != sys.base_prefix)
     smi: str | None = "auto"

@@ -24,12 +24,33 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from trainer.config.args import FP8_NEEDS_MIXED_PRECISION, TrainConfig, parse_network_args
+from trainer.data.config import load_dataset_config, resolve_datasets, verify_bucket_reso_steps
+from trainer.data.custom import load_dataset_class
+from trainer.data.dataset import build_train_dataset, make_dataloader
 from trainer.errors import ConfigError
+from trainer.models.attention import select_attention
+from trainer.models.compile import check_backend, compile_unet
+from trainer.models.export import merge_lora_into
+from trainer.models.load import detect_model_family, load_models
+from trainer.network.lora import LoRANetwork, apply_lr_options, network_from_args, read_weights_file
+from trainer.presets import DEFAULT_NETWORK_DIM
 from trainer.train.checkpoint import Saver, build_saver, check_output_dir
 from trainer.train.events import Reporter
-from trainer.train.validate import NoValidator
+from trainer.train.hub import resolve_hub_resume
+from trainer.train.metadata import training_metadata
+from trainer.train.optim import build_optimizer, build_scheduler, eval_mode_for
+from trainer.train.phases import phase
+from trainer.train.precision import allow_fp16_unscale, fp16_optimizer_args, resolve_full_fp16
+from trainer.train.sample import build_sampler, load_sample_prompts
+from trainer.train.state import ResumePoint, initial_step_of, load_training_state, read_state_step, start_point
+from trainer.train.step import DiffusionSettings, StepParts
+from trainer.train.text_cache import cache_text_encoder_outputs, check_cacheable
+from trainer.train.validate import NoValidator, build_validator
 
 log = logging.getLogger(__name__)
 
@@ -56,39 +77,6 @@ def plan_run(num_batches: int, *, max_train_steps: int, max_train_epochs: int | 
                    batch_size * gradient_accumulation_steps * num_processes, seed)
 
 
-@dataclass(frozen=True)
-class DiffusionSettings:
-    """Everything the noise and loss functions need, taken from the config once."""
-    v_parameterization: bool
-    latent_scale: float
-    clip_skip: int | None
-    max_token_length: int | None
-    min_timestep: int | None
-    max_timestep: int | None
-    noise_offset: float | None
-    noise_offset_random_strength: bool
-    adaptive_noise_scale: float | None
-    multires_noise_iterations: int | None
-    multires_noise_discount: float
-    ip_noise_gamma: float | None
-    ip_noise_gamma_random_strength: bool
-    loss_type: str
-    huber_schedule: str
-    huber_c: float
-    huber_scale: float
-    min_snr_gamma: float | None
-    scale_v_pred_loss_like_noise_pred: bool
-    v_pred_like_loss: float | None
-    debiased_estimation_loss: bool
-    weighted_captions: bool = False  # `(word:1.2)` syntax in captions (trainer.models.prompt_weights)
-
-    @classmethod
-    def from_config(cls, cfg: TrainConfig, *, v_parameterization: bool, latent_scale: float) -> "DiffusionSettings":
-        names = [f for f in cls.__dataclass_fields__ if f not in ("v_parameterization", "latent_scale")]
-        return cls(v_parameterization=v_parameterization, latent_scale=latent_scale,
-                   **{n: getattr(cfg, n) for n in names})
-
-
 @dataclass
 class TrainingSetup:
     """The finished parts handed to the loop."""
@@ -103,12 +91,9 @@ class TrainingSetup:
     resume: Any  # train.state.ResumePoint: where the loop starts
     saver: Saver
     sampler: Any  # train.sample.Sampler, or NoSampler when sampling is off
-    settings: DiffusionSettings
-    train_text_encoder: bool
+    step: StepParts  # what each loss computation reads (trainer.train.step)
     max_grad_norm: float
     scale_weight_norms: float | None
-    weight_dtype: torch.dtype
-    text_cache: Any = None  # SDXL --cache_text_encoder_outputs: trainer.train.text_cache.TextEncoderOutputCache
     validator: Any = field(default_factory=NoValidator)  # train.validate.Validator when images are held out
     lr_descriptions: list[str] = field(default_factory=list)  # per optimizer param group: "textencoder", "unet"...
 
@@ -118,12 +103,7 @@ def resolve_seed(seed: int | None) -> int:
 
 
 def build_dataset(cfg: TrainConfig, seed: int):
-    from trainer.config.dataset import load_dataset_config, resolve_datasets, verify_bucket_reso_steps
-    from trainer.data.dataset import build_train_dataset
-
     if cfg.dataset_class:  # the user's class instead of folders and dataset TOMLs (trainer.data.custom)
-        from trainer.data.custom import load_dataset_class
-
         return load_dataset_class(cfg.dataset_class, resolution=cfg.resolution,
                                   max_token_length=cfg.max_token_length, debug_dataset=cfg.debug_dataset)
     user_config = load_dataset_config(cfg.dataset_config, masked_loss=cfg.masked_loss) if cfg.dataset_config else None
@@ -132,8 +112,6 @@ def build_dataset(cfg: TrainConfig, seed: int):
     dataset = build_train_dataset(specs, seed=seed, prior_loss_weight=cfg.prior_loss_weight,
                                   max_train_steps_hint=cfg.max_train_steps)
     if cfg.cache_text_encoder_outputs:
-        from trainer.train.text_cache import check_cacheable
-
         check_cacheable(dataset)  # subset options from a dataset TOML; the CLI ones were checked by args.py
     return dataset
 
@@ -143,8 +121,6 @@ def resolve_model_family(cfg: TrainConfig) -> TrainConfig:
     gets a warning. Only where telling the family is cheap (a local folder or .safetensors header; builtin):
     a pickled .ckpt would be read twice and a hub id downloaded before the dataset is checked, so for those
     load_models checks the flag against the weights and names the right script."""
-    from trainer.models.load import detect_model_family
-
     spec = str(cfg.pretrained_model_name_or_path or "").strip().strip("\"'")
     path = Path(spec).expanduser()
     if path.is_dir() or spec.startswith("builtin:") or (path.is_file() and path.suffix.lower() == ".safetensors"):
@@ -179,8 +155,6 @@ def weight_dtype_for(mixed_precision: str) -> torch.dtype:
 def build_network(cfg: TrainConfig, models):
     """The LoRA from --network_args, or shaped like --network_weights with --dim_from_weights, attached to
     `models`."""
-    from trainer.network.lora import LoRANetwork, apply_lr_options, network_from_args, read_weights_file
-
     sdxl = models.family == "sdxl"
     options = parse_network_args(cfg.network_args, sdxl=sdxl)  # now the block counts can be checked exactly
     if cfg.dim_from_weights:
@@ -190,7 +164,7 @@ def build_network(cfg: TrainConfig, models):
         log.info("Network shape (modules, ranks, alphas) and weights taken from %s", cfg.network_weights)
     else:
         network = network_from_args(models.text_encoders, models.unet, options, sdxl=sdxl,
-                                    rank=cfg.network_dim or 4, alpha=cfg.network_alpha, dropout=cfg.network_dropout,
+                                    rank=cfg.network_dim or DEFAULT_NETWORK_DIM, alpha=cfg.network_alpha, dropout=cfg.network_dropout,
                                     train_unet=cfg.train_unet, train_text_encoder=cfg.train_text_encoder)
     network.apply_to(apply_text_encoder=cfg.train_text_encoder, apply_unet=cfg.train_unet)
     if cfg.network_weights and not cfg.dim_from_weights:
@@ -204,8 +178,6 @@ def merge_base_weights(cfg: TrainConfig, models) -> None:
     text-encoder output cache), as sd-scripts does before its network exists."""
     if not cfg.base_weights:
         return
-    from trainer.models.export import merge_lora_into
-
     multipliers = list(cfg.base_weights_multiplier or [])[:len(cfg.base_weights)]
     multipliers += [1.0] * (len(cfg.base_weights) - len(multipliers))
     merge_lora_into(models, cfg.base_weights, multipliers)
@@ -241,8 +213,6 @@ def place_on_device(models, device) -> None:
 
 def build_optimizer_and_scheduler(cfg: TrainConfig, network, plan: RunPlan, num_processes: int):
     """(optimizer, scheduler, ss_optimizer name, the param groups' names: "textencoder", "unet", ...)."""
-    from trainer.train.optim import build_optimizer, build_scheduler
-
     groups, descriptions = network.prepare_optimizer_params(cfg.text_encoder_lr_value, cfg.unet_lr,
                                                             cfg.learning_rate)
     log.info("LoRA param groups: %s", ", ".join(f"{d} lr={g['lr']:g}" for d, g in zip(descriptions, groups)))
@@ -274,20 +244,18 @@ class Runtime:
     compile_backend: str | None  # --torch_compile: the checked --dynamo_backend; None when not compiling
 
 
-def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
+def prepare_training(cfg: TrainConfig, reporter: Reporter, *, models=None) -> TrainingSetup:
     """Build every part the loop needs, failing on user mistakes before anything slow happens. The order of
-    the phases is the order of the side effects (see the module docstring) and is kept on purpose."""
-    from trainer.train.metadata import training_metadata
-    from trainer.train.optim import eval_mode_for
-    from trainer.train.sample import build_sampler
-    from trainer.train.validate import build_validator
+    the phases is the order of the side effects (see the module docstring) and is kept on purpose.
 
+    `models` (a LoadedModels already in memory: bench's random-weight full-size models) replaces loading
+    --pretrained_model_name_or_path; everything else runs as in any training run."""
     started_at = time.time()
     cfg, seed, dataset, prompts = check_inputs(cfg)
     cfg, runtime = start_accelerator(cfg)
     accelerator = runtime.accelerator
     cfg, plan, resume = plan_steps(cfg, dataset, seed, accelerator.num_processes)  # still before any model loads
-    models, attention = load_frozen_models(cfg, runtime)
+    models, attention = load_frozen_models(cfg, runtime, models)
     text_cache = fill_caches(cfg, dataset, models, accelerator)  # before the LoRA exists: caches see the base model
     network = attach_network(cfg, models, accelerator.device, runtime.compile_backend)
     dataloader, optimizer, lr_scheduler, optimizer_name, lr_descriptions = build_optimization(
@@ -307,11 +275,13 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
     setup = TrainingSetup(
         accelerator=accelerator, models=models, network=network, dataset=dataset, dataloader=dataloader,
         optimizer=optimizer, lr_scheduler=lr_scheduler, plan=plan, resume=resume, saver=saver, sampler=sampler,
-        settings=DiffusionSettings.from_config(cfg, v_parameterization=models.v_parameterization,
-                                               latent_scale=models.latent_scale),
-        train_text_encoder=cfg.train_text_encoder and network_has_text_encoder(network, accelerator),
-        max_grad_norm=cfg.max_grad_norm, scale_weight_norms=cfg.scale_weight_norms,
-        weight_dtype=runtime.weight_dtype, text_cache=text_cache, lr_descriptions=lr_descriptions)
+        step=StepParts(
+            models=models, device=accelerator.device, autocast=accelerator.autocast,
+            weight_dtype=runtime.weight_dtype, text_cache=text_cache,
+            settings=DiffusionSettings.from_config(cfg, v_parameterization=models.v_parameterization,
+                                                   latent_scale=models.latent_scale),
+            train_text_encoder=cfg.train_text_encoder and network_has_text_encoder(network, accelerator)),
+        max_grad_norm=cfg.max_grad_norm, scale_weight_norms=cfg.scale_weight_norms, lr_descriptions=lr_descriptions)
     setup.validator = build_validator(cfg, setup, reporter)
     return setup
 
@@ -319,10 +289,6 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter) -> TrainingSetup:
 def check_inputs(cfg: TrainConfig) -> tuple[TrainConfig, int, Any, list]:
     """(cfg, seed, dataset, sample prompts): the user's mistakes that need no model stop the run here, bad
     images included. The seed is set first; the dataset's shuffling draws from it."""
-    from accelerate.utils import set_seed
-
-    from trainer.train.sample import load_sample_prompts
-
     seed = resolve_seed(cfg.seed)
     set_seed(seed)
     check_output_dir(Path(cfg.output_dir or "output"))
@@ -335,19 +301,12 @@ def check_inputs(cfg: TrainConfig) -> tuple[TrainConfig, int, Any, list]:
 def start_accelerator(cfg: TrainConfig) -> tuple[TrainConfig, Runtime]:
     """Precision (fp16 falls back to fp32 on a CPU, and --full_fp16 with it), the compile backend and the
     Accelerator. cfg comes back with --full_fp16 off when it fell back."""
-    from accelerate import Accelerator
-
-    from trainer.models.compile import check_backend
-    from trainer.train.precision import allow_fp16_unscale, resolve_full_fp16
-
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mixed_precision = select_mixed_precision(cfg.mixed_precision, device_type)
     if cfg.full_fp16 and not resolve_full_fp16(cfg.full_fp16, mixed_precision):
         cfg = dataclasses.replace(cfg, full_fp16=False)  # fp16 fell back to fp32 on the CPU, and so does the LoRA
     compile_backend = check_backend(cfg.dynamo_backend) if cfg.torch_compile else None  # a typo stops here
     fresh_accelerator_state()
-    from accelerate.utils import DataLoaderConfiguration
-
     # Batches come in pinned memory on CUDA (make_dataloader), so their copy to the GPU need not wait for it.
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               mixed_precision=mixed_precision, cpu=device_type == "cpu",
@@ -364,8 +323,6 @@ def plan_steps(cfg: TrainConfig, dataset, seed: int, num_processes: int) -> tupl
     """(cfg, RunPlan, ResumePoint): every dataset item is one batch, so the plan and the start point are known
     before any model loads. --resume_from_huggingface downloads the state folder here and cfg comes back with
     --resume pointing at it."""
-    from trainer.train.hub import resolve_hub_resume
-
     plan = plan_run(len(dataset), max_train_steps=cfg.max_train_steps, max_train_epochs=cfg.max_train_epochs,
                     batch_size=cfg.train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                     seed=seed, num_processes=num_processes)
@@ -373,14 +330,16 @@ def plan_steps(cfg: TrainConfig, dataset, seed: int, num_processes: int) -> tupl
     return cfg, plan, plan_start(cfg, plan)
 
 
-def load_frozen_models(cfg: TrainConfig, runtime: Runtime) -> tuple[Any, str]:
-    """(models, attention backend): the base model loaded, --base_weights merged in, the zero-terminal-SNR
-    schedule, the attention backend, then the weights frozen and placed (see `freeze_models`)."""
-    from trainer.models.attention import select_attention
-    from trainer.models.load import load_models  # looked up per call: tests and trainer.bench stand in for it
+def load_frozen_models(cfg: TrainConfig, runtime: Runtime, models=None) -> tuple[Any, str]:
+    """(models, attention backend): the base model loaded (unless given), --base_weights merged in, the
+    zero-terminal-SNR schedule, the attention backend, then the weights frozen and placed (`freeze_models`)."""
+    with phase("load"):
+        return _load_frozen_models(cfg, runtime, models)
 
+
+def _load_frozen_models(cfg: TrainConfig, runtime: Runtime, models) -> tuple[Any, str]:
     weight_dtype = runtime.weight_dtype
-    models = load_models(cfg.pretrained_model_name_or_path, v2=cfg.v2, v_parameterization=cfg.v_parameterization,
+    models = models if models is not None else load_models(cfg.pretrained_model_name_or_path, v2=cfg.v2, v_parameterization=cfg.v_parameterization,
                          sdxl=cfg.sdxl, vae=cfg.vae, tokenizer_cache_dir=cfg.tokenizer_cache_dir,
                          dtype=weight_dtype, vae_dtype=torch.float32 if cfg.no_half_vae else weight_dtype)
     merge_base_weights(cfg, models)
@@ -399,28 +358,26 @@ def fill_caches(cfg: TrainConfig, dataset, models, accelerator) -> Any:
     """--cache_latents (then the UNet and text encoders join the VAE on the device) and SDXL's
     --cache_text_encoder_outputs; returns the text-encoder output cache or None.
 
-    Not named cache_*: trainer.train.oom reads function names in build.py to tell the user that latent
-    caching ran out of memory, and a failure here outside `cache_latents` (moving the models) is not that."""
+    Moving the models to the device after caching is the "load" phase, not "cache_latents"."""
     if cfg.cache_latents:
-        cache_latents(dataset, models.vae, cfg, accelerator.device, models.family)
-        place_on_device(models, accelerator.device)
+        with phase("cache_latents"):
+            cache_latents(dataset, models.vae, cfg, accelerator.device, models.family)
+        with phase("load"):
+            place_on_device(models, accelerator.device)
     if not cfg.cache_text_encoder_outputs:
         return None
-    from trainer.train.text_cache import cache_text_encoder_outputs
-
     validation = dataset.validation_dataset()  # held-out images are scored with cached outputs too
     records = dataset.records + (validation.records if validation is not None else [])
-    return cache_text_encoder_outputs(
-        SimpleNamespace(records=records), models, max_token_length=cfg.max_token_length,
-        to_disk=cfg.cache_text_encoder_outputs_to_disk, batch_size=cfg.train_batch_size,
-        device=accelerator.device, autocast=accelerator.autocast)
+    with phase("cache_text"):
+        return cache_text_encoder_outputs(
+            SimpleNamespace(records=records), models, max_token_length=cfg.max_token_length,
+            to_disk=cfg.cache_text_encoder_outputs_to_disk, batch_size=cfg.train_batch_size,
+            device=accelerator.device, autocast=accelerator.autocast)
 
 
 def attach_network(cfg: TrainConfig, models, device, compile_backend: str | None) -> Any:
     """The LoRA attached to the models, in its training dtype, with gradient checkpointing and torch.compile
     as asked."""
-    from trainer.models.compile import compile_unet
-
     network = build_network(cfg, models)
     if cfg.full_bf16:
         network.to(torch.bfloat16)  # LoRA weights and optimizer state in bf16: less memory, coarser updates
@@ -437,9 +394,6 @@ def build_optimization(cfg: TrainConfig, dataset, network, plan: RunPlan, seed: 
                        accelerator) -> tuple[Any, Any, Any, str, list[str]]:
     """(dataloader, optimizer, lr_scheduler, ss_optimizer name, param-group names), prepared by accelerate,
     with the network registered so that save_state/load_state include its weights."""
-    from trainer.data.dataset import make_dataloader
-    from trainer.train.precision import fp16_optimizer_args
-
     dataloader = make_dataloader(dataset, num_workers=cfg.max_data_loader_n_workers,
                                  persistent_workers=cfg.persistent_data_loader_workers, seed=seed)
     dataset.set_max_train_steps(plan.max_train_steps)
@@ -465,8 +419,6 @@ def fresh_accelerator_state() -> None:
     """accelerate keeps one process-wide state and refuses a second Accelerator with other precision
     settings; a new run in the same process (tests, a notebook) starts from a clean one. The distributed
     part (process group) is kept."""
-    from accelerate.state import AcceleratorState
-
     AcceleratorState._reset_state(reset_partial_state=False)
 
 
@@ -485,7 +437,7 @@ def cache_latents(dataset, vae, cfg: TrainConfig, device, family: str) -> None:
     for images in (dataset, dataset.validation_dataset()):  # held-out images are validated from latents too
         if images is not None:
             images.cache_latents(encode, vae_batch_size=cfg.vae_batch_size, to_disk=cfg.cache_latents_to_disk,
-                                 family=family)
+                                 family=family, skip_cache_check=cfg.skip_cache_check)
     vae.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -515,8 +467,6 @@ def plan_start(cfg: TrainConfig, plan: RunPlan):
     """Where the loop starts (spec §1.2, §8.4): --initial_step / --initial_epoch, else the --resume state's
     step, counted on or not by --skip_until_initial_step (see train.state.start_point). Decided before any
     model loads, so a start past the end fails at once."""
-    from trainer.train.state import ResumePoint, initial_step_of, read_state_step, start_point
-
     state_step = read_state_step(cfg.resume) if cfg.resume else None
     explicit = cfg.initial_step is not None or cfg.initial_epoch is not None
     if state_step is not None and explicit:
@@ -548,8 +498,6 @@ def plan_start(cfg: TrainConfig, plan: RunPlan):
 
 def restore_state(cfg: TrainConfig, accelerator) -> None:
     """--resume: load the LoRA weights, optimizer, scheduler and random states of the state folder."""
-    from trainer.train.state import load_training_state
-
     if cfg.resume:
         done = load_training_state(accelerator, cfg.resume)
         log.info("Restored the training state of %s (saved after step %d).", cfg.resume, done)

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 from trainer.errors import UserError
+from trainer.train.hub import hub_uploader
+from trainer.train.metadata import with_progress
+from trainer.train.state import remove_state, save_training_state
 
 
 @dataclass(frozen=True)
@@ -153,8 +156,6 @@ class Saver:
 
 
 def _remove_state(folder: Path | None) -> None:
-    from trainer.train.state import remove_state
-
     remove_state(folder)
 
 
@@ -166,8 +167,6 @@ def _remove(path: Path | None) -> None:
 def build_saver(cfg: Any, network, metadata: dict[str, str], reporter: Any, accelerator, eval_mode=None) -> "Saver":
     """The Saver of this run: sd-scripts' cadence and names, written by the main process only; --huggingface_repo_id
     uploads what it saves."""
-    from trainer.train.metadata import with_progress
-
     policy = SavePolicy(output_dir=Path(cfg.output_dir or "output"), output_name=cfg.output_name,
                         extension=cfg.save_model_as, every_n_epochs=cfg.save_every_n_epochs,
                         every_n_steps=cfg.save_every_n_steps, keep_last_n_epochs=cfg.save_last_n_epochs,
@@ -182,14 +181,10 @@ def build_saver(cfg: Any, network, metadata: dict[str, str], reporter: Any, acce
             network.save_weights(path, dtype, meta if cfg.save_model_as == "safetensors" else None)
 
     def save_state(folder: Path, step: int, epoch: int) -> None:
-        from trainer.train.state import save_training_state
-
         if accelerator.is_main_process:
             save_training_state(accelerator, folder, epoch=epoch, step=step)
 
     if accelerator.is_main_process:  # --huggingface_repo_id: upload what is saved (trainer.train.hub)
-        from trainer.train.hub import hub_uploader
-
         uploader = hub_uploader(cfg, (policy.final_file(), policy.final_state()))
         reporter.listeners += [uploader] if uploader else []
     return Saver(policy, save,

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from trainer.config.args import TrainConfig
+from trainer.data.dataset import make_dataloader
 from trainer.files import atomic_path
+from trainer.train.build import build_dataset, plan_run, resolve_model_family, resolve_seed
 from trainer.train.events import Reporter
 
 log = logging.getLogger(__name__)
@@ -26,9 +28,6 @@ FOLDER = "debug_dataset"
 def debug_dataset(cfg: TrainConfig, reporter: Reporter) -> Path:
     """Go through one epoch; returns the folder the images went to."""
     from accelerate.utils import set_seed
-
-    from trainer.data.dataset import make_dataloader
-    from trainer.train.build import build_dataset, plan_run, resolve_model_family, resolve_seed
 
     started = time.time()
     seed = resolve_seed(cfg.seed)

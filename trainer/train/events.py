@@ -90,8 +90,14 @@ class ConsoleListener:
             handler(event.data)
 
     def on_run_started(self, d: dict) -> None:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         for line in d.get("summary", []):
             self.console.print(line)

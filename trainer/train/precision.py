@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import logging
 
+from trainer.train.optim import parse_optimizer_args, resolve_optimizer_class
+
 log = logging.getLogger(__name__)
 
 
@@ -53,8 +55,6 @@ def fp16_optimizer_args(optimizer_type: str | None, optimizer_args: list[str] | 
     """--optimizer_args for fp16 weights: torch Adam/AdamW get `fused=True` (fp32 maths inside the kernel)
     unless the user chose `fused` or `foreach` themselves."""
     import torch
-
-    from trainer.train.optim import parse_optimizer_args, resolve_optimizer_class
 
     args = list(optimizer_args or [])
     cls, _ = resolve_optimizer_class(optimizer_type or "AdamW")

@@ -7,8 +7,15 @@ import os
 from pathlib import Path
 
 from trainer.config.args import TrainConfig
+from trainer.demo import maybe_write_demo_dataset
 from trainer.errors import UserError
+from trainer.train.build import prepare_training
+from trainer.train.debug_dataset import debug_dataset
 from trainer.train.events import ConsoleListener, JsonlListener, Listener, Reporter
+from trainer.train.loop import NonFiniteLoss, train
+from trainer.train.oom import OUT_OF_MEMORY, out_of_memory_error
+from trainer.train.trackers import tracker_listeners
+from trainer.train.watch import spill_watch
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +56,6 @@ def default_listeners(cfg: TrainConfig) -> list[Listener]:
 def run_training(cfg: TrainConfig, listeners: list[Listener] | None = None) -> Path:
     """Train and return the final LoRA file (with --debug_dataset: the folder of batch images). User mistakes
     surface as UserError; Ctrl-C saves and re-raises."""
-    from trainer.demo import maybe_write_demo_dataset
-
     if is_main_process():
         maybe_write_demo_dataset(cfg)
     if listeners is None:  # data parallel: only the main process reports and writes files
@@ -60,15 +65,7 @@ def run_training(cfg: TrainConfig, listeners: list[Listener] | None = None) -> P
     logging.getLogger("trainer").addHandler(bridge)
     try:
         if cfg.debug_dataset:  # look at the batches instead of training; no model is loaded
-            from trainer.train.debug_dataset import debug_dataset
-
             return debug_dataset(cfg, reporter)
-        from trainer.train.build import prepare_training
-        from trainer.train.loop import NonFiniteLoss, train
-        from trainer.train.trackers import tracker_listeners
-        from trainer.train.oom import OUT_OF_MEMORY, out_of_memory_error
-        from trainer.train.watch import spill_watch
-
         if is_main_process():  # --logging_dir / --log_with: TensorBoard, wandb (a missing package warns once)
             reporter.listeners += tracker_listeners(cfg)
         try:

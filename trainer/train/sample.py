@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 from trainer.errors import ConfigError, UserError
+from trainer.files import atomic_path
+from trainer.train.phases import phase
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +205,7 @@ class Sampler:
                 module.eval()
             for module, _ in parked:
                 module.to(self.device)
-            with torch.no_grad(), self.autocast(), _quiet_deprecations(), self.eval_mode():
+            with phase("sample"), torch.no_grad(), self.autocast(), _quiet_deprecations(), self.eval_mode():
                 for index, prompt in enumerate(self.prompts):
                     self._one(prompt, label, index)
         finally:
@@ -216,8 +218,6 @@ class Sampler:
                 torch.cuda.set_rng_state_all(cuda_rng)
 
     def _one(self, prompt: SamplePrompt, label: str, index: int) -> None:
-        from trainer.files import atomic_path
-
         pipe = self._pipeline(prompt.sample_sampler or self.default_sampler)
         generator = torch.Generator(device="cpu")
         generator.manual_seed(prompt.seed if prompt.seed is not None else torch.seed())

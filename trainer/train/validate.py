@@ -16,6 +16,9 @@ import numpy as np
 import torch
 
 from trainer.train.events import Reporter
+from trainer.train.optim import eval_mode_for
+from trainer.train.phases import phase
+from trainer.train.step import compute_loss
 
 NUM_TIMESTEPS = 4  # sd-scripts' NUM_VALIDATION_TIMESTEPS
 
@@ -50,8 +53,6 @@ def validation_loss(setup, batches: Iterable[dict], *, timesteps: Iterable[int] 
                     seed: int) -> float:
     """Mean loss over every (batch, timestep) pair, without gradients and with the network in eval mode
     (no LoRA dropout); the network's mode and every random state are restored afterwards."""
-    from trainer.train.loop import compute_loss  # loop -> build -> this module: import when used
-
     network = setup.network
     was_training = network.training
     losses = []
@@ -60,7 +61,7 @@ def validation_loss(setup, batches: Iterable[dict], *, timesteps: Iterable[int] 
         try:
             for batch in batches:
                 for timestep in timesteps:
-                    losses.append(compute_loss(setup, batch, timestep=int(timestep)).float())
+                    losses.append(compute_loss(setup.step, batch, timestep=int(timestep)).float())
         finally:
             network.train(was_training)
     if not losses:
@@ -110,7 +111,7 @@ class Validator:
 
     def validate(self, cadence: str, step: int, epoch: int, train_loss: Callable[[], float | None]) -> float:
         batches = (self.dataset[i] for i in range(self.num_batches))
-        with self.eval_mode():
+        with phase("validate"), self.eval_mode():
             loss = validation_loss(self.setup, batches, timesteps=self.timesteps, seed=self.seed)
         train = train_loss()
         self.reporter.emit("validation", cadence=cadence, step=step, epoch=epoch, loss=loss,
@@ -128,8 +129,6 @@ class NoValidator:
 
 def build_validator(cfg, setup, reporter: Reporter):
     """A Validator over the dataset's held-out images, or a NoValidator when there are none."""
-    from trainer.train.optim import eval_mode_for
-
     dataset = setup.dataset.validation_dataset()
     if dataset is None or len(dataset) == 0 or cfg.max_validation_steps == 0:
         return NoValidator()

@@ -15,6 +15,8 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from trainer.presets import memory_advice
+
 POLICY = ('On Windows the NVIDIA driver then moves memory into shared system RAM ("CUDA - Sysmem Fallback '
           'Policy" in the NVIDIA Control Panel, under Manage 3D settings), which makes training 10-100x slower '
           'instead of stopping it; set it to "Prefer No Sysmem Fallback" to get an out-of-memory error instead.')
@@ -86,8 +88,6 @@ def spill_watch(cfg, setup, reporter) -> SpillWatch:
     device = setup.accelerator.device
     if device.type != "cuda":
         return NO_WATCH
-    from trainer.train.oom import memory_steps
-
     index = device.index if device.index is not None else torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory / 2**30
 
@@ -96,6 +96,6 @@ def spill_watch(cfg, setup, reporter) -> SpillWatch:
         free, card = torch.cuda.mem_get_info(index)
         return max(torch.cuda.max_memory_reserved(index), card - free) / 2**30
 
-    advice = memory_steps(cfg, getattr(setup.models, "family", "sd1"), "train", total)
+    advice = memory_advice(cfg, getattr(setup.models, "family", "sd1"), "train", total)
     return SpillWatch(lambda message: reporter.emit("warning", message=message, reason="vram_spill"),
                       advice, total_gb=total, memory_gb=memory_gb)
