@@ -436,6 +436,7 @@ def tiny_models(parts: dict):
 def test_dim_from_weights_takes_the_network_shape_from_the_file(tiny_sd1, tmp_path):
     from trainer.config.args import parse_train_args
     from trainer.train.build import build_network
+    from trainer.train.resolve import network_settings
 
     source = make_network(tiny_sd1, rank=3, alpha=1.5, conv_rank=2, conv_alpha=0.5)
     randomize_up(source)
@@ -443,8 +444,8 @@ def test_dim_from_weights_takes_the_network_shape_from_the_file(tiny_sd1, tmp_pa
     source.save_weights(path)
     args = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--network_dim", "8",
             "--network_weights", str(path)]
-    network = build_network(parse_train_args(args + ["--dim_from_weights", "--network_args", "loraplus_lr_ratio=4"]),
-                            tiny_models(tiny_sd1))
+    network = build_network(network_settings(parse_train_args(
+        args + ["--dim_from_weights", "--network_args", "loraplus_lr_ratio=4"])), tiny_models(tiny_sd1))
     shapes = {k: (v.shape, v.dtype) for k, v in network.state_dict().items()}
     assert shapes == {k: (v.shape, v.dtype) for k, v in source.state_dict().items()}
     assert {m.rank for m in network.lora_modules()} == {3, 2}  # not --network_dim 8
@@ -453,12 +454,13 @@ def test_dim_from_weights_takes_the_network_shape_from_the_file(tiny_sd1, tmp_pa
     assert "unet plus" in network.prepare_optimizer_params(None, None, 1e-4)[1]  # network_args lr options apply
     network.remove()
 
-    unet_only = build_network(parse_train_args(args + ["--dim_from_weights", "--network_train_unet_only"]),
+    unet_only = build_network(network_settings(parse_train_args(args + ["--dim_from_weights",
+                                                                        "--network_train_unet_only"])),
                               tiny_models(tiny_sd1))
     assert unet_only.module_names() == [n for n in source.module_names() if n.startswith("lora_unet_")]
     unet_only.remove()
     with pytest.raises(NetworkWeightsError, match="match no LoRA module"):  # no conv_dim: no conv modules
-        build_network(parse_train_args(args), tiny_models(tiny_sd1))
+        build_network(network_settings(parse_train_args(args)), tiny_models(tiny_sd1))
 
 
 def test_training_run_merges_base_weights_first(tiny_sd1_dir, train_data_dir, tmp_path):

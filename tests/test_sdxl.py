@@ -181,7 +181,7 @@ def test_diffusers_size_embedding_is_sd_scripts_layout():
 def test_time_ids_per_sample_come_from_bucket_and_crop(tiny_sdxl_dir, tmp_path):
     """Through the real dataset and the UNet: what its size embedding receives, sample by sample."""
     from trainer.train.build import prepare_training
-    from trainer.train.loop import compute_loss
+    from trainer.train.step import compute_loss
 
     data = tmp_path / "train"
     make_image(data / "2_wide" / "wide.png", size=(120, 80))
@@ -256,7 +256,7 @@ def test_cached_outputs_on_an_sd1_model_are_refused(tiny_sd1_dir, train_data_dir
 
 
 def test_nan_latents_from_an_fp16_sdxl_vae_name_the_fix(caplog):
-    from trainer.train.loop import batch_latents
+    from trainer.train.step import batch_latents
 
     batch = {"latents": None, "images": torch.zeros(1, 3, 64, 64), "image_paths": ["a.png"]}
     with pytest.raises(UserError) as e:

@@ -16,8 +16,9 @@ from trainer.errors import UserError
 from trainer.train import loop
 from trainer.train.build import prepare_training
 from trainer.train.events import RecordingListener, Reporter
-from trainer.train.loop import LatentNaNs, NonFiniteLoss, StepMeter, batch_latents
+from trainer.train.loop import StepMeter
 from trainer.train.run import run_training
+from trainer.train.step import LatentNaNs, NonFiniteLoss, batch_latents
 
 # Tensor methods that copy a value to the host; on a GPU each one waits for every queued kernel.
 READS_BACK = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "__format__", "__repr__", "cpu",

@@ -63,7 +63,7 @@ def test_unet_only_run_saves_only_unet_modules(tiny_sd1_dir, train_data_dir, tmp
 
 def test_training_lowers_the_loss_on_a_fixed_batch(tiny_sd1_dir, train_data_dir, tmp_path):
     from trainer.train.build import prepare_training
-    from trainer.train.loop import compute_loss
+    from trainer.train.step import compute_loss
 
     cfg = parse_train_args(base_args(tiny_sd1_dir, train_data_dir, tmp_path, "--learning_rate", "3e-3",
                                      "--network_dim", "8", "--network_alpha", "8"))
@@ -255,7 +255,7 @@ def test_fp8_base_with_gradient_checkpointing_gives_the_same_gradients(tiny_sd1_
     """Recomputing fp8-stored layers re-casts their weights; torch's checkpoint check must not call that a
     mismatch, and the LoRA gradients must equal those without checkpointing."""
     from trainer.train.build import prepare_training
-    from trainer.train.loop import compute_loss
+    from trainer.train.step import compute_loss
 
     grads = []
     for extra in ([], ["--gradient_checkpointing"]):

@@ -1,4 +1,4 @@
-"""Block-wise options of sd-scripts' `networks.lora` (spec/sd-scripts.md §7.4-7.5): the UNet block each LoRA
+"""Block-wise `--network_args` of sd-scripts' networks/lora.py: the UNet block each LoRA
 module belongs to, per-block ranks and alphas (`block_dims`, `block_alphas`, `conv_block_dims`,
 `conv_block_alphas`), per-block learning-rate weights (`down_lr_weight`, `mid_lr_weight`, `up_lr_weight`,
 `block_lr_zero_threshold`) and the LoRA+ ratios.

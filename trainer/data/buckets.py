@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets and the image operations that fit an image to its bucket (spec §5).
+"""Aspect-ratio buckets and the image operations that fit an image to its bucket (sd-scripts' train_util.py).
 
 Numbers follow sd-scripts (`model_util.make_bucket_resolutions`, `BucketManager.select_bucket`,
 `trim_and_resize_if_required`) so the same images land in the same buckets. Resizing uses Pillow only:
@@ -26,7 +26,7 @@ _PIL_FILTERS = {
 
 
 def make_bucket_resolutions(max_reso: Size, min_size: int, max_size: int, divisible: int) -> list[Size]:
-    """All bucket sizes with about the area of `max_reso`, sides in [min_size, max_size] (spec §5.1).
+    """All bucket sizes with about the area of `max_reso`, sides in [min_size, max_size] (sd-scripts' model_util.py).
 
     Settings that would make a bucket side 0 (and divide by it later) are a ConfigError.
     """
@@ -50,7 +50,7 @@ class BucketManager:
 
     Normal mode picks the predefined bucket with the closest aspect ratio and scales the image to cover
     it. `no_upscale` mode only shrinks (to at most the area of `max_reso`) and makes the bucket the
-    resized size floored to `reso_steps` (spec §5.2).
+    resized size floored to `reso_steps` (sd-scripts' BucketManager.select_bucket).
     """
 
     def __init__(self, no_upscale: bool, max_reso: Size, min_size: int | None, max_size: int | None,
@@ -112,7 +112,7 @@ class BucketManager:
 
 
 def crop_ltrb_for(bucket_reso: Size, image_size: Size) -> tuple[float, float, float, float]:
-    """SDXL crop conditioning as sd-scripts computes it (spec §5.3 QUIRK).
+    """SDXL crop conditioning as sd-scripts' trim_and_resize_if_required computes it.
 
     Not the crop really applied: the box the image would fill if *fitted inside* the bucket. Values can
     be fractional (sd-scripts keeps them so); they are truncated to int when a batch is built.
@@ -151,7 +151,7 @@ def resize_and_crop(image: Image.Image, resized_size: Size, bucket_reso: Size, *
                     rng: random.Random, interpolation: str | None) -> tuple[np.ndarray, tuple]:
     """Resize to `resized_size`, then crop the excess to `bucket_reso` (centre, or random offsets).
 
-    Returns (H x W x C uint8 array, crop_ltrb) where crop_ltrb follows `crop_ltrb_for` (spec §5.3).
+    Returns (H x W x C uint8 array, crop_ltrb) where crop_ltrb follows `crop_ltrb_for`.
     """
     original_size = image.size
     if image.size != tuple(resized_size):
@@ -251,7 +251,7 @@ def fit_to_resolution(image: Image.Image, resized_size: Size, resolution: Size, 
                       face: tuple[int, int, int, int] | None, face_range: tuple[float, float] | None,
                       random_crop: bool, rng: random.Random,
                       interpolation: str | None) -> tuple[np.ndarray, Size, tuple]:
-    """Bucketing off (spec §5.3): face crop, exact size, or random crop as sd-scripts does; any other size
+    """Bucketing off (no --enable_bucket): face crop, exact size, or random crop as sd-scripts does; any other size
     (which sd-scripts rejects) is resized to cover `resolution` and cropped like a bucket.
 
     Returns (array, original size for conditioning, crop_ltrb); sd-scripts reports (0,0,0,0) as the crop

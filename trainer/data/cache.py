@@ -1,4 +1,4 @@
-"""Latent and text-encoder-output cache files with sd-scripts' names and npz keys (spec §6), so caches
+"""Latent and text-encoder-output cache files with sd-scripts' names and npz keys (library/strategy_*.py), so caches
 made by either tool are reused by the other.
 
 Latents: `<image path without extension>_<W:04d>x<H:04d>_sd.npz` (SD1/2) or `_sdxl.npz` (SDXL), W x H

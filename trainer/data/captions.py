@@ -1,5 +1,5 @@
 """Per-sample caption processing: prefix/suffix, dropout, wildcards, keep_tokens, token warmup, shuffle and
-tag dropout, exactly in the order of sd-scripts' `BaseDataset.process_caption` (spec §4.2).
+tag dropout, exactly in the order of sd-scripts' `BaseDataset.process_caption` (library/train_util.py).
 
 Pure function of the caption, the rules and the given RNG, so a fixed seed gives a fixed caption.
 """
@@ -114,7 +114,7 @@ def _rearrange_tokens(caption: str, rules: CaptionRules, rng: random.Random, ste
 
 
 def count_tags(frequency: dict[str, dict[str, int]], directory: str, captions: list[str]) -> None:
-    """Tag frequency for metadata (spec §4.1): split on ',' (always), stripped, lower-cased, per folder name."""
+    """sd-scripts' tag frequency (metadata): split on ',' (always), stripped, lower-cased, per folder name."""
     counts = frequency.setdefault(directory, {})
     for caption in captions:
         for tag in caption.split(","):

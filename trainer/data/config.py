@@ -1,10 +1,10 @@
 """The dataset config (`--dataset_config` TOML or JSON) and the values each dataset and subset train with.
 
-sd-scripts' schema (library/config_util.py, spec §3.1) is kept key for key, but every problem in a file
-is reported at once, each with its full key path and the fix. Values resolve as in spec §3.2:
+sd-scripts' schema (library/config_util.py) is kept key for key, but every problem in a file
+is reported at once, each with its full key path and the fix. Values resolve as in config_util.py:
 subset > dataset > [general] > command-line argument > default.
 
-With --masked_loss, sd-scripts' ControlNet-style subsets (`image_dir` + `conditioning_data_dir`, spec §1.6)
+With --masked_loss, sd-scripts' ControlNet-style subsets (`image_dir` + `conditioning_data_dir`)
 are legal: every subset of such a dataset has a folder of mask images (same file stems as the images).
 """
 
@@ -317,7 +317,7 @@ def _given(value: Any) -> str:
 # --- resolution: subset > dataset > general > argument > default ----------------------------------------
 
 def resolve_datasets(args: Any, user_config: dict | None) -> list[DatasetSpec]:
-    """Resolve every dataset and subset value (spec §3.2-§3.4).
+    """Resolve every dataset and subset value, as sd-scripts' config_util.py does.
 
     `args` is any object with sd-scripts argument names as attributes (missing ones count as unset).
     Without `user_config`, the dataset comes from --train_data_dir/--reg_data_dir folders or --in_json
@@ -549,7 +549,7 @@ def _warn_ignored_folder_arguments(args: Any) -> None:
 
 
 def _config_from_arguments(args: Any) -> dict:
-    """Spec §3.4: one dataset from the DreamBooth folders, or one fine-tuning subset from --in_json."""
+    """No --dataset_config: one dataset from the DreamBooth folders, or one fine-tuning subset from --in_json."""
     train_data_dir = getattr(args, "train_data_dir", None)
     in_json = getattr(args, "in_json", None)
     with_masks = getattr(args, "conditioning_data_dir", None) is not None and getattr(args, "masked_loss", False)

@@ -1,4 +1,4 @@
-"""DreamBooth-style folders (`<repeats>_<class tokens>`), image listing and caption files (spec §3.4, §4.1).
+"""DreamBooth-style folders (`<repeats>_<class tokens>`), image listing and caption files, as sd-scripts reads them.
 
 Every mistake users commonly make with folders (issues #1294, #2076: pointing at `10_name` instead of its
 parent, forgetting the `N_` prefix) ends in a DatasetError that names the paths and shows the layout.
@@ -59,7 +59,7 @@ def parse_repeats_folder(name: str) -> tuple[int, str] | None:
 
 
 def find_dreambooth_subsets(parent: Path, is_reg: bool) -> list[dict]:
-    """Subset tables for the `N_tokens` folders directly inside `parent` (spec §3.4).
+    """Subset tables for the `N_tokens` folders directly inside `parent` (no recursion, as in sd-scripts).
 
     Each is {"image_dir", "num_repeats", "is_reg", "class_tokens"}. Raises DatasetError when the folder
     is missing, empty, is itself a folder of images, or has no usable `N_tokens` subfolder.
@@ -109,7 +109,7 @@ def _pointed_at_images_message(option: str, folder: Path, count: int) -> str:
 
 
 def caption_candidates(image_path: Path, caption_extension: str) -> list[Path]:
-    """`<stem><ext>`, then for face-crop names `name_cx_cy_w_h` also `name<ext>` (spec §4.1)."""
+    """`<stem><ext>`, then for face-crop names `name_cx_cy_w_h` also `name<ext>` (sd-scripts' order)."""
     image_path = Path(image_path)
     candidates = [image_path.with_name(image_path.stem + caption_extension)]
     tokens = image_path.stem.split("_")
@@ -169,7 +169,7 @@ def _other_extension_hint(images: list[Path], caption_extension: str) -> str:
 
 
 def balance_reg_images(reg: list, num_train_images: int) -> list:
-    """Spec §3.6: register reg images (cycling, +1 repeat per later pass) until they match the train count.
+    """sd-scripts' balancing: register reg images (cycling, +1 repeat per later pass) until they match the train count.
 
     `reg` holds objects with a `num_repeats` attribute (the folder's repeats); the registered ones are
     returned and their num_repeats updated in place. Reg images beyond that count are left out (with a
@@ -209,7 +209,7 @@ def read_image_size(path: Path) -> tuple[int, int]:
                            "or open and re-save it (PNG or JPEG).") from None
 
 
-# --- fine-tuning metadata (spec §3.5) -------------------------------------------------------------------
+# --- fine-tuning metadata (--in_json / metadata_file) ----------------------------------------------------
 
 def read_finetune_metadata(metadata_file: str, image_dir: str | None, caption_separator: str,
                            enable_wildcard: bool) -> tuple[list[tuple[Path, str, tuple | None]], list[str]]:

@@ -1,4 +1,4 @@
-"""--torch_compile / --dynamo_backend: compile the UNet with torch.compile (spec/sd-scripts.md §1.4).
+"""--torch_compile / --dynamo_backend: compile the UNet with torch.compile (sd-scripts' flags, default inductor).
 
 The UNet is compiled in place (`nn.Module.compile`): it stays the same object, so its attributes, state_dict and
 the LoRA's forward hooks on its layers are untouched, and dynamo traces the hooks into the compiled graph. It must

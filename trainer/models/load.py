@@ -61,7 +61,7 @@ BUILTIN_MODELS = {"tiny-sd1": "tiny-sd1"}
 # sd-scripts trains every family with this DDPM schedule, whatever the model folder's scheduler says.
 DDPM_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                   clip_sample=False)
-# The hub ids whose tokenizers sd-scripts saves under --tokenizer_cache_dir (with "/" -> "_"), §4.3.
+# The hub ids whose tokenizers sd-scripts saves under --tokenizer_cache_dir (with "/" -> "_").
 TOKENIZER_IDS = {"sd1": ["openai/clip-vit-large-patch14"], "sd2": ["stabilityai/stable-diffusion-2"],
                  "sdxl": ["openai/clip-vit-large-patch14", "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"]}
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -306,7 +306,7 @@ def _folder_tokenizers(folder: Path, family: str, cache_dir: str | None) -> list
 
 
 def _default_tokenizers(family: str, cache_dir: str | None) -> list:
-    """sd-scripts' tokenizers (§4.3): from --tokenizer_cache_dir if saved there, else built offline."""
+    """sd-scripts' tokenizers (the hub ids above): from --tokenizer_cache_dir if saved there, else built offline."""
     from transformers import CLIPTokenizer
 
     result = []

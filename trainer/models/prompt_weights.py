@@ -1,4 +1,4 @@
-"""`--weighted_captions`: the AUTOMATIC1111 attention syntax in captions (spec §4.3).
+"""`--weighted_captions`: the AUTOMATIC1111 attention syntax in captions, as sd-scripts reads it.
 
     (word)       weight x1.1 (nesting multiplies: ((word)) = x1.21)
     [word]       weight /1.1

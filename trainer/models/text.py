@@ -1,4 +1,4 @@
-"""Captions -> token ids -> text-encoder states, the sd-scripts way (spec §4.3).
+"""Captions -> token ids -> text-encoder states, the sd-scripts way (library/strategy_sd.py, strategy_sdxl.py).
 
 Long captions (`--max_token_length 150/225`) are cut into 77-token chunks that each start with BOS and end
 with EOS/PAD, encoded separately and stitched back: BOS of the first chunk, the 75 content positions of
@@ -170,7 +170,7 @@ def encode_captions(models, captions: list[str], *, max_token_length: int | None
 
 
 def encode_sdxl_tokens(text_encoders, ids1: torch.Tensor, ids2: torch.Tensor, *, eos_token_id: int):
-    """SDXL's text states, as sd-scripts computes them (spec §4.3):
+    """SDXL's text states, as sd-scripts' strategy_sdxl.py computes them:
 
     hidden1 (B, n*75+2, 768): CLIP-L's hidden_states[11], i.e. the output of layer 11 of 12, no final norm;
     hidden2 (B, n*75+2, 1280): bigG's penultimate layer, no final norm;
@@ -200,7 +200,7 @@ def size_time_ids(batch: dict) -> torch.Tensor:
     diffusers' SDXL UNet embeds each of the 6 numbers with 256 sinusoids (`add_time_proj`: Timesteps with
     flip_sin_to_cos=True, downscale_freq_shift=0 -> frequencies exp(-ln(10000)*k/128), laid out [cos..., sin...])
     and puts pool2 first: concat(pool2, emb) -> 1280 + 6*256 = 2816. That is exactly sd-scripts' `y`
-    (spec §10.4), so the numbers are passed as `time_ids` and the UNet makes the embedding itself."""
+    (sdxl_train_network.py), so the numbers are passed as `time_ids` and the UNet makes the embedding itself."""
     parts = [batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]]
     return torch.cat([torch.as_tensor(p).reshape(-1, 2) for p in parts], dim=1).float()
 

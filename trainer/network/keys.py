@@ -1,5 +1,5 @@
-"""Which layers get a LoRA, and the kohya name each one is saved under (spec/sd-scripts.md §7.1-7.2,
-spec/lora-keys/README.md).
+"""Which layers get a LoRA, and the kohya name each one is saved under, as sd-scripts' networks/lora.py
+names them (its real name lists: tests/fixtures/lora-keys/).
 
 The name rules are plain string functions with explicit tables, so they can be tested against the
 spec lists without building a model. `find_lora_targets` is the one function that walks a model.
@@ -47,12 +47,12 @@ def text_encoder_prefixes(count: int, sdxl: bool) -> tuple[str, ...]:
 
 def text_encoder_kohya_path(module_path: str) -> str:
     """transformers 5.x `CLIPTextModel` dropped its `text_model.` level; kohya names still contain
-    `text_model_` (spec/lora-keys Gotchas), so put it back when it is missing."""
+    `text_model_` (see tests/fixtures/lora-keys/README.md), so put it back when it is missing."""
     return module_path if module_path.startswith(TEXT_MODEL) else TEXT_MODEL + module_path
 
 
 # ---------------------------------------------------------------------------------------------------
-# SDXL UNet: diffusers module paths <-> SAI/SGM paths (table at the end of spec/lora-keys/README.md).
+# SDXL UNet: diffusers module paths <-> SAI/SGM paths (full table: tests/fixtures/lora-keys/sdxl-diffusers-map.txt).
 # SDXL's topology is fixed: 3 levels, 2 ResNets per down level and 3 per up level, attention in down
 # levels 1-2 and up levels 0-1, a downsampler after down levels 0-1 and an upsampler after up levels 0-1.
 
@@ -162,7 +162,7 @@ def sdxl_diffusers_path(sai_path: str) -> str:
 
 
 def _container_types(is_text_encoder: bool, include_conv: bool) -> tuple[type, ...]:
-    """The blocks whose Linear/Conv2d layers get a LoRA (spec §7.1). isinstance, not class names:
+    """The blocks whose Linear/Conv2d layers get a LoRA (sd-scripts' target classes). isinstance, not class names:
     transformers' SDPA attention variants subclass CLIPAttention, so they are covered too."""
     if is_text_encoder:
         from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention

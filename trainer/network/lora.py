@@ -1,5 +1,5 @@
 """LoRA (and LoCon for 3x3 convs) on a diffusers UNet and transformers CLIP text encoders, saved in
-kohya's format (spec/sd-scripts.md §7-8).
+kohya's format (the names, shapes and metadata of sd-scripts' networks/lora.py).
 
 A `LoRAModule` keeps a plain reference to its base layer and adds its output through a forward hook:
 no module's `forward` is replaced and no module in the model is swapped, so removing the hooks gives
@@ -35,7 +35,7 @@ from trainer.network.metadata import sshs_hashes
 logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
-TE_LAYERS_PER_CLIP_BLOCK = 6  # q, k, v, out projections + fc1, fc2 (spec §7.1)
+TE_LAYERS_PER_CLIP_BLOCK = 6  # q, k, v, out projections + fc1, fc2 of each CLIP layer
 
 
 class NetworkWeightsError(ModelLoadError):
@@ -45,7 +45,7 @@ class NetworkWeightsError(ModelLoadError):
 class LoRAModule(nn.Module):
     """The low-rank update of one Linear or Conv2d: `base(x) + up(down(x)) * multiplier * alpha / rank`.
 
-    Shapes (spec §7.2): Linear down [r, in], up [out, r]; Conv2d down [r, in, kh, kw] with the base's
+    Shapes as sd-scripts saves them: Linear down [r, in], up [out, r]; Conv2d down [r, in, kh, kw] with the base's
     stride and padding, up [out, r, 1, 1]. `alpha` is a 0-dim buffer.
     """
 
@@ -69,7 +69,7 @@ class LoRAModule(nn.Module):
         nn.init.zeros_(self.lora_up.weight)
         if alpha is None or alpha == 0:
             alpha = rank
-        # QUIRK (spec §7.3): torch.tensor keeps the Python type, so an int alpha is saved as int64.
+        # As in sd-scripts: torch.tensor keeps the Python type, so an int alpha (CLI default 1) is saved as int64.
         self.register_buffer("alpha", torch.tensor(alpha, device=device))
         self.rank = rank
         self.scale = float(alpha) / rank
@@ -105,7 +105,7 @@ class LoRAModule(nn.Module):
         # a small kernel launch), and the scale is applied by the add itself (one kernel, no temporary).
         if self.multiplier == 0:
             return None
-        # Module dropout skips the whole branch for this call (training only, spec §7.3). A CPU draw: no GPU sync.
+        # Module dropout skips the whole branch for this call (training only, like sd-scripts). A CPU draw: no GPU sync.
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return None
         update, scale = self._branch(args[0] if args else kwargs["input"])
@@ -216,7 +216,7 @@ def _file_module_dims(weights_sd: Mapping[str, torch.Tensor]) -> dict[str, tuple
 
 def sdxl_diffusers_name_aliases(unet: nn.Module) -> dict[str, str]:
     """{diffusers-style SDXL LoRA name: SGM-style name}: some tools save SDXL LoRAs with
-    `lora_unet_down_blocks_...` names; sd-scripts converts them on load (spec §7.2), and so do we."""
+    `lora_unet_down_blocks_...` names; sd-scripts' create_network_from_weights converts them, and so do we."""
     targets = find_lora_targets(unet, prefix=UNET_PREFIX, is_text_encoder=False, include_conv=True, sdxl=True)
     return {kohya_name(UNET_PREFIX, t.path): t.name for t in targets}
 
@@ -228,7 +228,7 @@ def _short_list(items: Sequence[str], limit: int = 12) -> str:
 
 def _differs_only_by_1x1(a: torch.Size, b: torch.Size) -> bool:
     """[r, in] vs [r, in, 1, 1]: SD2 proj_in/proj_out are Linear in diffusers models and 1x1 convs in
-    single-file checkpoints (spec §7.2 QUIRK); the weights are the same numbers."""
+    single-file checkpoints (sd-scripts saves either shape); the weights are the same numbers."""
     return tuple(a) + (1, 1) == tuple(b) or tuple(b) + (1, 1) == tuple(a)
 
 
@@ -257,7 +257,7 @@ class LoRANetwork(nn.Module):
         self.block_lr_weights: list[float] | None = None
         self.loraplus_ratios: tuple[float | None, float | None, float | None] = (None, None, None)
         if conv_rank and conv_alpha is None:
-            conv_alpha = 1.0  # sd-scripts' default once conv_dim is given (spec §7.5)
+            conv_alpha = 1.0  # sd-scripts' default once conv_dim is given
 
         def dims_for(target: LoraTarget):
             if module_dims is not None:
@@ -402,7 +402,7 @@ class LoRANetwork(nn.Module):
 
     def prepare_optimizer_params(self, text_encoder_lr: float | None, unet_lr: float | None,
                                  default_lr: float) -> tuple[list[dict], list[str]]:
-        """Param groups as sd-scripts makes them (spec §7.4): lr = the part's lr, or default_lr when it is None;
+        """Param groups as sd-scripts' networks/lora.py makes them: lr = the part's lr, or default_lr when it is None;
         a group whose lr comes out 0 or None is left out (so `--text_encoder_lr 0` freezes the TE LoRA).
         With block lr weights the UNet gets one group per block (`unet_block<i>`, lr x the block's weight);
         with LoRA+ each group's lora_up weights move to a `... plus` group at lr x ratio."""
@@ -435,7 +435,7 @@ class LoRANetwork(nn.Module):
         return groups, descriptions
 
     def apply_max_norm_regularization(self, max_norm: float, device=None) -> tuple[int, float, float]:
-        """Scale down every module whose update norm exceeds `max_norm` (--scale_weight_norms, spec §7.6).
+        """Scale down every module whose update norm exceeds `max_norm` (--scale_weight_norms, sd-scripts' max-norm).
         Returns (modules scaled, mean norm, max norm) after scaling. `device` is accepted for sd-scripts'
         call signature; the work happens where the weights are."""
         keys_scaled, mean_norm, top_norm = self.max_norm_regularization(max_norm).tolist()
@@ -456,7 +456,7 @@ class LoRANetwork(nn.Module):
             scaled = norms * ratios
             return torch.stack([(ratios < 1).sum().float(), scaled.mean(), scaled.max()])
 
-    # sd-scripts plugin-contract hooks (spec §0), so a loop written for network modules works unchanged.
+    # Hooks train_network.py calls on any --network_module, so a loop written for network modules works unchanged.
     def get_trainable_params(self) -> list[nn.Parameter]:
         return self.trainable_parameters()
 
@@ -474,7 +474,7 @@ class LoRANetwork(nn.Module):
     def save_weights(self, path: str | Path, dtype: torch.dtype | None = None,
                      metadata: Mapping[str, object] | None = None) -> None:
         """Write the LoRA file. .safetensors gets all-string metadata plus sshs_model_hash /
-        sshs_legacy_hash (spec §8.1, §8.3); .ckpt/.pt is a torch.save of the state dict, no metadata.
+        sshs_legacy_hash (as sd-scripts adds them); .ckpt/.pt is a torch.save of the state dict, no metadata.
         `dtype` (--save_precision) casts every tensor, alpha included. The file appears complete or not at all."""
         path = Path(path)
         state = {key: value.detach().to(device="cpu", dtype=dtype or value.dtype).contiguous()
@@ -554,7 +554,7 @@ def network_from_args(text_encoders: Sequence[nn.Module], unet: nn.Module, optio
                       multiplier: float = 1.0, train_unet: bool = True, train_text_encoder: bool = True) -> LoRANetwork:
     """The network sd-scripts' `create_network` builds from --network_args strings (checked beforehand by
     trainer.config.args.parse_network_args): conv_dim/conv_alpha, rank/module dropout, block-wise ranks,
-    block lr weights and LoRA+ ratios (spec §7.5)."""
+    block lr weights and LoRA+ ratios (the keys networks/lora.py reads)."""
     conv_rank = int(options["conv_dim"]) if options.get("conv_dim") not in (None, "None") else None
     conv_alpha = blocks.float_option(options, "conv_alpha") if conv_rank else None
     lr_weights = blocks.block_lr_weights(options, sdxl)
@@ -605,7 +605,7 @@ def _check_unet_targets(targets: list[LoraTarget], unet: nn.Module, include_conv
 
 def _check_text_encoder_targets(targets: list[LoraTarget], text_encoder: nn.Module, index: int) -> None:
     """Every CLIP layer must give 6 LoRA layers. sd-scripts once trained no text-encoder LoRA at all after a
-    transformers rename (spec §7.1, PR #1964); a count check turns that into an error."""
+    transformers rename (CLIPSdpaAttention, sd-scripts PR #1964); a count check turns that into an error."""
     layers = getattr(getattr(text_encoder, "config", None), "num_hidden_layers", None)
     expected = TE_LAYERS_PER_CLIP_BLOCK * layers if layers else None
     if not targets or (expected is not None and len(targets) != expected):

@@ -1,4 +1,4 @@
-"""Hashes and modelspec keys stored in a LoRA file's metadata (spec/sd-scripts.md §8.2-8.3).
+"""Hashes and modelspec keys stored in a LoRA file's metadata (sd-scripts' train_util.py, sai_model_spec.py).
 
 No torch at import: `sshs_hashes` imports safetensors' torch helpers only when called.
 """
@@ -31,7 +31,7 @@ def _check_family(family: str) -> None:
 
 
 def base_model_version(family: str, v_parameterization: bool) -> str:
-    """ss_base_model_version: sd_v1, sd_v1_v, sd_v2, sd_v2_v or sdxl_base_v1-0 (spec §8.2)."""
+    """ss_base_model_version: sd_v1, sd_v1_v, sd_v2, sd_v2_v or sdxl_base_v1-0 (sd-scripts' values)."""
     _check_family(family)
     if family == "sdxl":
         return "sdxl_base_v1-0"
@@ -102,7 +102,7 @@ def modelspec_metadata(*, family: str, v_parameterization: bool, title: str | No
                        merged_from: str | None = None, trigger_phrase: str | None = None,
                        preprocessor: str | None = None, is_negative_embedding: str | bool | None = None,
                        implementation_version: str) -> dict[str, str]:
-    """The `modelspec.*` keys of a LoRA file (spec §8.3). `resolution` is (W, H); None gives the family
+    """The `modelspec.*` keys of a LoRA file (library/sai_model_spec.py). `resolution` is (W, H); None gives the family
     default. `title` None gives `LoRA@<timestamp>`. Keys whose value is None are left out."""
     _check_family(family)
     width, height = resolution or _default_resolution(family, v_parameterization)

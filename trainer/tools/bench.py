@@ -37,9 +37,10 @@ from trainer.models.load import models_from_parts
 from trainer.presets import DEFAULT_NETWORK_DIM, load_preset, memory_advice
 from trainer.tools.bench_table import print_utf8, read_bench_files, table_markdown
 from trainer.tools.memory import estimate_for_config
-from trainer.train.build import prepare_training, weight_dtype_for
+from trainer.train.build import prepare_training
 from trainer.train.events import RecordingListener, Reporter
 from trainer.train.loop import RunState, apply_max_norm, micro_step
+from trainer.train.resolve import weight_dtype_for
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def _record_failure(result: BenchResult, error: Exception) -> None:
 def _run(cfg, family: str, device, result: BenchResult, steps: int, warmup: int) -> None:
     import torch
 
-    # As build.select_mixed_precision decides (which also warns, once, when preparing): no fp16 on a CPU.
+    # As resolve.select_mixed_precision decides (which also warns, once, when preparing): no fp16 on a CPU.
     if cfg.mixed_precision == "fp16" and device.type == "cpu":
         result.mixed_precision = "no (fp16 needs a GPU)"
     dtype = weight_dtype_for("no" if device.type == "cpu" and cfg.mixed_precision == "fp16" else cfg.mixed_precision)
@@ -530,7 +531,8 @@ def estimate_rows(e, cfg) -> list[tuple[str, str]]:
             ("resolution x batch", f"{d['resolution'][0]}x{d['resolution'][1]} x {d['batch_size']}"),
             ("precision / grad. checkpointing", f"{d['mixed_precision']} / "
                                                 f"{'on' if d['gradient_checkpointing'] else 'off'}"),
-            ("LoRA", f"dim {cfg.network_dim or DEFAULT_NETWORK_DIM}, {d['trainable_parameters'] / 1e6:.1f} M trainable; text encoder "
+            ("LoRA", f"dim {cfg.network_dim or DEFAULT_NETWORK_DIM}, {d['trainable_parameters'] / 1e6:.1f} M "
+                     f"trainable; text encoder "
                      f"{'trained' if cfg.train_text_encoder else 'frozen'}; optimizer {cfg.optimizer_type or 'AdamW'}"),
             ("weights + LoRA + gradients", _gb(e.parameters_gb)), ("optimizer states", _gb(e.optimizer_gb)),
             ("activations at the peak", _gb(e.activations_gb)), ("expected peak allocated", _gb(e.total_gb))]

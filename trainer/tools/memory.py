@@ -46,7 +46,8 @@ from trainer.models.load import models_from_parts
 from trainer.models.text import CHUNK, sdxl_conditioning
 from trainer.network.lora import LoRANetwork
 from trainer.presets import CUDA_OVERHEAD_GB, DEFAULT_NETWORK_DIM, FRAGMENTATION
-from trainer.train.build import enable_gradient_checkpointing, weight_dtype_for
+from trainer.train.build import enable_gradient_checkpointing
+from trainer.train.resolve import weight_dtype_for
 from trainer.train.step import DiffusionSettings, StepParts, compute_loss
 
 GB = 2**30

@@ -1,22 +1,23 @@
-"""Small `build_*` functions that turn a TrainConfig into the finished parts the loop takes.
+"""`build(spec, reporter) -> TrainingSetup`: the finished parts the loop takes, from a RunSpec
+(trainer.train.resolve: every decision that needs neither data nor model is already made there).
 
-`prepare_training` runs them in phases, in an order that matters (device moves, caching before the LoRA
-exists, draws from the random generators):
-  check_inputs        seed, output folder, model family, dataset (bad images fail before any model loads), prompts
-  start_accelerator   precision (CPU fallbacks), compile backend, the Accelerator
+Each `build_*` / phase function takes only its part of the spec. `build` runs them in an order that matters
+(device moves, caching before the LoRA exists, draws from the random generators):
+  check_inputs        seed, output folder, dataset (bad images fail before any model loads), prompts
+  start_accelerator   the Accelerator for the resolved precision
   plan_steps          run plan and start point (--resume), still before any model loads
   load_frozen_models  base model, --base_weights, attention, frozen weights on the device
   fill_caches         latents, SDXL text-encoder outputs
   attach_network      the LoRA, its dtype, gradient checkpointing, torch.compile
   build_optimization  dataloader, optimizer and scheduler, prepared by accelerate
-  then the metadata, the saver, the --resume state, the sampler and the validator."""
+  then the metadata, the saver, the --resume state, the sampler and the validator.
+Phases announce themselves (trainer.train.phases), so an out-of-memory error knows where it happened."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,24 +29,24 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 
-from trainer.config.args import FP8_NEEDS_MIXED_PRECISION, TrainConfig, parse_network_args
+from trainer.config.args import TrainConfig
 from trainer.data.config import load_dataset_config, resolve_datasets, verify_bucket_reso_steps
 from trainer.data.custom import load_dataset_class
 from trainer.data.dataset import build_train_dataset, make_dataloader
 from trainer.errors import ConfigError
 from trainer.models.attention import select_attention
-from trainer.models.compile import check_backend, compile_unet
+from trainer.models.compile import compile_unet
 from trainer.models.export import merge_lora_into
-from trainer.models.load import detect_model_family, load_models
+from trainer.models.load import load_models
 from trainer.network.lora import LoRANetwork, apply_lr_options, network_from_args, read_weights_file
-from trainer.presets import DEFAULT_NETWORK_DIM
 from trainer.train.checkpoint import Saver, build_saver, check_output_dir
 from trainer.train.events import Reporter
 from trainer.train.hub import resolve_hub_resume
 from trainer.train.metadata import training_metadata
 from trainer.train.optim import build_optimizer, build_scheduler, eval_mode_for
 from trainer.train.phases import phase
-from trainer.train.precision import allow_fp16_unscale, fp16_optimizer_args, resolve_full_fp16
+from trainer.train.precision import allow_fp16_unscale, fp16_optimizer_args
+from trainer.train.resolve import NetworkSettings, Precision, RunSpec, resolve
 from trainer.train.sample import build_sampler, load_sample_prompts
 from trainer.train.state import ResumePoint, initial_step_of, load_training_state, read_state_step, start_point
 from trainer.train.step import DiffusionSettings, StepParts
@@ -98,10 +99,6 @@ class TrainingSetup:
     lr_descriptions: list[str] = field(default_factory=list)  # per optimizer param group: "textencoder", "unet"...
 
 
-def resolve_seed(seed: int | None) -> int:
-    return seed if seed is not None else random.randint(0, 2**32 - 1)
-
-
 def build_dataset(cfg: TrainConfig, seed: int):
     if cfg.dataset_class:  # the user's class instead of folders and dataset TOMLs (trainer.data.custom)
         return load_dataset_class(cfg.dataset_class, resolution=cfg.resolution,
@@ -116,60 +113,23 @@ def build_dataset(cfg: TrainConfig, seed: int):
     return dataset
 
 
-def resolve_model_family(cfg: TrainConfig) -> TrainConfig:
-    """train_network.py vs sdxl_train_network.py (--sdxl): the weights decide, a disagreeing script or flag
-    gets a warning. Only where telling the family is cheap (a local folder or .safetensors header; builtin):
-    a pickled .ckpt would be read twice and a hub id downloaded before the dataset is checked, so for those
-    load_models checks the flag against the weights and names the right script."""
-    spec = str(cfg.pretrained_model_name_or_path or "").strip().strip("\"'")
-    path = Path(spec).expanduser()
-    if path.is_dir() or spec.startswith("builtin:") or (path.is_file() and path.suffix.lower() == ".safetensors"):
-        family = detect_model_family(spec)
-        if (family == "sdxl") != cfg.sdxl:
-            if family == "sdxl":
-                log.warning("%s is an SDXL model: training an SDXL LoRA, as sdxl_train_network.py would "
-                            "(use sdxl_train_network.py or --sdxl to say so).", spec)
-            else:
-                log.warning("%s is an %s model, not SDXL: training it as train_network.py would (drop --sdxl / "
-                            "use train_network.py to say so).", spec, family.upper())
-            cfg = dataclasses.replace(cfg, sdxl=family == "sdxl")
-    if cfg.cache_text_encoder_outputs and not cfg.sdxl:
-        raise ConfigError(f"--cache_text_encoder_outputs(_to_disk) works for SDXL models only (as in sd-scripts), "
-                          f"and {spec} is not trained as one. Remove the option (for an SDXL .ckpt, use "
-                          "sdxl_train_network.py or --sdxl).")
-    return cfg
-
-
-def select_mixed_precision(requested: str, device_type: str) -> str:
-    """fp16 autocast needs a GPU; on CPU fall back to fp32 with a warning rather than failing."""
-    if requested == "fp16" and device_type == "cpu":
-        log.warning("--mixed_precision fp16 needs a CUDA GPU; training in fp32 on the CPU instead.")
-        return "no"
-    return requested
-
-
-def weight_dtype_for(mixed_precision: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
-def build_network(cfg: TrainConfig, models):
+def build_network(settings: NetworkSettings, models):
     """The LoRA from --network_args, or shaped like --network_weights with --dim_from_weights, attached to
     `models`."""
-    sdxl = models.family == "sdxl"
-    options = parse_network_args(cfg.network_args, sdxl=sdxl)  # now the block counts can be checked exactly
-    if cfg.dim_from_weights:
-        network = LoRANetwork.from_weights(models.text_encoders, models.unet, read_weights_file(cfg.network_weights),
-                                           sdxl=sdxl, source=cfg.network_weights)
-        apply_lr_options(network, options)
-        log.info("Network shape (modules, ranks, alphas) and weights taken from %s", cfg.network_weights)
+    sdxl = settings.sdxl
+    if settings.dim_from_weights:
+        network = LoRANetwork.from_weights(models.text_encoders, models.unet, read_weights_file(settings.weights),
+                                           sdxl=sdxl, source=settings.weights)
+        apply_lr_options(network, settings.options)
+        log.info("Network shape (modules, ranks, alphas) and weights taken from %s", settings.weights)
     else:
-        network = network_from_args(models.text_encoders, models.unet, options, sdxl=sdxl,
-                                    rank=cfg.network_dim or DEFAULT_NETWORK_DIM, alpha=cfg.network_alpha, dropout=cfg.network_dropout,
-                                    train_unet=cfg.train_unet, train_text_encoder=cfg.train_text_encoder)
-    network.apply_to(apply_text_encoder=cfg.train_text_encoder, apply_unet=cfg.train_unet)
-    if cfg.network_weights and not cfg.dim_from_weights:
-        network.load_weights(cfg.network_weights)
-        log.info("Starting from the LoRA weights in %s", cfg.network_weights)
+        network = network_from_args(models.text_encoders, models.unet, settings.options, sdxl=sdxl,
+                                    rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout,
+                                    train_unet=settings.train_unet, train_text_encoder=settings.train_text_encoder)
+    network.apply_to(apply_text_encoder=settings.train_text_encoder, apply_unet=settings.train_unet)
+    if settings.weights and not settings.dim_from_weights:
+        network.load_weights(settings.weights)
+        log.info("Starting from the LoRA weights in %s", settings.weights)
     return network
 
 
@@ -235,49 +195,45 @@ def build_optimizer_and_scheduler(cfg: TrainConfig, network, plan: RunPlan, num_
     return optimizer, scheduler, name, descriptions
 
 
-@dataclass(frozen=True)
-class Runtime:
-    """Where and in what precision the run computes: decided once, before any model loads."""
-    accelerator: Any
-    mixed_precision: str         # "no" | "fp16" | "bf16": --mixed_precision after the CPU fallback
-    weight_dtype: torch.dtype    # the frozen base weights' dtype
-    compile_backend: str | None  # --torch_compile: the checked --dynamo_backend; None when not compiling
-
-
 def prepare_training(cfg: TrainConfig, reporter: Reporter, *, models=None) -> TrainingSetup:
+    """`build(resolve(cfg), ...)`: the whole front door for a config."""
+    return build(resolve(cfg), reporter, models=models)
+
+
+def build(spec: RunSpec, reporter: Reporter, *, models=None) -> TrainingSetup:
     """Build every part the loop needs, failing on user mistakes before anything slow happens. The order of
     the phases is the order of the side effects (see the module docstring) and is kept on purpose.
 
     `models` (a LoadedModels already in memory: bench's random-weight full-size models) replaces loading
     --pretrained_model_name_or_path; everything else runs as in any training run."""
+    cfg, precision, seed = spec.cfg, spec.precision, spec.seed
     started_at = time.time()
-    cfg, seed, dataset, prompts = check_inputs(cfg)
-    cfg, runtime = start_accelerator(cfg)
-    accelerator = runtime.accelerator
-    cfg, plan, resume = plan_steps(cfg, dataset, seed, accelerator.num_processes)  # still before any model loads
-    models, attention = load_frozen_models(cfg, runtime, models)
+    dataset, prompts = check_inputs(cfg, seed)
+    accelerator = start_accelerator(cfg, precision)
+    plan, resume_dir, resume = plan_steps(cfg, dataset, seed, accelerator.num_processes)  # before any model loads
+    models, attention = load_frozen_models(cfg, precision, accelerator.device, models)
     text_cache = fill_caches(cfg, dataset, models, accelerator)  # before the LoRA exists: caches see the base model
-    network = attach_network(cfg, models, accelerator.device, runtime.compile_backend)
+    network = attach_network(cfg, spec.network, precision, models, accelerator.device, spec.compile_backend)
     dataloader, optimizer, lr_scheduler, optimizer_name, lr_descriptions = build_optimization(
-        cfg, dataset, network, plan, seed, accelerator)
+        cfg, precision, dataset, network, plan, seed, accelerator)
 
     metadata = training_metadata(
         cfg, family=models.family, plan=plan, dataset=dataset, optimizer_name=optimizer_name,
-        model_name=models.name, model_file=models.source_file, seed=seed, mixed_precision=runtime.mixed_precision,
+        model_name=models.name, model_file=models.source_file, seed=seed, mixed_precision=precision.mixed_precision,
         started_at=started_at, used_dataset_config=bool(cfg.dataset_config))
-    cfg = with_save_n_epoch_ratio(cfg, plan.num_epochs)
     eval_mode = eval_mode_for(optimizer)  # schedule-free optimizers sample and save their averaged weights
-    saver = build_saver(cfg, accelerator.unwrap_model(network), metadata, reporter, accelerator, eval_mode)
-    restore_state(cfg, accelerator)  # random states too: after the LoRA's init and the metadata's session id drew
+    saver = build_saver(cfg, accelerator.unwrap_model(network), metadata, reporter, accelerator, eval_mode,
+                        every_n_epochs=save_every_n_epochs(cfg, plan.num_epochs))
+    restore_state(resume_dir, accelerator)  # random states too: after the LoRA's init and the session id drew
     sampler = build_sampler(cfg, prompts, models, network, accelerator, reporter, eval_mode)
     reporter.emit("info", message=f"attention: {attention}; device: {accelerator.device}; "
-                                  f"precision: {runtime.mixed_precision}; optimizer: {optimizer_name}")
+                                  f"precision: {precision.mixed_precision}; optimizer: {optimizer_name}")
     setup = TrainingSetup(
         accelerator=accelerator, models=models, network=network, dataset=dataset, dataloader=dataloader,
         optimizer=optimizer, lr_scheduler=lr_scheduler, plan=plan, resume=resume, saver=saver, sampler=sampler,
         step=StepParts(
             models=models, device=accelerator.device, autocast=accelerator.autocast,
-            weight_dtype=runtime.weight_dtype, text_cache=text_cache,
+            weight_dtype=precision.weight_dtype, text_cache=text_cache,
             settings=DiffusionSettings.from_config(cfg, v_parameterization=models.v_parameterization,
                                                    latent_scale=models.latent_scale),
             train_text_encoder=cfg.train_text_encoder and network_has_text_encoder(network, accelerator)),
@@ -286,71 +242,54 @@ def prepare_training(cfg: TrainConfig, reporter: Reporter, *, models=None) -> Tr
     return setup
 
 
-def check_inputs(cfg: TrainConfig) -> tuple[TrainConfig, int, Any, list]:
-    """(cfg, seed, dataset, sample prompts): the user's mistakes that need no model stop the run here, bad
-    images included. The seed is set first; the dataset's shuffling draws from it."""
-    seed = resolve_seed(cfg.seed)
+def check_inputs(cfg: TrainConfig, seed: int) -> tuple[Any, list]:
+    """(dataset, sample prompts): the user's mistakes that need no model stop the run here, bad images
+    included. The seed is set first; the dataset's shuffling draws from it."""
     set_seed(seed)
     check_output_dir(Path(cfg.output_dir or "output"))
-    cfg = resolve_model_family(cfg)
-    dataset = build_dataset(cfg, seed)
-    prompts = load_sample_prompts(cfg)
-    return cfg, seed, dataset, prompts
+    return build_dataset(cfg, seed), load_sample_prompts(cfg)
 
 
-def start_accelerator(cfg: TrainConfig) -> tuple[TrainConfig, Runtime]:
-    """Precision (fp16 falls back to fp32 on a CPU, and --full_fp16 with it), the compile backend and the
-    Accelerator. cfg comes back with --full_fp16 off when it fell back."""
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    mixed_precision = select_mixed_precision(cfg.mixed_precision, device_type)
-    if cfg.full_fp16 and not resolve_full_fp16(cfg.full_fp16, mixed_precision):
-        cfg = dataclasses.replace(cfg, full_fp16=False)  # fp16 fell back to fp32 on the CPU, and so does the LoRA
-    compile_backend = check_backend(cfg.dynamo_backend) if cfg.torch_compile else None  # a typo stops here
+def start_accelerator(cfg: TrainConfig, precision: Precision) -> Accelerator:
+    """The Accelerator for the resolved precision (a fresh one: see `fresh_accelerator_state`)."""
     fresh_accelerator_state()
     # Batches come in pinned memory on CUDA (make_dataloader), so their copy to the GPU need not wait for it.
+    cuda = precision.device_type == "cuda"
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              mixed_precision=mixed_precision, cpu=device_type == "cpu",
-                              dataloader_config=DataLoaderConfiguration(non_blocking=device_type == "cuda"))
-    if cfg.full_fp16:
+                              mixed_precision=precision.mixed_precision, cpu=not cuda,
+                              dataloader_config=DataLoaderConfiguration(non_blocking=cuda))
+    if precision.full_fp16:
         allow_fp16_unscale(accelerator.scaler)  # fp16 LoRA gradients (trainer.train.precision says why)
-    weight_dtype = weight_dtype_for(mixed_precision)
-    if (cfg.fp8_base or cfg.fp8_base_unet) and weight_dtype == torch.float32:  # fp16 fell back to fp32 on a CPU
-        raise ConfigError(FP8_NEEDS_MIXED_PRECISION + " (fp16 needs a CUDA GPU; on a CPU use bf16).")
-    return cfg, Runtime(accelerator, mixed_precision, weight_dtype, compile_backend)
+    return accelerator
 
 
-def plan_steps(cfg: TrainConfig, dataset, seed: int, num_processes: int) -> tuple[TrainConfig, RunPlan, Any]:
-    """(cfg, RunPlan, ResumePoint): every dataset item is one batch, so the plan and the start point are known
-    before any model loads. --resume_from_huggingface downloads the state folder here and cfg comes back with
-    --resume pointing at it."""
+def plan_steps(cfg: TrainConfig, dataset, seed: int, num_processes: int) -> tuple[RunPlan, str | None, Any]:
+    """(RunPlan, the --resume state folder, ResumePoint): every dataset item is one batch, so the plan and the
+    start point are known before any model loads. --resume_from_huggingface downloads the state folder here."""
     plan = plan_run(len(dataset), max_train_steps=cfg.max_train_steps, max_train_epochs=cfg.max_train_epochs,
                     batch_size=cfg.train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                     seed=seed, num_processes=num_processes)
-    cfg = resolve_hub_resume(cfg)
-    return cfg, plan, plan_start(cfg, plan)
+    resume_dir = resolve_hub_resume(cfg)
+    return plan, resume_dir, plan_start(cfg, plan, resume_dir)
 
 
-def load_frozen_models(cfg: TrainConfig, runtime: Runtime, models=None) -> tuple[Any, str]:
+def load_frozen_models(cfg: TrainConfig, precision: Precision, device, models=None) -> tuple[Any, str]:
     """(models, attention backend): the base model loaded (unless given), --base_weights merged in, the
     zero-terminal-SNR schedule, the attention backend, then the weights frozen and placed (`freeze_models`)."""
     with phase("load"):
-        return _load_frozen_models(cfg, runtime, models)
-
-
-def _load_frozen_models(cfg: TrainConfig, runtime: Runtime, models) -> tuple[Any, str]:
-    weight_dtype = runtime.weight_dtype
-    models = models if models is not None else load_models(cfg.pretrained_model_name_or_path, v2=cfg.v2, v_parameterization=cfg.v_parameterization,
-                         sdxl=cfg.sdxl, vae=cfg.vae, tokenizer_cache_dir=cfg.tokenizer_cache_dir,
-                         dtype=weight_dtype, vae_dtype=torch.float32 if cfg.no_half_vae else weight_dtype)
-    merge_base_weights(cfg, models)
-    if cfg.zero_terminal_snr:
-        models.noise_scheduler = type(models.noise_scheduler).from_config(
-            models.noise_scheduler.config, rescale_betas_zero_snr=True)
-    attention = select_attention(models.unet, models.vae, xformers=cfg.xformers, sdpa=cfg.sdpa,
-                                 mem_eff_attn=cfg.mem_eff_attn)
-    freeze_models(models, weight_dtype, no_half_vae=cfg.no_half_vae, device=runtime.accelerator.device,
-                  fp8_unet=cfg.fp8_base or cfg.fp8_base_unet, fp8_text_encoders=cfg.fp8_base and not cfg.fp8_base_unet,
-                  vae_only_on_device=cfg.cache_latents)
+        if models is None:
+            models = load_models(cfg.pretrained_model_name_or_path, v2=cfg.v2, sdxl=cfg.sdxl, vae=cfg.vae,
+                                 v_parameterization=cfg.v_parameterization, tokenizer_cache_dir=cfg.tokenizer_cache_dir,
+                                 dtype=precision.weight_dtype, vae_dtype=precision.vae_dtype)
+        merge_base_weights(cfg, models)
+        if cfg.zero_terminal_snr:
+            models.noise_scheduler = type(models.noise_scheduler).from_config(
+                models.noise_scheduler.config, rescale_betas_zero_snr=True)
+        attention = select_attention(models.unet, models.vae, xformers=cfg.xformers, sdpa=cfg.sdpa,
+                                     mem_eff_attn=cfg.mem_eff_attn)
+        freeze_models(models, precision.weight_dtype, no_half_vae=precision.no_half_vae, device=device,
+                      fp8_unet=precision.fp8_unet, fp8_text_encoders=precision.fp8_text_encoders,
+                      vae_only_on_device=cfg.cache_latents)
     return models, attention
 
 
@@ -375,22 +314,23 @@ def fill_caches(cfg: TrainConfig, dataset, models, accelerator) -> Any:
             device=accelerator.device, autocast=accelerator.autocast)
 
 
-def attach_network(cfg: TrainConfig, models, device, compile_backend: str | None) -> Any:
+def attach_network(cfg: TrainConfig, settings: NetworkSettings, precision: Precision, models, device,
+                   compile_backend: str | None) -> Any:
     """The LoRA attached to the models, in its training dtype, with gradient checkpointing and torch.compile
     as asked."""
-    network = build_network(cfg, models)
-    if cfg.full_bf16:
+    network = build_network(settings, models)
+    if precision.full_bf16:
         network.to(torch.bfloat16)  # LoRA weights and optimizer state in bf16: less memory, coarser updates
-    if cfg.full_fp16:
+    if precision.full_fp16:
         network.to(torch.float16)
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(models, cfg.train_text_encoder, fp8=cfg.fp8_base or cfg.fp8_base_unet)
+        enable_gradient_checkpointing(models, settings.train_text_encoder, fp8=precision.fp8_unet)
     if compile_backend:
         compile_unet(models.unet, compile_backend, device)  # after the LoRA hooks are attached
     return network
 
 
-def build_optimization(cfg: TrainConfig, dataset, network, plan: RunPlan, seed: int,
+def build_optimization(cfg: TrainConfig, precision: Precision, dataset, network, plan: RunPlan, seed: int,
                        accelerator) -> tuple[Any, Any, Any, str, list[str]]:
     """(dataloader, optimizer, lr_scheduler, ss_optimizer name, param-group names), prepared by accelerate,
     with the network registered so that save_state/load_state include its weights."""
@@ -398,7 +338,7 @@ def build_optimization(cfg: TrainConfig, dataset, network, plan: RunPlan, seed: 
                                  persistent_workers=cfg.persistent_data_loader_workers, seed=seed)
     dataset.set_max_train_steps(plan.max_train_steps)
     optimizer_cfg = dataclasses.replace(cfg, optimizer_args=fp16_optimizer_args(
-        cfg.optimizer_type, cfg.optimizer_args)) if cfg.full_fp16 else cfg
+        cfg.optimizer_type, cfg.optimizer_args)) if precision.full_fp16 else cfg
     optimizer, lr_scheduler, optimizer_name, lr_descriptions = build_optimizer_and_scheduler(
         optimizer_cfg, network, plan, accelerator.num_processes)
     # The LoRA runs inside the base model's forward through hooks, so a DDP wrapper around it would never
@@ -408,11 +348,11 @@ def build_optimization(cfg: TrainConfig, dataset, network, plan: RunPlan, seed: 
     return dataloader, optimizer, lr_scheduler, optimizer_name, lr_descriptions
 
 
-def with_save_n_epoch_ratio(cfg: TrainConfig, num_epochs: int) -> TrainConfig:
-    """--save_n_epoch_ratio N: save about N times over the run, unless --save_every_n_epochs is given."""
+def save_every_n_epochs(cfg: TrainConfig, num_epochs: int) -> int | None:
+    """--save_every_n_epochs, or from --save_n_epoch_ratio N: save about N times over the run."""
     if cfg.save_n_epoch_ratio and not cfg.save_every_n_epochs:
-        return dataclasses.replace(cfg, save_every_n_epochs=max(1, num_epochs // cfg.save_n_epoch_ratio))
-    return cfg
+        return max(1, num_epochs // cfg.save_n_epoch_ratio)
+    return cfg.save_every_n_epochs
 
 
 def fresh_accelerator_state() -> None:
@@ -463,11 +403,11 @@ def enable_gradient_checkpointing(models, train_text_encoder: bool, *, fp8: bool
             encoder.train()
 
 
-def plan_start(cfg: TrainConfig, plan: RunPlan):
+def plan_start(cfg: TrainConfig, plan: RunPlan, resume_dir: str | None = None):
     """Where the loop starts (spec §1.2, §8.4): --initial_step / --initial_epoch, else the --resume state's
     step, counted on or not by --skip_until_initial_step (see train.state.start_point). Decided before any
     model loads, so a start past the end fails at once."""
-    state_step = read_state_step(cfg.resume) if cfg.resume else None
+    state_step = read_state_step(resume_dir) if resume_dir else None
     explicit = cfg.initial_step is not None or cfg.initial_epoch is not None
     if state_step is not None and explicit:
         log.warning("--resume: the state's step %d is not used because --initial_step/--initial_epoch is given "
@@ -477,7 +417,7 @@ def plan_start(cfg: TrainConfig, plan: RunPlan):
     if initial <= 0:
         return ResumePoint()
     if initial >= plan.max_train_steps:
-        source = (f"--resume {cfg.resume}: that run already did {initial} steps" if not explicit else
+        source = (f"--resume {resume_dir}: that run already did {initial} steps" if not explicit else
                   f"--initial_step/--initial_epoch: the run would start at step {initial}")
         raise ConfigError(f"{source}, and this one has {plan.max_train_steps} in all "
                           f"({plan.steps_per_epoch} per epoch). Raise --max_train_steps / --max_train_epochs "
@@ -488,7 +428,7 @@ def plan_start(cfg: TrainConfig, plan: RunPlan):
     if cfg.skip_until_initial_step:
         log.info("Continuing after step %d: epoch %d, skipping its first %d batch(es).", initial, start.epoch,
                  start.batches_to_skip)
-        if not cfg.resume:
+        if not resume_dir:
             log.info("--initial_step without --resume: the LR schedule starts from its beginning (as in sd-scripts).")
     else:
         log.info("Starting at epoch %d (initial step %d); the step counter starts at 0 because "
@@ -496,8 +436,8 @@ def plan_start(cfg: TrainConfig, plan: RunPlan):
     return start
 
 
-def restore_state(cfg: TrainConfig, accelerator) -> None:
+def restore_state(resume_dir: str | None, accelerator) -> None:
     """--resume: load the LoRA weights, optimizer, scheduler and random states of the state folder."""
-    if cfg.resume:
-        done = load_training_state(accelerator, cfg.resume)
-        log.info("Restored the training state of %s (saved after step %d).", cfg.resume, done)
+    if resume_dir:
+        done = load_training_state(accelerator, resume_dir)
+        log.info("Restored the training state of %s (saved after step %d).", resume_dir, done)

@@ -164,11 +164,13 @@ def _remove(path: Path | None) -> None:
         path.unlink()
 
 
-def build_saver(cfg: Any, network, metadata: dict[str, str], reporter: Any, accelerator, eval_mode=None) -> "Saver":
-    """The Saver of this run: sd-scripts' cadence and names, written by the main process only; --huggingface_repo_id
+def build_saver(cfg: Any, network, metadata: dict[str, str], reporter: Any, accelerator, eval_mode=None, *,
+                every_n_epochs: int | None) -> "Saver":
+    """The Saver of this run (`every_n_epochs`: --save_every_n_epochs as build derives it): sd-scripts'
+    cadence and names, written by the main process only; --huggingface_repo_id
     uploads what it saves."""
     policy = SavePolicy(output_dir=Path(cfg.output_dir or "output"), output_name=cfg.output_name,
-                        extension=cfg.save_model_as, every_n_epochs=cfg.save_every_n_epochs,
+                        extension=cfg.save_model_as, every_n_epochs=every_n_epochs,
                         every_n_steps=cfg.save_every_n_steps, keep_last_n_epochs=cfg.save_last_n_epochs,
                         keep_last_n_steps=cfg.save_last_n_steps, save_state=cfg.save_state,
                         save_state_at_end=cfg.save_state_on_train_end,

@@ -17,8 +17,9 @@ import torch
 from trainer.config.args import TrainConfig
 from trainer.data.dataset import make_dataloader
 from trainer.files import atomic_path
-from trainer.train.build import build_dataset, plan_run, resolve_model_family, resolve_seed
+from trainer.train.build import build_dataset, plan_run
 from trainer.train.events import Reporter
+from trainer.train.resolve import resolve_model_family, resolve_seed
 
 log = logging.getLogger(__name__)
 

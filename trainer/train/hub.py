@@ -13,7 +13,6 @@ The token is only handed to huggingface_hub: it is kept out of reprs, messages, 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -197,11 +196,11 @@ def download_resume_state(spec: str, token: str | None) -> Path:
     return folder
 
 
-def resolve_hub_resume(cfg: Any) -> Any:
-    """--resume_from_huggingface: the same config with --resume pointing at the downloaded state folder."""
+def resolve_hub_resume(cfg: Any) -> str | None:
+    """The --resume state folder: as given, or downloaded first with --resume_from_huggingface."""
     if not cfg.resume_from_huggingface:
-        return cfg
+        return cfg.resume
     if not cfg.resume:
         log.warning("--resume_from_huggingface does nothing without --resume %s.", RESUME_FORMAT)
-        return cfg
-    return dataclasses.replace(cfg, resume=str(download_resume_state(cfg.resume, cfg.huggingface_token)))
+        return None
+    return str(download_resume_state(cfg.resume, cfg.huggingface_token))

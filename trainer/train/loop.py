@@ -23,7 +23,7 @@ import torch
 from trainer.train.build import TrainingSetup
 from trainer.train.events import Reporter
 from trainer.train.oom import stopped_by_oom
-from trainer.train.step import LatentNaNs, NonFiniteLoss, batch_latents, compute_loss, weighted_loss  # noqa: F401  (re-exported)
+from trainer.train.step import LatentNaNs, NonFiniteLoss, compute_loss
 from trainer.train.watch import NO_WATCH, SpillWatch
 
 log = logging.getLogger(__name__)

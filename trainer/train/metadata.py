@@ -1,4 +1,4 @@
-"""What a trained LoRA file says about its training: sd-scripts' `ss_*` keys (spec §8.2) plus modelspec.
+"""What a trained LoRA file says about its training: sd-scripts' `ss_*` keys (from train_network.py) plus modelspec.
 
 All values are strings, as sd-scripts writes them (`str(value)`; structured values as JSON)."""
 

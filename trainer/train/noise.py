@@ -1,4 +1,4 @@
-"""Timesteps, noise and loss: pure functions of tensors and numbers (spec §10.1-10.3).
+"""Timesteps, noise and loss as sd-scripts computes them: pure functions of tensors and numbers.
 
 Each feature that is off (None/0/False) returns its input unchanged, so the loop needs no `if`s."""
 

@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules by sd-scripts' names (spec §10.5-10.6).
+"""Optimizers and learning-rate schedules by sd-scripts' names (library/train_util.py's get_optimizer).
 
 `build_optimizer` returns the optimizer and the `ss_optimizer` string sd-scripts records: `<module>.<Class>`
 plus `(k=v,...)` of the keyword arguments it passes (the --optimizer_args, and the values sd-scripts adds itself,

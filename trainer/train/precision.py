@@ -1,4 +1,4 @@
-"""--full_fp16: the LoRA's weights, gradients and optimizer state in fp16 (spec/sd-scripts.md §1.4, §10.4).
+"""--full_fp16: the LoRA's weights, gradients and optimizer state in fp16 (needs --mixed_precision fp16).
 
 Plain `--mixed_precision fp16` keeps the trainable weights in fp32 and lets autocast run the maths in fp16; a
 GradScaler multiplies the loss so that small fp16 gradients do not flush to zero, and divides ("unscales") the

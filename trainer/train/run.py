@@ -12,8 +12,9 @@ from trainer.errors import UserError
 from trainer.train.build import prepare_training
 from trainer.train.debug_dataset import debug_dataset
 from trainer.train.events import ConsoleListener, JsonlListener, Listener, Reporter
-from trainer.train.loop import NonFiniteLoss, train
+from trainer.train.loop import train
 from trainer.train.oom import OUT_OF_MEMORY, out_of_memory_error
+from trainer.train.step import NonFiniteLoss
 from trainer.train.trackers import tracker_listeners
 from trainer.train.watch import spill_watch
 

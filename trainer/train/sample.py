@@ -1,4 +1,4 @@
-"""Sample images during training, from sd-scripts prompt files (spec §11).
+"""Sample images during training, from sd-scripts prompt files (library/train_util.py's format).
 
 Prompt files: `.txt` (one prompt a line, options after ` --`: n negative, w/h size, d seed, s steps, l CFG scale,
 ss sampler), `.toml` (`[prompt]` shared values + `[[prompt.subset]]`), `.json` (a list of objects or lines).

@@ -1,5 +1,5 @@
 """SDXL `--cache_text_encoder_outputs` (+ `_to_disk`): both text encoders run once per image before training
-(spec §6), so they can leave the GPU and each step skips them.
+(as sd-scripts' library/strategy_sdxl.py does), so they can leave the GPU and each step skips them.
 
 As in sd-scripts, the caption is encoded as it was read (caption file or class tokens): no shuffling, dropout,
 prefix/suffix or wildcard choice, which is why options that change captions per step are refused. With

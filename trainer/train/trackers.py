@@ -1,5 +1,5 @@
 """Experiment trackers (--logging_dir, --log_with): listeners that turn the loop's events into sd-scripts'
-TensorBoard / wandb tags (spec §12), so dashboards and scripts written for sd-scripts' logs keep working.
+TensorBoard / wandb tags (train_network.py), so dashboards and scripts written for sd-scripts' logs keep working.
 
 Both libraries are optional: when one is missing the run warns once, naming the pip command, and trains on.
 The "step" event is throttled, so trackers read its `steps` list: one entry per optimizer step since the last

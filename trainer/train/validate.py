@@ -1,4 +1,4 @@
-"""Validation loss on the images held out by validation_split (spec §1.2, §3.3, §12).
+"""Validation loss on the images held out by validation_split, as sd-scripts' train_network.py computes it.
 
 Each validation batch is scored at fixed timesteps (`linspace(min_t, max_t, 6)[1:-1]`: 200/400/600/800 by
 default) with noise drawn after seeding every random generator with --validation_seed (or --seed), so two
