@@ -525,7 +525,7 @@ def check_toml_values(file: Path, values: dict[str, Any]) -> tuple[dict[str, Any
 
 
 # ---------------------------------------------------------------------------------------------------
-# network_args: the keys networks.lora understands (spec §7.5)
+# network_args: the keys sd-scripts' networks/lora.py (create_network) understands
 
 NETWORK_ARGS_DONE = ("conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", "block_dims",
                      "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight", "mid_lr_weight",
@@ -662,7 +662,7 @@ def _check_statuses(values: dict[str, Any]) -> list[str]:
 
 
 def check_combinations(v: dict[str, Any]) -> list[str]:
-    """sd-scripts' cross-argument rules (spec §1.11) and a few of ours; returns the problems found."""
+    """sd-scripts' cross-argument rules (its train_util.verify_training_args) and a few of ours; returns the problems found."""
     problems = []
     if not v["pretrained_model_name_or_path"] and not v["output_config"] and not v["debug_dataset"]:
         problems.append("--pretrained_model_name_or_path is required: a .safetensors/.ckpt file, a diffusers folder "
@@ -719,7 +719,7 @@ FP8_NEEDS_MIXED_PRECISION = ("--fp8_base / --fp8_base_unet store weights in 8 bi
 
 
 def _check_precision(v: dict[str, Any]) -> list[str]:
-    """--full_fp16/--full_bf16 keep the LoRA itself in the autocast dtype (spec §1.11); fp8 storage needs a
+    """--full_fp16/--full_bf16 keep the LoRA itself in the autocast dtype (as sd-scripts); fp8 storage needs a
     16-bit compute dtype. (fp16 that falls back to fp32 on a CPU is caught at build time.)"""
     problems = [f"--full_{p} needs --mixed_precision {p} (got {v['mixed_precision']})."
                 for p in ("fp16", "bf16") if v[f"full_{p}"] and v["mixed_precision"] != p]
@@ -776,7 +776,7 @@ PER_STEP_CAPTION_OPTIONS = ("shuffle_caption", "caption_dropout_rate", "caption_
 
 
 def _check_sdxl(v: dict[str, Any]) -> list[str]:
-    """sdxl_train_network.py's own rules (spec §1.12). Subset values from a dataset TOML are checked again
+    """sdxl_train_network.py's own rules (its assert_extra_args). Subset values from a dataset TOML are checked again
     when the dataset is built (trainer.train.text_cache)."""
     problems = []
     if v["sdxl"] and v["v2"]:

@@ -1,12 +1,12 @@
 """The training dataset: images and captions found once, assigned to buckets, served as pre-formed batches.
 
-Follows sd-scripts' DreamBoothDataset/FineTuningDataset (spec §3.3-§3.6, §4, §5): repeats, the balancing
+Follows sd-scripts' DreamBoothDataset/FineTuningDataset (library/train_util.py): repeats, the balancing
 of regularisation images, buckets whose batches never mix, per-epoch reshuffles seeded with
 `seed + epoch`. The epoch, step and max-steps counters live in shared memory so DataLoader worker
 processes (forked or spawned) see what the training loop sets. The dataset never loads models: latent
 caching takes an `encode` callable.
 
-Loss masks (spec §5.4) come from the PNG alpha (`alpha_mask`) or, for --masked_loss subsets, from a mask
+Loss masks come from the PNG alpha (`alpha_mask`) or, for --masked_loss subsets, from a mask
 image with the image's file stem in `conditioning_data_dir` (R channel / 255, white = 1). A mask of another
 size than its image is first resized (bilinear) to the image size; it is then resized, cropped and flipped
 exactly like its image and delivered as "alpha_masks". With latents cached in RAM the cropped mask is kept
@@ -110,7 +110,7 @@ def build_train_dataset(specs: list[DatasetSpec], *, seed: int, max_train_steps_
                         prior_loss_weight: float = 1.0) -> "TrainDataset":
     """Scan images and captions of every dataset, apply repeats and reg balancing, assign buckets.
 
-    Images held out by validation_split (spec §3.3) become `validation_dataset()`."""
+    Images held out by validation_split become `validation_dataset()`."""
     records: list[ImageRecord] = []
     held_out: list[ImageRecord] = []
     subsets: list[UsedSubset] = []
@@ -168,7 +168,7 @@ def _scan_dreambooth(spec: DatasetSpec, index: int, plan: DatasetPlan, subsets: 
 
 
 def split_train_val(count: int, split: float, seed: int) -> tuple[list[int], list[int]]:
-    """Spec §3.3: indices shuffled with `seed`; training keeps the first ceil(n * (1 - split)), validation
+    """As sd-scripts splits: indices shuffled with `seed`; training keeps the first ceil(n * (1 - split)), validation
     the last round(n * split). As in sd-scripts the two can share an image when both round up (n=3, 0.5)."""
     order = list(range(count))
     random.Random(seed).shuffle(order)
@@ -460,7 +460,7 @@ class TrainDataset(SharedProgress, torch.utils.data.Dataset):
             sample = self._image_sample(record, subset, flipped, rng)
         target_w, target_h = sample["target_size"]
         left, top, right, _ = sample.pop("crop_ltrb")
-        if flipped:  # crop-left as seen in the mirrored image (spec §5.3)
+        if flipped:  # crop-left as seen in the mirrored image, as sd-scripts records it
             left = target_w - right
         original_w, original_h = sample.pop("original_size")
         sample.update(
@@ -542,7 +542,7 @@ class TrainDataset(SharedProgress, torch.utils.data.Dataset):
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], *, vae_batch_size: int, to_disk: bool,
                       family: str = "sd1", skip_cache_check: bool = False,
                       progress: Callable[[int, int], None] | None = None) -> None:
-        """Encode every image once (spec §6): kept in RAM, or in sd-scripts' .npz files next to the images.
+        """Encode every image once: kept in RAM, or in sd-scripts' .npz files next to the images.
 
         `encode` maps images (B,3,H,W) in [-1,1] to unscaled latents (B,4,H/8,W/8) (a VAE sample).
         Call before making the DataLoader. Valid existing .npz files are reused (`skip_cache_check`:
@@ -656,7 +656,7 @@ class TrainDataset(SharedProgress, torch.utils.data.Dataset):
         return self.plans[0].bucket_info if self.plans else None
 
     def datasets_metadata(self) -> list[dict]:
-        """The ss_datasets list (spec §8.2), one entry per dataset."""
+        """The ss_datasets metadata list, one entry per dataset, as sd-scripts writes it."""
         return [self._dataset_metadata(index, plan) for index, plan in enumerate(self.plans)]
 
     def _dataset_metadata(self, index: int, plan: DatasetPlan) -> dict:
@@ -723,7 +723,7 @@ def mask_to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def alpha_mask_of(array: np.ndarray) -> torch.Tensor:
-    """(H, W) loss mask: alpha / 255, or ones for an image without alpha (spec §5.4)."""
+    """(H, W) loss mask: alpha / 255, or ones for an image without alpha."""
     if array.shape[2] == 4:
         return torch.from_numpy(array[:, :, 3].astype(np.float32) / 255.0)
     return torch.ones(array.shape[:2], dtype=torch.float32)

@@ -105,7 +105,7 @@ def build_dataset(cfg: TrainConfig, seed: int):
                                   max_token_length=cfg.max_token_length, debug_dataset=cfg.debug_dataset)
     user_config = load_dataset_config(cfg.dataset_config, masked_loss=cfg.masked_loss) if cfg.dataset_config else None
     specs = resolve_datasets(cfg, user_config)
-    verify_bucket_reso_steps(specs, 32 if cfg.sdxl else 64)  # the UNet's downsampling (spec §1.4)
+    verify_bucket_reso_steps(specs, 32 if cfg.sdxl else 64)  # bucket steps sd-scripts accepts: 64 (SD 1/2), 32 (SDXL)
     dataset = build_train_dataset(specs, seed=seed, prior_loss_weight=cfg.prior_loss_weight,
                                   max_train_steps_hint=cfg.max_train_steps)
     if cfg.cache_text_encoder_outputs:
@@ -404,7 +404,7 @@ def enable_gradient_checkpointing(models, train_text_encoder: bool, *, fp8: bool
 
 
 def plan_start(cfg: TrainConfig, plan: RunPlan, resume_dir: str | None = None):
-    """Where the loop starts (spec §1.2, §8.4): --initial_step / --initial_epoch, else the --resume state's
+    """Where the loop starts (as sd-scripts' train_network.py): --initial_step / --initial_epoch, else the --resume state's
     step, counted on or not by --skip_until_initial_step (see train.state.start_point). Decided before any
     model loads, so a start past the end fails at once."""
     state_step = read_state_step(resume_dir) if resume_dir else None

@@ -1,4 +1,4 @@
-"""Where and when LoRA files are written (spec §8.4): sd-scripts' file names, cadence and retention.
+"""Where and when LoRA files are written: sd-scripts' file names, cadence and retention.
 
 Files are always written to a temporary name and renamed (the network's save does that), so a crash or
 Ctrl-C never leaves a half-written `.safetensors` under a real name."""

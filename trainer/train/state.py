@@ -30,7 +30,7 @@ def resume_point(done_steps: int, steps_per_epoch: int, gradient_accumulation_st
 
 def initial_step_of(*, initial_step: int | None, initial_epoch: int | None, state_step: int | None,
                     steps_per_epoch: int) -> int:
-    """sd-scripts' precedence (spec §1.2, §8.4): --initial_step, else --initial_epoch (1-based: epoch e
+    """sd-scripts' precedence (train_network.py's resume logic): --initial_step, else --initial_epoch (1-based: epoch e
     starts after e-1 epochs of optimizer steps), else the --resume state's current_step, else 0."""
     if initial_step is not None:
         return initial_step
