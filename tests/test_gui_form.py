@@ -19,7 +19,7 @@ def parse(path) -> TrainConfig:
 
 
 def test_importing_the_gui_logic_loads_no_heavy_library():
-    code = ("import sys, trainer.gui.form, trainer.gui.check, trainer.gui.runner; "
+    code = ("import sys, trainer.gui.form, trainer.tools.preflight, trainer.gui.runner; "
             "print([m for m in ('torch', 'diffusers', 'transformers', 'gradio') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -144,3 +144,21 @@ def test_doctor_config_estimates_the_memory_of_a_real_config(capsys):
     assert doctor.main(["--config", str(PRESETS / "demo.toml")]) == 0
     out = capsys.readouterr().out
     assert "VRAM" in out and "tiny-sd1 at 64x64, batch 4" in out
+
+
+def test_doctor_config_runs_the_same_pre_flight_as_the_gui_check(train_data_dir, tmp_path, tiny_sd1_dir):
+    config = tmp_path / "my.toml"
+    config.write_text(f'pretrained_model_name_or_path = "{tiny_sd1_dir.as_posix()}"\n'
+                      f'train_data_dir = "{train_data_dir.as_posix()}"\ncaption_extension = ".txt"\n'
+                      f'resolution = "64"\nmetadata_trigger_phrase = "mychar"\noutput_dir = "{(tmp_path / "out").as_posix()}"\n',
+                      encoding="utf-8")
+    checks = doctor.check_dataset(str(config))
+    text = [c.detail for c in checks]
+    assert [c for c in checks if c.level == FAIL] == []
+    assert any("4 image(s) x 10 repeat(s)" in t for t in text), text
+    assert any(c.level == WARN and "trigger word will not be learned" in c.detail for c in checks)
+    missing = tmp_path / "missing.toml"
+    missing.write_text(config.read_text(encoding="utf-8").replace(train_data_dir.as_posix(), "no/such/folder"),
+                       encoding="utf-8")
+    assert any(c.level == FAIL and "no/such/folder" in c.detail.replace("\\", "/")
+               for c in doctor.check_dataset(str(missing)))

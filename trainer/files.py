@@ -41,3 +41,9 @@ def _use_default_permissions(path: Path) -> None:
     os.umask(mask)
     with contextlib.suppress(OSError):
         os.chmod(path, 0o666 & ~mask)
+
+
+def strip_path(text: str) -> str:
+    """Windows "Copy as path" puts quotes around a path; a pasted path often ends in a space."""
+    text = text.strip()
+    return text[1:-1].strip() if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" else text

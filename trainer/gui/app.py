@@ -27,9 +27,9 @@ from trainer.console import restore_ctrl_c
 from trainer.errors import UserError
 from trainer.files import atomic_write_text
 from trainer.gui import form
-from trainer.gui.check import CheckReport, check_config
 from trainer.gui.runner import RunStatus, TrainingRun, status_markdown
 from trainer.tools.doctor import check_vram
+from trainer.tools.preflight import CheckReport, check_config
 
 DEFAULT_PORT = 7860
 PORTS_TRIED = 100
@@ -258,7 +258,8 @@ def vram_markdown(checks: Sequence[Any]) -> str:
 def check_file(cwd: Path, config: Path, trigger: str, fields: Sequence[form.FieldSpec]) -> CheckReport:
     """check_config from the training folder, its problems worded for this page."""
     with working_directory(cwd):  # relative paths mean what they will mean to the training run
-        report = check_config(config, (trigger or "").strip() or None)
+        report = check_config(config, (trigger or "").strip() or None, trigger_fix=(
+            f"add it to the caption files, or tick '{form.TRIGGER_TICK}' next to the trigger word (caption_prefix)"))
     report.problems = [page_problem(problem, fields) for problem in report.problems]
     return report
 

@@ -1,5 +1,5 @@
 """The GUI's form, without gradio: presets in, form values <-> argument values, a sectioned TOML out that
-`train.ps1 -Config` runs unchanged (the check before Start is trainer.gui.check).
+`train.ps1 -Config` runs unchanged (the check before Start is trainer.tools.preflight).
 
 Values are kept as a flat dict of sd-scripts argument names -> TOML-ready values (what the TOML file holds:
 `resolution = "512"`, lists as lists). None means "not set": the argument's default applies. Every field of
@@ -20,7 +20,10 @@ from typing import Any
 
 from trainer.config import args as A
 from trainer.errors import ConfigError, did_you_mean
-from trainer.files import atomic_write_text
+from trainer.files import (
+    atomic_write_text,
+    strip_path,  # noqa: F401  (the form's fields are cleaned with it)
+)
 from trainer.paths import PRESETS_DIR
 
 CONFIGS_DIR = Path.cwd() / "configs"
@@ -189,12 +192,6 @@ def _not_a_number(spec: FieldSpec, shown: Any) -> str:
     else:
         example = 0.5
     return f"expected a number such as {example}, got {text!r}"
-
-
-def strip_path(text: str) -> str:
-    """Windows "Copy as path" puts quotes around a path; a pasted path often ends in a space."""
-    text = text.strip()
-    return text[1:-1].strip() if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" else text
 
 
 def _resolution_text(value: Any) -> str:

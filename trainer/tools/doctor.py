@@ -192,6 +192,21 @@ def check_config(config: str, importer: Importer = importlib.import_module) -> l
     return [Check(OK, "config", f"{config} parses")]
 
 
+def check_dataset(config: str) -> list[Check]:
+    """The pre-flight check the GUI's Check button shows (trainer.tools.preflight): the base model's path,
+    files the config names, the picture folders (repeats, images, captions, the trigger word) and the steps."""
+    try:  # lazy: the doctor runs, and says to run setup, before the requirements are installed
+        from trainer.tools.preflight import check_config as preflight
+    except ImportError as e:
+        return [Check(NOTE, "pre-flight", f"not checked ({e})", SETUP_HINT)]
+    report = preflight(config)
+    checks = [Check(FAIL, "pre-flight", problem) for problem in report.problems]  # each message names its fix
+    for note in report.notes:
+        warning = "Warning: " in note  # a folder's line may end in one
+        checks.append(Check(WARN if warning else NOTE, "pre-flight", note.removeprefix("Warning: ")))
+    return checks
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Does a training config fit this card?
 
@@ -300,7 +315,7 @@ def run_checks(args: argparse.Namespace) -> list[Check]:
         config_checks = check_config(args.config)
         checks += config_checks
         if all(c.level == OK for c in config_checks):
-            checks += check_vram(args.config)
+            checks += check_dataset(args.config) + check_vram(args.config)
     return checks
 
 

@@ -1,5 +1,5 @@
-"""The check a user runs before Start (the page's Check button): everything that can be told without
-loading a model. The settings are parsed exactly as `train` parses them (the same messages), then the base
+"""The pre-flight check of a training config: everything that can be told without loading a model, shown
+by the GUI's Check button and by `python -m trainer doctor --config`. The settings are parsed exactly as `train` parses them (the same messages), then the base
 model's path (and family, where that is cheap) and the picture folders are looked at: repeats, images,
 caption files, and how many captions hold the trigger word."""
 
@@ -18,7 +18,7 @@ from trainer.data.config import load_dataset_config, resolve_datasets
 from trainer.data.folders import caption_candidates, list_images, read_finetune_metadata, read_folder_captions
 from trainer.demo import demo_pictures_pending
 from trainer.errors import ConfigError, UserError
-from trainer.gui.form import TRIGGER_TICK, strip_path
+from trainer.files import strip_path
 from trainer.models.load import detect_model_family, looks_like_hub_id, missing_path_error
 
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
@@ -47,17 +47,21 @@ def _bullet(text: str) -> str:
     return f"- {first}" + (f"\n\n  ```\n{rest}\n  ```" if rest else "")
 
 
-def check_config(path: str | Path, trigger: str | None = None) -> CheckReport:
+TRIGGER_FIX = "add it to the caption files, or set caption_prefix = \"TRIGGER, \""
+
+
+def check_config(path: str | Path, trigger: str | None = None, *, trigger_fix: str = TRIGGER_FIX) -> CheckReport:
     """Everything that can be told without loading a model: the config parsed exactly as `train` parses it,
     the base model's path (and family when that is cheap), and the dataset folders: repeats, images, caption
-    files, and how many captions hold the trigger word (default: the config's metadata_trigger_phrase)."""
+    files, and how many captions hold the trigger word (default: the config's metadata_trigger_phrase);
+    `trigger_fix` says how to add a missing trigger (the GUI names its tick box)."""
     report = CheckReport()
     with _collected_warnings() as warnings:
         args = _parse(path, report)
         if args is not None:
             _check_model(args, report)
             _check_files(args, report)
-            _check_dataset(args, (trigger or args.metadata_trigger_phrase or "").strip(), report)
+            _check_dataset(args, (trigger or args.metadata_trigger_phrase or "").strip(), trigger_fix, report)
             _check_output(args, report)
     report.notes += [f"Warning: {w}" for w in dict.fromkeys(warnings)]
     report.problems = list(dict.fromkeys(report.problems))
@@ -160,7 +164,7 @@ def _check_output(args: Any, report: CheckReport) -> None:
 # ---- the dataset ---------------------------------------------------------------------------------------
 
 
-def _check_dataset(args: Any, trigger: str, report: CheckReport) -> None:
+def _check_dataset(args: Any, trigger: str, trigger_fix: str, report: CheckReport) -> None:
     if args.dataset_class:
         report.notes.append(f"The dataset comes from the class {args.dataset_class}; it is not scanned here.")
         return
@@ -179,7 +183,7 @@ def _check_dataset(args: Any, trigger: str, report: CheckReport) -> None:
         return
     train_images = steps_per_epoch = 0
     for spec in specs:
-        counted = [_scan_subset(subset, trigger, report) for subset in spec.subsets]
+        counted = [_scan_subset(subset, trigger, trigger_fix, report) for subset in spec.subsets]
         train = sum(n * s.num_repeats for n, s in zip(counted, spec.subsets) if not s.is_reg)
         has_reg = any(n for n, s in zip(counted, spec.subsets) if s.is_reg)
         train_images += train
@@ -201,7 +205,7 @@ def _steps_note(args: Any, batches: int) -> str:
             "(aspect-ratio buckets can add a few).")
 
 
-def _scan_subset(subset: Any, trigger: str, report: CheckReport) -> int:
+def _scan_subset(subset: Any, trigger: str, trigger_fix: str, report: CheckReport) -> int:
     """One line per folder: images, repeats, caption files, captions with the trigger. Returns the image count."""
     if subset.metadata_file:
         try:
@@ -211,7 +215,7 @@ def _scan_subset(subset: Any, trigger: str, report: CheckReport) -> int:
             report.problems.append(str(e))
             return 0
         report.notes.append(f"train {subset.metadata_file}: {len(entries)} image(s) x {subset.num_repeats} "
-                            f"repeat(s){_trigger_part(subset, [c for _, c, _ in entries], trigger)}")
+                            f"repeat(s){_trigger_part(subset, [c for _, c, _ in entries], trigger, trigger_fix)}")
         return len(entries)
     folder = Path(subset.image_dir)
     role = "reg" if subset.is_reg else "train"
@@ -233,7 +237,7 @@ def _scan_subset(subset: Any, trigger: str, report: CheckReport) -> int:
         return len(images)
     report.notes.append(f"{role} {folder.name}: {len(images)} image(s) x {subset.num_repeats} repeat(s) = "
                         f"{len(images) * subset.num_repeats}, {files} caption file(s) ({subset.caption_extension})"
-                        + ("" if subset.is_reg else _trigger_part(subset, captions, trigger)))
+                        + ("" if subset.is_reg else _trigger_part(subset, captions, trigger, trigger_fix)))
     return len(images)
 
 
@@ -247,7 +251,7 @@ def _captions(subset: Any, images: list[Path]) -> tuple[list[str], int]:
     return captions, files
 
 
-def _trigger_part(subset: Any, captions: list[str], trigger: str) -> str:
+def _trigger_part(subset: Any, captions: list[str], trigger: str, fix: str) -> str:
     if not trigger:
         return ""
     wanted = trigger.lower()
@@ -257,6 +261,5 @@ def _trigger_part(subset: Any, captions: list[str], trigger: str) -> str:
     having = sum(1 for caption in captions if wanted in caption.lower())
     text = f"; {having} of {len(captions)} caption(s) contain the trigger '{trigger}'"
     if having == 0:
-        text += (". Warning: the trigger word will not be learned: add it to the caption files, or tick "
-                 f"'{TRIGGER_TICK}' next to the trigger word (caption_prefix)")
+        text += f". Warning: the trigger word will not be learned: {fix.replace('TRIGGER', trigger)}"
     return text

@@ -1,4 +1,4 @@
-"""The check before Start (trainer.gui.check): the settings as `train` reads them, the base model and the
+"""The pre-flight check (trainer.tools.preflight, the GUI's Check and doctor --config): the settings as `train` reads them, the base model and the
 picture folders, on datasets made in the test."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from conftest import make_dreambooth_folder, make_image
 
 from trainer.gui import form as F
-from trainer.gui.check import check_config
+from trainer.tools.preflight import check_config
 
 
 def write_settings(tmp_path, **values):
