@@ -207,3 +207,10 @@ def test_compatibility_table_lists_every_argument():
     table = compatibility_markdown()
     for f in ARGUMENTS:
         assert f"`--{f.name}`" in table
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "512,0"])
+def test_a_bad_resolution_on_the_command_line_says_the_accepted_form(value, capsys):
+    with pytest.raises(SystemExit):
+        parse_train_args(BASE + ["--resolution", value])
+    assert "expected '512' or 'W,H'" in capsys.readouterr().err

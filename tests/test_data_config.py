@@ -366,3 +366,14 @@ def test_command_line_only_keys_are_rejected_at_every_level(config_dir, where, k
     path = write(config_dir / "d.toml", where)
     with pytest.raises(ConfigError, match=re.escape(key_path) + ": .* command-line"):
         load_dataset_config(path)
+
+
+def test_num_repeats_below_one_names_the_key_and_what_it_means(tmp_path):
+    from trainer.config.args import parse_train_args
+
+    toml_file = tmp_path / "dataset.toml"
+    toml_file.write_text('[general]\nresolution = 64\n[[datasets]]\n[[datasets.subsets]]\n'
+                         f'image_dir = "{tmp_path.as_posix()}"\nnum_repeats = -1\n', encoding="utf-8")
+    cfg = parse_train_args(["--pretrained_model_name_or_path", "m", "--dataset_config", str(toml_file)])
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.subsets\[0\]\.num_repeats: must be at least 1"):
+        resolve_datasets(cfg, load_dataset_config(toml_file))

@@ -390,3 +390,14 @@ def test_openclip_text_encoders_map_onto_the_shipped_configs(variant, cls, prefi
     if not hasattr(te, "text_model"):  # transformers 5 flattened CLIPTextModel
         back = {k.removeprefix("text_model."): v for k, v in back.items()}
     assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in te.state_dict().items()}
+
+
+def test_a_text_file_named_ckpt_is_not_a_checkpoint_and_no_unsafe_advice_is_given(tmp_path):
+    from trainer.errors import ModelLoadError
+    from trainer.models.checkpoint import torch_load
+
+    fake = tmp_path / "モデル.ckpt"
+    fake.write_text("<html>404 not found</html>", encoding="utf-8")
+    with pytest.raises(ModelLoadError, match="not a PyTorch checkpoint") as caught:
+        torch_load(fake)
+    assert "weights_only" not in str(caught.value)

@@ -56,3 +56,8 @@ def test_fp8_without_a_16_bit_dtype_is_refused(tiny_sd1_dir, tmp_path):
     with pytest.raises(ConfigError, match="fp8"):
         resolve_precision(cfg, "cpu")
     assert resolve_precision(dataclasses.replace(cfg, mixed_precision="bf16"), "cpu").fp8_unet
+
+
+def test_a_misspelt_optimizer_is_refused_before_the_dataset_is_read(tiny_sd1_dir, tmp_path):
+    with pytest.raises(ConfigError, match="AdamWW.*AdamW"):
+        resolve(args(tiny_sd1_dir, tmp_path / "no such folder", "--optimizer_type", "AdamWW"))

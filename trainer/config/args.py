@@ -402,8 +402,22 @@ def parse_resolution(text: str | int | Sequence) -> tuple[int, int]:
     return (sizes[0], sizes[1])
 
 
-_CLI_TYPES = {"str": str, "int": int, "float": float, "int_or_float": parse_int_or_float,
-              "resolution": parse_resolution, "str_list": str, "float_list": float}
+def _cli_type(convert, accepted: str):
+    """argparse says only "invalid <function> value" for a ValueError; this names the accepted form."""
+    def parse(text: str):
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {accepted}") from None
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+_CLI_TYPES = {"str": str, "int": _cli_type(int, "a whole number, e.g. 4"),
+              "float": _cli_type(float, "a number, e.g. 1e-4 or 0.5"),
+              "int_or_float": _cli_type(parse_int_or_float, "a whole number of steps or a fraction, e.g. 100 or 0.1"),
+              "resolution": _cli_type(parse_resolution, "'512' or 'W,H' such as '512,768' (pixels, above 0)"),
+              "str_list": str, "float_list": _cli_type(float, "numbers, e.g. 1.0 0.5")}
 
 
 def convert_value(f: dataclasses.Field, value: Any) -> Any:

@@ -399,6 +399,9 @@ def _resolve_subset(subset: dict, chain: tuple, where: str, problems: list[str])
         if values["random_crop"]:
             problems.append(f"{where}.random_crop: not supported for mask subsets (conditioning_data_dir), as in "
                             "sd-scripts; set random_crop = false for this subset (or drop --random_crop).")
+    if values["num_repeats"] < 1:  # sd-scripts would train on no picture of this subset, and say nothing useful
+        problems.append(f"{where}.num_repeats: must be at least 1 (given {values['num_repeats']}): how many times "
+                        "each picture of the subset is seen per epoch.")
     extension = values["caption_extension"]
     if extension and not extension.startswith("."):  # sd-scripts adds the dot: "txt" -> ".txt"
         values["caption_extension"] = "." + extension

@@ -175,6 +175,8 @@ def torch_load(path: Path) -> dict:
 
     import torch
 
+    if not _looks_like_torch_file(path):
+        raise corrupt_error(path, "it is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as e:
@@ -182,11 +184,12 @@ def torch_load(path: Path) -> dict:
             obj = _torch_load_no_mmap(path, torch)
         else:
             raise corrupt_error(path, f"torch could not read it ({short_message(e)})") from None
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, which would run the file's code: not repeated here
         raise ModelLoadError(
-            f'"{path}" is a pickle that needs more than plain tensors to load ({short_message(e, 200)}). It is refused '
-            f"because loading such a file can run arbitrary code. Fix: convert it to .safetensors with a "
-            f"trusted tool, or download the .safetensors version of the model.") from None
+            f'"{path}" is a pickle that needs more than plain tensors to load. It is refused because loading such '
+            f"a file can run arbitrary code. Fix: convert it to .safetensors with a trusted tool, or download the "
+            f".safetensors version of the model.") from None
     except (EOFError, OSError, ValueError) as e:
         raise corrupt_error(path, f"torch could not read it ({short_message(e)})") from None
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -194,6 +197,16 @@ def torch_load(path: Path) -> dict:
     if not isinstance(obj, dict):
         raise corrupt_error(path, f"it holds a {type(obj).__name__}, not a state dict")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """A torch.save file starts as a zip archive (PK) or, in the old format, as a pickle (protocol byte 0x80)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return head == b"PK" or head[:1] == b"\x80"
 
 
 def _torch_load_no_mmap(path: Path, torch):

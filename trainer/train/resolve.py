@@ -2,7 +2,7 @@
 
 What is decided here: the model family as the weights say (train_network.py vs sdxl_train_network.py), the
 seed, where and in what precision the run computes (fp16 falls back to fp32 on a CPU, and --full_fp16 with
-it), the torch.compile backend, and the LoRA's shape (rank and alpha defaults, --network_args with the block
+it), the torch.compile backend, the optimizer class, and the LoRA's shape (rank and alpha defaults, --network_args with the block
 counts of the family). A mistake in any of them stops the run here, before a picture or a model is read.
 
 The builders in trainer.train.build each take their own frozen part of the spec (`Precision`,
@@ -23,6 +23,7 @@ from trainer.errors import ConfigError
 from trainer.models.compile import check_backend
 from trainer.models.load import detect_model_family
 from trainer.presets import DEFAULT_NETWORK_DIM
+from trainer.train.optim import resolve_optimizer_class
 from trainer.train.precision import resolve_full_fp16
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class RunSpec:
 
 def resolve(cfg: TrainConfig) -> RunSpec:
     cfg = resolve_model_family(cfg)
+    resolve_optimizer_class(cfg.optimizer_type)  # a misspelt name or a missing package stops the run here
     precision = resolve_precision(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     cfg = dataclasses.replace(cfg, full_fp16=precision.full_fp16)
     return RunSpec(cfg=cfg, seed=resolve_seed(cfg.seed), precision=precision, network=network_settings(cfg),
