@@ -61,3 +61,42 @@ def test_fp8_without_a_16_bit_dtype_is_refused(tiny_sd1_dir, tmp_path):
 def test_a_misspelt_optimizer_is_refused_before_the_dataset_is_read(tiny_sd1_dir, tmp_path):
     with pytest.raises(ConfigError, match="AdamWW.*AdamW"):
         resolve(args(tiny_sd1_dir, tmp_path / "no such folder", "--optimizer_type", "AdamWW"))
+
+
+def single_file_with_markers(folder, *markers):
+    from safetensors.torch import load_file, save_file
+
+    from trainer.models.export import save_single_file
+    from trainer.models.load import load_models
+
+    path = save_single_file(load_models("builtin:tiny-sd1"), folder / "v予測 model.safetensors")
+    state = load_file(str(path))
+    state.update({marker: torch.tensor([]) for marker in markers})  # empty tensors, as such checkpoints carry
+    save_file(state, str(path))
+    return path
+
+
+def test_a_checkpoint_marked_v_pred_and_ztsnr_trains_as_one_and_says_so(tmp_path, caplog):
+    from trainer.train.build import load_frozen_models
+
+    path = single_file_with_markers(tmp_path, "v_pred", "ztsnr")
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        spec = resolve(args(path, tmp_path))
+    assert spec.cfg.v_parameterization and spec.cfg.zero_terminal_snr
+    assert "marked as a v-prediction model with zero terminal SNR" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        models, _ = load_frozen_models(spec.cfg, spec.precision, torch.device("cpu"))
+    assert models.noise_scheduler.config.prediction_type == "v_prediction"
+    assert models.noise_scheduler.config.rescale_betas_zero_snr
+    assert "normally used with SD 2.x" not in caplog.text  # the marker says so: no warning about the flag
+
+
+def test_unmarked_checkpoints_keep_the_flags_and_edm_is_refused(tmp_path):
+    plain = single_file_with_markers(tmp_path)
+    spec = resolve(args(plain, tmp_path))
+    assert not spec.cfg.v_parameterization and not spec.cfg.zero_terminal_snr
+    (tmp_path / "edm").mkdir()
+    edm = single_file_with_markers(tmp_path / "edm", "edm_vpred.sigma_max")
+    with pytest.raises(ConfigError, match="EDM"):
+        resolve(args(edm, tmp_path))

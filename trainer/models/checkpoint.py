@@ -103,11 +103,20 @@ def classify_checkpoint(shapes: Mapping[str, tuple]) -> str:
 def _sd1_or_sd2(shapes: Mapping[str, tuple]) -> str:
     """SD2 uses OpenCLIP ViT-H (cond_stage_model.model., 1024-d); SD1 uses OpenAI CLIP-L (transformer., 768-d).
 
-    The layout decides; v-prediction cannot be read from the weights, so --v_parameterization is trusted.
+    The layout decides. v-prediction is not in the layout: see `prediction_markers`.
     """
     if any(k.startswith(SD2_TE) for k in shapes):
         return "sd2"
     return "sd1"
+
+
+# Empty tensors some fine-tunes (NoobAI v-pred and other SDXL anime models) carry to say how they were trained;
+# ComfyUI reads them: "v_pred" = v-prediction, "ztsnr" (with v_pred) = zero terminal SNR, "edm_vpred.*" = EDM.
+PREDICTION_MARKERS = ("v_pred", "ztsnr", "edm_vpred.sigma_max", "edm_vpred.sigma_min")
+
+
+def prediction_markers(shapes: Mapping[str, tuple]) -> set[str]:
+    return {key for key in PREDICTION_MARKERS if key in shapes}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from trainer.models.checkpoint import (  # noqa: F401  (re-exported: trainer.mod
     corrupt_error,
     detect_family,
     normalise_te_keys,
+    prediction_markers,
     read_checkpoint,
     read_checkpoint_shapes,
     short_message,
@@ -173,6 +174,7 @@ def detect_model_family(name_or_path: str) -> str:
 
 
 def _check_family_flags(family: str, *, v2: bool, sdxl: bool, v_parameterization: bool, source: str,
+                        v_pred_marker: bool = False,
                         scheduler_prediction: str | None = None) -> None:
     """A family/flag mismatch is an error: SD1 and SD2 differ in tokenizer padding and text-encoder layers,
     SDXL in everything, so silently "fixing" it would train something other than what the flags say."""
@@ -189,7 +191,7 @@ def _check_family_flags(family: str, *, v2: bool, sdxl: bool, v_parameterization
         problem = "is an SD 1.x model (CLIP-L text encoder, 768-d), but --v2 is set: remove --v2"
     if problem:
         raise ModelLoadError(f"{source} {problem}. Fix: for this model use {_FLAG_FOR_FAMILY[family]}.")
-    if v_parameterization and family != "sd2":
+    if v_parameterization and family != "sd2" and not v_pred_marker:
         logger.warning("--v_parameterization is set for an %s model; v-prediction is normally used with SD 2.x "
                        "768-v models. Remove it unless this model was trained with v-prediction.", family)
     if scheduler_prediction == "v_prediction" and not v_parameterization:
@@ -356,7 +358,7 @@ def _load_single_file(path: Path, dtype, vae_dtype, tokenizer_cache_dir, flags: 
     raw = None if path.suffix.lower() == ".safetensors" else torch_load(path)  # a pickle is read only once
     shapes = read_checkpoint_shapes(path) if raw is None else {k: tuple(v.shape) for k, v in raw.items()}
     family = detect_family(shapes, f'"{path}"')
-    _check_family_flags(family, source=f'"{path}"', **flags)
+    _check_family_flags(family, source=f'"{path}"', v_pred_marker="v_pred" in prediction_markers(shapes), **flags)
     root = CONFIG_DIR / _config_variant(family, shapes, flags["v_parameterization"], path)
     state = normalise_te_keys(read_checkpoint(path, lambda k: vae_dtype if k.startswith(VAE) else dtype, raw))
     del raw

@@ -1,7 +1,7 @@
 """`resolve(cfg) -> RunSpec`: every decision that needs neither the dataset nor the model, made once.
 
-What is decided here: the model family as the weights say (train_network.py vs sdxl_train_network.py), the
-seed, where and in what precision the run computes (fp16 falls back to fp32 on a CPU, and --full_fp16 with
+What is decided here: the model family as the weights say (train_network.py vs sdxl_train_network.py),
+v-prediction where the checkpoint is marked as such, the seed, where and in what precision the run computes (fp16 falls back to fp32 on a CPU, and --full_fp16 with
 it), the torch.compile backend, the optimizer class, and the LoRA's shape (rank and alpha defaults, --network_args with the block
 counts of the family). A mistake in any of them stops the run here, before a picture or a model is read.
 
@@ -20,6 +20,7 @@ import torch
 
 from trainer.config.args import FP8_NEEDS_MIXED_PRECISION, TrainConfig, parse_network_args
 from trainer.errors import ConfigError
+from trainer.models.checkpoint import prediction_markers, read_checkpoint_shapes
 from trainer.models.compile import check_backend
 from trainer.models.load import detect_model_family
 from trainer.presets import DEFAULT_NETWORK_DIM
@@ -71,7 +72,7 @@ class RunSpec:
 
 
 def resolve(cfg: TrainConfig) -> RunSpec:
-    cfg = resolve_model_family(cfg)
+    cfg = resolve_prediction_type(resolve_model_family(cfg))
     resolve_optimizer_class(cfg.optimizer_type)  # a misspelt name or a missing package stops the run here
     precision = resolve_precision(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     cfg = dataclasses.replace(cfg, full_fp16=precision.full_fp16)
@@ -105,6 +106,28 @@ def resolve_model_family(cfg: TrainConfig) -> TrainConfig:
                           f"and {spec} is not trained as one. Remove the option (for an SDXL .ckpt, use "
                           "sdxl_train_network.py or --sdxl).")
     return cfg
+
+
+def resolve_prediction_type(cfg: TrainConfig) -> TrainConfig:
+    """A single-file checkpoint marked as v-prediction (its "v_pred" key, and "ztsnr" for zero terminal SNR,
+    as ComfyUI reads them: NoobAI v-pred and other SDXL fine-tunes) trains as one, with one line saying so.
+    sd-scripts has no flag that says "not v-prediction", so a marker can only add what the flags leave out."""
+    path = Path(str(cfg.pretrained_model_name_or_path or "").strip().strip("\"'")).expanduser()
+    if not (path.is_file() and path.suffix.lower() == ".safetensors"):
+        return cfg  # a .ckpt would be read twice; diffusers folders say it in their scheduler config
+    markers = prediction_markers(read_checkpoint_shapes(path))
+    if any(m.startswith("edm_vpred") for m in markers):
+        raise ConfigError(f"{path} is an EDM v-prediction model (its edm_vpred keys), which sd-scripts' LoRA "
+                          "training does not support; use the model's ordinary v-prediction or eps version.")
+    if "v_pred" not in markers:
+        return cfg
+    turned_on = {"v_parameterization": True, "zero_terminal_snr": "ztsnr" in markers}
+    turned_on = {name: True for name, wanted in turned_on.items() if wanted and not getattr(cfg, name)}
+    if turned_on:
+        log.info("%s is marked as a v-prediction model%s: training with %s.", path.name,
+                 " with zero terminal SNR" if "ztsnr" in markers else "",
+                 " and ".join(f"--{name}" for name in turned_on))
+    return dataclasses.replace(cfg, **turned_on)
 
 
 def resolve_precision(cfg: TrainConfig, device_type: str) -> Precision:
