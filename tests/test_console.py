@@ -66,28 +66,6 @@ def test_a_user_error_is_one_line_and_exit_2(capsys):
     assert "error:" in err and "--resolution abc" in err and "Traceback" not in err
 
 
-def test_ctrl_break_becomes_keyboard_interrupt_where_windows_has_it():
-    class FakeSignals:
-        SIGBREAK = 21
-        installed = {}
-
-        @classmethod
-        def signal(cls, number, handler):
-            cls.installed[number] = handler
-
-    assert console.stop_on_ctrl_break(FakeSignals) is True
-    with pytest.raises(KeyboardInterrupt):
-        FakeSignals.installed[21](21, None)
-
-
-def test_ctrl_break_handler_is_not_installed_where_there_is_no_sigbreak():
-    class NoBreak:
-        def signal(self, *args):
-            raise AssertionError("must not be called")
-
-    assert console.stop_on_ctrl_break(NoBreak()) is False
-
-
 def test_an_ignored_ctrl_c_is_restored_so_stop_still_saves():
     import signal
 

@@ -20,7 +20,7 @@ LAYER_NAMES = {BASE: "base", ENGINE: "engine", TOOLS: "tools", FACES: "faces"}
 LAYERS = (
     ("trainer/models/families.py", BASE), ("trainer/models/tokenizer.py", BASE),
     ("trainer/config/", BASE), ("trainer/errors.py", BASE), ("trainer/files.py", BASE),
-    ("trainer/paths.py", BASE), ("trainer/presets.py", BASE), ("trainer/demo.py", BASE),
+    ("trainer/interrupts.py", BASE), ("trainer/paths.py", BASE), ("trainer/presets.py", BASE), ("trainer/demo.py", BASE),
     ("trainer/__init__.py", BASE),
     ("trainer/data/", ENGINE), ("trainer/models/", ENGINE), ("trainer/network/", ENGINE),
     ("trainer/train/", ENGINE), ("networks/", ENGINE),

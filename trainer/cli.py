@@ -6,7 +6,8 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-from trainer.console import quiet_libraries, restore_ctrl_c, run_guarded, setup_logging, stop_on_ctrl_break
+from trainer import interrupts
+from trainer.console import quiet_libraries, run_guarded, setup_logging
 
 USAGE = """usage: python -m trainer <command> [arguments]
 
@@ -37,21 +38,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_train(argv: list[str]) -> int:
-    setup_logging()
-    # lazy: each command imports what it needs, so `setup` and `doctor` start before torch is installed
-    from trainer.config.args import parse_train_args, write_output_config
+    # First of all: Ctrl-C/Ctrl-Break (the GUI's Stop) are held until a safe point, so a press during the
+    # imports below or the model load is one line and exit 130, never a traceback, an abort or a run that
+    # trains on; from the first step on they save the LoRA so far (trainer.interrupts).
+    interrupts.install()
+    try:
+        setup_logging()
+        # lazy: each command imports what it needs, so `setup` and `doctor` start before torch is installed
+        from trainer.config.args import parse_train_args, write_output_config
 
-    cfg = parse_train_args(argv)
-    setup_logging(cfg.console_log_level, cfg.console_log_file, cfg.console_log_simple)
-    if cfg.output_config:
-        print(f"wrote {write_output_config(cfg)}")
-        return 0
-    stop_on_ctrl_break()
-    restore_ctrl_c()
-    quiet_libraries()
-    from trainer.train.run import run_training  # lazy: see cmd_train
+        cfg = parse_train_args(argv)
+        setup_logging(cfg.console_log_level, cfg.console_log_file, cfg.console_log_simple)
+        if cfg.output_config:
+            print(f"wrote {write_output_config(cfg)}")
+            return 0
+        quiet_libraries()
+        from trainer.train.run import run_training  # lazy: see cmd_train
 
-    return 0 if run_training(cfg) else 1
+        interrupts.check()
+        return 0 if run_training(cfg) else 1
+    finally:
+        interrupts.uninstall()
 
 
 def cmd_gui(argv: list[str]) -> int:

@@ -1,5 +1,6 @@
-"""The console around every command: logging (sd-scripts' --console_log_level / _file / _simple), Ctrl-C and
-Ctrl-Break, and user mistakes shown as one line instead of a stack trace.
+"""The console around every command: logging (sd-scripts' --console_log_level / _file / _simple), Ctrl-C for
+the GUI's server (training has its own rules: trainer.interrupts), and user mistakes shown as one line
+instead of a stack trace.
 
 Torch-free: `setup` and `doctor` use it before torch is installed."""
 
@@ -22,8 +23,8 @@ def run_guarded(action: Callable[[], int]) -> int:
     except UserError as error:
         print_error(str(error))
         return 2
-    except KeyboardInterrupt:
-        print_error("Stopped (Ctrl-C).")
+    except KeyboardInterrupt as stop:
+        print_error(f"Stopped (Ctrl-C){': ' + str(stop) if str(stop) else ''}.")
         return 130
 
 
@@ -79,26 +80,11 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.set_verbosity_error()
 
 
-def stop_on_ctrl_break(signals=signal) -> bool:
-    """On Windows, make Ctrl-Break stop training the way Ctrl-C does (the LoRA so far is saved).
-
-    The GUI stops a run with CTRL_BREAK_EVENT: Windows cannot send Ctrl-C to one child process group, and
-    Python's default for Ctrl-Break is to exit at once without saving. Returns whether it was installed
-    (never elsewhere: POSIX has no SIGBREAK, and the GUI sends SIGINT there)."""
-    if not hasattr(signals, "SIGBREAK"):
-        return False
-    signals.signal(signals.SIGBREAK, _raise_keyboard_interrupt)
-    return True
-
-
 def restore_ctrl_c(signals=signal) -> bool:
-    """A program started with Ctrl-C ignored (`nohup ./gui.sh &`) passes that on to its children, and the
-    GUI's Stop (SIGINT on Linux) would then be lost: training must still stop and save on it."""
+    """A program started with Ctrl-C ignored (`nohup ./gui.sh &`) passes that on: the GUI's server must still
+    close (and stop its run) on Ctrl-C / SIGINT. Training installs its own handler (trainer.interrupts)."""
     if signals.getsignal(signals.SIGINT) != signals.SIG_IGN:
         return False
     signals.signal(signals.SIGINT, signals.default_int_handler)
     return True
 
-
-def _raise_keyboard_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt

@@ -5,12 +5,17 @@ from file and function names in its traceback.
     with phase("cache_latents"):
         ...  # an exception leaving this block carries error.trainer_phase == "cache_latents"
 
-The innermost phase wins: a sample image generated during training is "sample", not "train"."""
+The innermost phase wins: a sample image generated during training is "sample", not "train".
+
+The start and the end of each phase are also the safe points where a Ctrl-C held during start-up stops the
+run (trainer.interrupts)."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import Iterator
+
+from trainer import interrupts
 
 PHASES = ("load", "cache_latents", "cache_text", "train", "sample", "validate")
 
@@ -20,7 +25,9 @@ def phase(key: str) -> Iterator[None]:
     if key not in PHASES:
         raise ValueError(f"unknown phase {key!r}; one of {PHASES}")
     try:
+        interrupts.check()
         yield
+        interrupts.check()
     except BaseException as error:
         if getattr(error, "trainer_phase", None) is None:
             try:

@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+from trainer import interrupts
 from trainer.config.args import TrainConfig
 from trainer.demo import maybe_write_demo_dataset
 from trainer.errors import UserError
@@ -66,6 +67,7 @@ def run_training(cfg: TrainConfig, listeners: list[Listener] | None = None) -> P
     logging.getLogger("trainer").addHandler(bridge)
     try:
         if cfg.debug_dataset:  # look at the batches instead of training; no model is loaded
+            interrupts.begin_training()  # Ctrl-C ends the viewing at once
             return debug_dataset(cfg, reporter)
         if is_main_process():  # --logging_dir / --log_with: TensorBoard, wandb (a missing package warns once)
             reporter.listeners += tracker_listeners(cfg)

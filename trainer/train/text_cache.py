@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer import interrupts
 from trainer.config.args import PER_STEP_CAPTION_OPTIONS
 from trainer.data import cache as cache_files
 from trainer.errors import ConfigError
@@ -87,6 +88,7 @@ def cache_text_encoder_outputs(dataset, models, *, max_token_length: int | None,
              len({str(r.path) for r in dataset.records}) - len(todo))
     items = list(todo.items())
     for start in range(0, len(items), max(1, batch_size)):
+        interrupts.check()  # a safe point for a Ctrl-C held during start-up
         chunk = items[start:start + max(1, batch_size)]
         hidden1, hidden2, pool2 = _encode(models, [caption for _, caption in chunk], max_token_length, device,
                                           autocast)
