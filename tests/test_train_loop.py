@@ -244,3 +244,26 @@ def test_with_several_processes_a_refresh_keeps_the_nan_for_the_next_save_check(
     meter.add(torch.tensor(1.0))
     with pytest.raises(NonFiniteLoss, match="nan at step 2"):  # ... until the save check, which all reach
         meter.check(3)
+
+
+def test_a_picture_unreadable_mid_run_keeps_the_steps_so_far(tiny_sd1_dir, train_data_dir, tmp_path, monkeypatch):
+    """A picture that decodes only partly passes the start-up check and fails when its batch comes; the
+    steps before it used to be thrown away (Ctrl-C kept them)."""
+    from trainer.data import dataset as dataset_module
+    from trainer.errors import DatasetError
+
+    real, calls = dataset_module.load_image, []
+
+    def breaks_on_the_fifth(path, **kwargs):
+        calls.append(path)
+        if len(calls) == 5:  # accelerate reads one batch ahead: this is step 4's
+            raise DatasetError(f"Cannot read image {path} (image file is truncated).")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(dataset_module, "load_image", breaks_on_the_fifth)
+    out = tmp_path / "out"
+    cfg = parse_train_args(args(tiny_sd1_dir, train_data_dir, out, "--save_state"))
+    with pytest.raises(DatasetError, match=r"truncated[\s\S]*The 3 step\(s\) trained before it are saved") as e:
+        run_training(cfg, listeners=[])
+    assert "--resume" in str(e.value) and "-step00000003-state" in str(e.value)
+    assert (out / "lora-step00000003.safetensors").is_file() and (out / "lora-step00000003-state").is_dir()

@@ -756,15 +756,40 @@ def _single_batch(items: list[dict]) -> dict:
     return items[0]
 
 
+class EpochOrder(torch.utils.data.Sampler):
+    """The order of the pre-formed batches in an epoch: a permutation that depends on (seed, epoch) alone.
+
+    A torch generator seeded once would run on from epoch to epoch, so a run resumed in epoch 3 would get
+    epoch 1's order again; drawn from the epoch instead, a --resume (and accelerate's skip_first_batches)
+    sees the very order the uninterrupted run saw, and every process of a multi-GPU run the same one. The
+    epoch is read from the dataset each time iteration starts (the loop sets it first)."""
+
+    def __init__(self, dataset: TrainDataset, seed: int):
+        self.dataset = dataset
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        order = list(range(len(self.dataset)))
+        random.Random(f"order:{self.seed}:{self.dataset.current_epoch}").shuffle(order)
+        return iter(order)
+
+
 def make_dataloader(dataset: TrainDataset, *, num_workers: int, persistent_workers: bool,
                     seed: int) -> torch.utils.data.DataLoader:
-    """Shuffled DataLoader over the pre-formed batches; workers capped at the CPU count (0 = main process)."""
+    """DataLoader over the pre-formed batches in EpochOrder; workers capped at the CPU count (0 = main process)."""
     workers = max(0, min(int(num_workers), os.cpu_count() or 1))
-    generator = torch.Generator()
-    generator.manual_seed(seed)
+    # Each iteration draws its workers' base seed from this generator; without one it would come from the
+    # global torch stream, one number per epoch, and a run resumed mid-epoch (whose iteration starts after the
+    # state is restored) would draw other noise than the run it continues. Items take their randomness from
+    # (seed, epoch, index) alone, so the worker seeds need not follow the epoch.
+    generator = torch.Generator().manual_seed(seed)
     # Pinned batches let the copy to the GPU overlap the previous step instead of waiting for it.
-    return torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=True, collate_fn=_single_batch,
-                                       num_workers=workers, persistent_workers=persistent_workers and workers > 0,
+    return torch.utils.data.DataLoader(dataset, batch_size=1, sampler=EpochOrder(dataset, seed),
+                                       collate_fn=_single_batch, num_workers=workers,
+                                       persistent_workers=persistent_workers and workers > 0,
                                        generator=generator, pin_memory=torch.cuda.is_available(),
                                        worker_init_fn=ignore_ctrl_break if workers else None)
 

@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 
+from trainer import interrupts
 from trainer.config.args import TrainConfig
 from trainer.data.config import load_dataset_config, resolve_datasets, verify_bucket_reso_steps
 from trainer.data.custom import load_dataset_class
@@ -39,7 +40,7 @@ from trainer.models.compile import compile_unet
 from trainer.models.export import merge_lora_into
 from trainer.models.load import load_models
 from trainer.network.lora import LoRANetwork, apply_lr_options, network_from_args, read_weights_file
-from trainer.train.checkpoint import Saver, build_saver, check_output_dir
+from trainer.train.checkpoint import Saver, build_saver, check_output_dir, remove_leftovers
 from trainer.train.events import Reporter
 from trainer.train.hub import resolve_hub_resume
 from trainer.train.metadata import training_metadata
@@ -48,7 +49,15 @@ from trainer.train.phases import phase
 from trainer.train.precision import allow_fp16_unscale, fp16_optimizer_args
 from trainer.train.resolve import NetworkSettings, Precision, RunSpec, resolve
 from trainer.train.sample import build_sampler, load_sample_prompts
-from trainer.train.state import ResumePoint, initial_step_of, load_training_state, read_state_step, start_point
+from trainer.train.state import (
+    ResumePoint,
+    check_state_fits,
+    describe_run,
+    initial_step_of,
+    load_training_state,
+    read_state_step,
+    start_point,
+)
 from trainer.train.step import DiffusionSettings, StepParts
 from trainer.train.text_cache import cache_text_encoder_outputs, check_cacheable
 from trainer.train.validate import NoValidator, build_validator
@@ -222,9 +231,13 @@ def build(spec: RunSpec, reporter: Reporter, *, models=None) -> TrainingSetup:
         model_name=models.name, model_file=models.source_file, seed=seed, mixed_precision=precision.mixed_precision,
         started_at=started_at, used_dataset_config=bool(cfg.dataset_config))
     eval_mode = eval_mode_for(optimizer)  # schedule-free optimizers sample and save their averaged weights
+    run = describe_run(optimizer=optimizer_name, network_module=cfg.network_module,
+                       network=accelerator.unwrap_model(network), dataset=dataset, seed=seed,
+                       batch_size=cfg.train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     saver = build_saver(cfg, accelerator.unwrap_model(network), metadata, reporter, accelerator, eval_mode,
-                        every_n_epochs=save_every_n_epochs(cfg, plan.num_epochs))
-    restore_state(resume_dir, accelerator)  # random states too: after the LoRA's init and the session id drew
+                        every_n_epochs=save_every_n_epochs(cfg, plan.num_epochs), run=run)
+    # random states too: after the LoRA's init and the session id drew theirs
+    restore_state(resume_dir, accelerator, optimizer, run)
     sampler = build_sampler(cfg, prompts, models, network, accelerator, reporter, eval_mode)
     reporter.emit("info", message=f"attention: {attention}; device: {accelerator.device}; "
                                   f"precision: {precision.mixed_precision}; optimizer: {optimizer_name}")
@@ -247,6 +260,7 @@ def check_inputs(cfg: TrainConfig, seed: int) -> tuple[Any, list]:
     included. The seed is set first; the dataset's shuffling draws from it."""
     set_seed(seed)
     check_output_dir(Path(cfg.output_dir or "output"))
+    remove_leftovers(Path(cfg.output_dir or "output"), cfg.output_name)
     return build_dataset(cfg, seed), load_sample_prompts(cfg)
 
 
@@ -377,7 +391,8 @@ def cache_latents(dataset, vae, cfg: TrainConfig, device, family: str) -> None:
     for images in (dataset, dataset.validation_dataset()):  # held-out images are validated from latents too
         if images is not None:
             images.cache_latents(encode, vae_batch_size=cfg.vae_batch_size, to_disk=cfg.cache_latents_to_disk,
-                                 family=family, skip_cache_check=cfg.skip_cache_check)
+                                 family=family, skip_cache_check=cfg.skip_cache_check,
+                                 progress=lambda done, total: interrupts.check())  # each VAE batch: a safe point
     vae.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -436,8 +451,10 @@ def plan_start(cfg: TrainConfig, plan: RunPlan, resume_dir: str | None = None):
     return start
 
 
-def restore_state(resume_dir: str | None, accelerator) -> None:
-    """--resume: load the LoRA weights, optimizer, scheduler and random states of the state folder."""
+def restore_state(resume_dir: str | None, accelerator, optimizer, run: dict) -> None:
+    """--resume: load the LoRA weights, optimizer, scheduler and random states of the state folder, once it
+    is known to belong to this run (trainer.train.state.check_state_fits)."""
     if resume_dir:
-        done = load_training_state(accelerator, resume_dir)
+        check_state_fits(resume_dir, run)
+        done = load_training_state(accelerator, resume_dir, optimizer)
         log.info("Restored the training state of %s (saved after step %d).", resume_dir, done)

@@ -1,20 +1,31 @@
 """Where and when LoRA files are written: sd-scripts' file names, cadence and retention.
 
 Files are always written to a temporary name and renamed (the network's save does that), so a crash or
-Ctrl-C never leaves a half-written `.safetensors` under a real name."""
+Ctrl-C never leaves a half-written `.safetensors` under a real name; and a Ctrl-C pressed while a file is
+being written waits until it is complete (trainer.interrupts.held)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
+from trainer import interrupts
 from trainer.errors import UserError
 from trainer.train.hub import hub_uploader
 from trainer.train.metadata import with_progress
 from trainer.train.state import remove_state, save_training_state
+
+log = logging.getLogger(__name__)
+
+
+WRITING_NOTICE = "Ctrl-C: the file being written is finished first; then the LoRA so far is saved and the run stops."
+LAST_SAVE_NOTICE = "Ctrl-C again: the LoRA so far is still being written; the run stops as soon as it is saved."
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,55 @@ def check_output_dir(output_dir: Path) -> None:
                         "(and that it is not a file).") from None
 
 
+# What a write cut by a kill or a power cut leaves: safetensors' own temporary file (".tmp" and six letters or
+# digits, hidden), and ours (files.atomic_path: "<name>.tmp-<8 hex>"; state folders also "<name>.old-<8 hex>").
+SAFETENSORS_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+OUR_TEMP = re.compile(r".*\.(tmp|old)-[0-9a-f]{8}")
+LEFTOVER_AGE_S = 120  # younger ones may belong to a run writing into the same folder right now
+
+
+def remove_leftovers(output_dir: Path, output_name: str | None, now: float | None = None) -> list[Path]:
+    """Remove the half-written files and state folders an earlier run left when it was killed mid-write (they
+    are never used again and can be gigabytes). Only what is certainly such a leftover goes: our temporary
+    names that start with this run's --output_name, and safetensors' hidden temporary files that begin like a
+    safetensors file, each untouched for two minutes. Returns what was removed; each is logged."""
+    now = time.time() if now is None else now
+    names = (output_name,) if output_name else ("last", "epoch", "at")  # SavePolicy's names without one
+    removed = []
+    for path in sorted(output_dir.iterdir()) if output_dir.is_dir() else []:
+        try:
+            ours = bool(OUR_TEMP.fullmatch(path.name)) and any(_named_after(path.name, n) for n in names)
+            if not (ours or _is_safetensors_temp(path)) or now - path.stat().st_mtime < LEFTOVER_AGE_S:
+                continue
+            size = _size_of(path)
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        except OSError:
+            continue  # in use (Windows) or gone already: leave it
+        removed.append(path)
+        log.info("Removed %s (%.0f MB): a half-written file left by an earlier run that was stopped mid-write.",
+                 path, size / 1e6)
+    return removed
+
+
+def _named_after(name: str, output_name: str) -> bool:
+    """"my lora.safetensors.tmp-..", "my lora-step00000002...", "my lora-state.old-..": not "my lora2..."."""
+    return name.startswith(output_name) and name[len(output_name):][:1] in (".", "-")
+
+
+def _is_safetensors_temp(path: Path) -> bool:
+    if not (SAFETENSORS_TEMP.fullmatch(path.name) and path.is_file()):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"  # an 8-byte header length, then the JSON header
+
+
+def _size_of(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 class Saver:
     """Writes LoRA files with fresh metadata; the caller decides when (SavePolicy says which name)."""
 
@@ -116,16 +176,18 @@ class Saver:
         # it to its check that the losses and weights are finite, so no path can write a broken LoRA.
         self.before_write: Callable[[int], None] = lambda step: None
 
-    def save(self, path: Path, step: int, epoch: int) -> Path:
+    def save(self, path: Path, step: int, epoch: int, notice: str = WRITING_NOTICE) -> Path:
         self.before_write(step)
-        with self._eval_mode():
+        with interrupts.held(notice), self._eval_mode():
             self._save(path, self._metadata(step, epoch))
         self._on_saved(path)
         return path
 
-    def state(self, folder: Path, step: int, epoch: int, *, periodic: bool = True) -> None:
+    def state(self, folder: Path, step: int, epoch: int, *, periodic: bool = True,
+              notice: str = WRITING_NOTICE) -> None:
         if self._save_state and (self.policy.save_state or not periodic):
-            self._save_state(folder, step, epoch)
+            with interrupts.held(notice):
+                self._save_state(folder, step, epoch)
             self._on_saved(folder)
 
     def at_epoch_end(self, epoch: int, num_epochs: int, step: int) -> None:
@@ -149,9 +211,10 @@ class Saver:
 
     def interrupted(self, step: int, epoch: int) -> Path:
         """What a Ctrl-C leaves: the weights so far under the step-file name (never the final name), and the
-        state to --resume from when states are being saved."""
-        path = self.save(self.policy.step_file(step), step, epoch)
-        self.state(self.policy.step_state(step), step, epoch, periodic=False)
+        state to --resume from when states are being saved. A second Ctrl-C waits for both (and says so)."""
+        with interrupts.held(LAST_SAVE_NOTICE, then_raise=False):
+            path = self.save(self.policy.step_file(step), step, epoch, notice=LAST_SAVE_NOTICE)
+            self.state(self.policy.step_state(step), step, epoch, periodic=False, notice=LAST_SAVE_NOTICE)
         return path
 
 
@@ -165,10 +228,10 @@ def _remove(path: Path | None) -> None:
 
 
 def build_saver(cfg: Any, network, metadata: dict[str, str], reporter: Any, accelerator, eval_mode=None, *,
-                every_n_epochs: int | None) -> "Saver":
+                every_n_epochs: int | None, run: dict | None = None) -> "Saver":
     """The Saver of this run (`every_n_epochs`: --save_every_n_epochs as build derives it): sd-scripts'
-    cadence and names, written by the main process only; --huggingface_repo_id
-    uploads what it saves."""
+    cadence and names, written by the main process only; --huggingface_repo_id uploads what it saves.
+    `run` (state.describe_run) goes into each state's train_state.json."""
     policy = SavePolicy(output_dir=Path(cfg.output_dir or "output"), output_name=cfg.output_name,
                         extension=cfg.save_model_as, every_n_epochs=every_n_epochs,
                         every_n_steps=cfg.save_every_n_steps, keep_last_n_epochs=cfg.save_last_n_epochs,
@@ -184,7 +247,7 @@ def build_saver(cfg: Any, network, metadata: dict[str, str], reporter: Any, acce
 
     def save_state(folder: Path, step: int, epoch: int) -> None:
         if accelerator.is_main_process:
-            save_training_state(accelerator, folder, epoch=epoch, step=step)
+            save_training_state(accelerator, folder, epoch=epoch, step=step, run=run)
 
     if accelerator.is_main_process:  # --huggingface_repo_id: upload what is saved (trainer.train.hub)
         uploader = hub_uploader(cfg, (policy.final_file(), policy.final_state()))

@@ -20,9 +20,12 @@ from typing import Callable
 
 import torch
 
+from trainer import interrupts
+from trainer.errors import DatasetError
 from trainer.train.build import TrainingSetup
 from trainer.train.events import Reporter
 from trainer.train.oom import stopped_by_oom
+from trainer.train.state import StepBoundary
 from trainer.train.step import LatentNaNs, NonFiniteLoss, compute_loss
 from trainer.train.watch import NO_WATCH, SpillWatch
 
@@ -53,6 +56,8 @@ def train(setup: TrainingSetup, reporter: Reporter, watch: SpillWatch = NO_WATCH
     meter.stop_at_read = setup.accelerator.num_processes == 1
     setup.saver.before_write = lambda at: check_finite(setup, meter, run, at)
     step, epoch = start.step, start.epoch
+    boundary = StepBoundary(acc)  # the random streams as they were after the last optimizer step
+    interrupts.begin_training()  # a Ctrl-C held during start-up stops here, before the first step
     if not start.step:
         setup.sampler.at_first()
     try:
@@ -69,6 +74,7 @@ def train(setup: TrainingSetup, reporter: Reporter, watch: SpillWatch = NO_WATCH
                 if not acc.sync_gradients:
                     continue
                 step += 1
+                boundary.mark()
                 meter.max_norm = apply_max_norm(setup)  # the trackers' max_norm/* of this step (on the device)
                 setup.dataset.set_current_step(step)
                 report_step(reporter, meter, step, epoch, setup)
@@ -85,15 +91,34 @@ def train(setup: TrainingSetup, reporter: Reporter, watch: SpillWatch = NO_WATCH
     except torch.cuda.OutOfMemoryError as e:
         run.stopping = True
         raise stopped_by_oom(e, setup, step, epoch) from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, DatasetError) as stop:
+        # Ctrl-C, or a picture that turned out unreadable only when its batch came: keep the steps so far.
         run.stopping = True
+        # The step under way had drawn its noise (and counted its micro-batches): its state folder must
+        # continue from the end of `step`, as the uninterrupted run did.
+        boundary.restore()
         path = setup.saver.interrupted(step, epoch) if step > 0 else None
+        if isinstance(stop, DatasetError):
+            raise DatasetError(f"{stop}\n{kept_steps(setup, step, path)}") from None
         reporter.emit("interrupted", step=step, message=f"Saved the LoRA so far to {path}." if path else
                       "Nothing trained yet, nothing saved.")
         raise
     final = setup.saver.final(step, epoch)
     reporter.emit("finished", path=str(final), steps=step, seconds=time.time() - meter.started)
     return final
+
+
+def kept_steps(setup: TrainingSetup, step: int, path) -> str:
+    """What a run stopped by a bad picture leaves, and how to go on once the picture is fixed."""
+    if path is None:
+        return "Nothing was trained yet, nothing saved."
+    state = setup.saver.policy.step_state(step)
+    if not state.is_dir():
+        return (f"The {step} step(s) trained before it are saved: {path}. (With --save_state a run stopped like "
+                "this can be continued exactly; this one starts again once the picture is fixed or removed.)")
+    return (f"The {step} step(s) trained before it are saved: {path}. Once the picture is fixed or removed, "
+            f'continue with --resume "{state}" --skip_until_initial_step (the same dataset, or a warning says '
+            "it differs).")
 
 
 def check_finite(setup: TrainingSetup, meter: StepMeter, run: RunState, step: int) -> None:
@@ -137,13 +162,14 @@ def micro_step(setup: TrainingSetup, batch: dict, run: RunState | None = None) -
     with acc.accumulate(network):
         loss = compute_loss(setup.step, batch, latent_nans=run.latent_nans if run is not None else None)
         acc.backward(loss)
-        if acc.sync_gradients:
-            average_gradients(network, acc, parameters)
-            if setup.max_grad_norm:
-                acc.clip_grad_norm_(parameters, setup.max_grad_norm)
-        setup.optimizer.step()
-        setup.lr_scheduler.step()
-        setup.optimizer.zero_grad(set_to_none=True)
+        with interrupts.held():  # a Ctrl-C waits for the step to finish: never half-updated weights
+            if acc.sync_gradients:
+                average_gradients(network, acc, parameters)
+                if setup.max_grad_norm:
+                    acc.clip_grad_norm_(parameters, setup.max_grad_norm)
+            setup.optimizer.step()
+            setup.lr_scheduler.step()
+            setup.optimizer.zero_grad(set_to_none=True)
     return loss
 
 
