@@ -23,7 +23,7 @@ CARD_PRESETS = sorted(PRESETS.glob("*gb.toml"))
 
 def test_every_card_tier_has_a_preset():
     names = {p.stem for p in CARD_PRESETS}
-    assert {"sd15-6gb", "sd15-8gb", "sd15-12gb", "sd2-8gb", "sdxl-8gb", "sdxl-12gb"} <= names
+    assert {"sd15-6gb", "sd15-8gb", "sd15-12gb", "sd2-8gb", "sdxl-6gb", "sdxl-8gb", "sdxl-12gb"} <= names
 
 
 @pytest.mark.parametrize("preset", CARD_PRESETS, ids=lambda p: p.stem)
@@ -40,7 +40,8 @@ def test_preset_trains_on_the_tiny_model_with_its_own_settings(preset, request, 
                             "--max_train_epochs", "1", "--max_data_loader_n_workers", "0"])
     for name in ("network_dim", "network_alpha", "optimizer_type", "gradient_checkpointing", "cache_latents",
                  "cache_text_encoder_outputs", "network_train_unet_only", "train_batch_size", "mixed_precision",
-                 "no_half_vae", "sdpa", "xformers", "save_precision", "lr_scheduler", "v2", "v_parameterization"):
+                 "no_half_vae", "sdpa", "xformers", "save_precision", "lr_scheduler", "v2", "v_parameterization",
+                 "fp8_base", "fp8_base_unet"):
         assert getattr(cfg, name) == getattr(shipped, name), name  # the tier's settings are untouched
     recorder = RecordingListener()
     final = run_training(cfg, listeners=[recorder])

@@ -96,5 +96,6 @@ def test_sdxl_steps_cache_the_text_encoders_then_shrink_the_pictures():
 
 def test_lower_tier_steps_down_from_the_preset_in_use_or_fits_the_card():
     assert "presets/sd15-6gb.toml" in lower_tier(cfg(config_file="presets/sd15-8gb.toml"), "sd1", None)
-    assert lower_tier(cfg(config_file="presets/sdxl-8gb.toml"), "sdxl", None) is None  # already the lowest
+    assert "presets/sdxl-6gb.toml" in lower_tier(cfg(config_file="presets/sdxl-8gb.toml"), "sdxl", None)
+    assert lower_tier(cfg(config_file="presets/sdxl-6gb.toml"), "sdxl", None) is None  # already the lowest
     assert "presets/sd15-12gb.toml" in lower_tier(cfg(), "sd1", 11.9)
