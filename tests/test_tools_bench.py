@@ -40,6 +40,9 @@ def fast_copy(preset: Path, folder: Path) -> Path:
 
 
 def test_cpu_bench_runs_real_steps_of_a_preset_and_writes_json(tmp_path, capsys, one_thread):
+    from trainer.console import setup_logging
+
+    setup_logging()  # as `python -m trainer bench` does: run alone, the test would see no log output at all
     preset = fast_copy(PRESETS / "sd15-6gb.toml", tmp_path)
     out = tmp_path / "結果 bench.json"
     code = bench.main(["--config", str(preset), "--family", "tiny-sd1", "--steps", "3", "--vram_limit", "6GB",
