@@ -47,6 +47,10 @@ EVERYTHING = (("--train_batch_size", "1", "--gradient_accumulation_steps", "2", 
                "--min_bucket_reso", "64", "--max_bucket_reso", "256", "--resolution", "128",
                "--cache_latents", "--noise_offset", "0.05", "--max_train_steps", "11"), 4)
 
+# random crops, flips and colour changes drawn per picture, read by a worker process
+AUGMENTED = (("--train_batch_size", "2", "--max_train_steps", "5", "--random_crop", "--flip_aug", "--color_aug",
+              "--shuffle_caption", "--resolution", "48", "--max_data_loader_n_workers", "1"), 2)
+
 
 def run_args(model: Path, data: tuple[Path, Path], out: Path, features: tuple, *extra: str) -> list[str]:
     train, reg = data
@@ -73,10 +77,10 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
     return make_data(tmp_path_factory.mktemp("data") / "データ")
 
 
-@pytest.fixture(scope="module", params=["plain", "everything"])
+@pytest.fixture(scope="module", params=["plain", "everything", "augmented"])
 def reference(request, tiny_sd1_dir, data, tmp_path_factory):
     """The uninterrupted run, with a state folder after every step (saving one draws no random number)."""
-    features = PLAIN if request.param == "plain" else EVERYTHING
+    features = {"plain": PLAIN, "everything": EVERYTHING, "augmented": AUGMENTED}[request.param]
     out = tmp_path_factory.mktemp(f"ref-{request.param}")
     assert main(run_args(tiny_sd1_dir, data, out, features, "--save_state", "--save_every_n_steps", "1")) == 0
     per_epoch = features[1]
