@@ -205,7 +205,7 @@ class Sampler:
                 module.eval()
             for module, _ in parked:
                 module.to(self.device)
-            with phase("sample"), torch.no_grad(), self.autocast(), _quiet_deprecations(), self.eval_mode():
+            with phase("sample"), torch.no_grad(), self.autocast(), quiet_deprecations(), self.eval_mode():
                 for index, prompt in enumerate(self.prompts):
                     self._one(prompt, label, index)
         finally:
@@ -231,24 +231,30 @@ class Sampler:
         self.on_image(path, prompt.prompt)
 
     def _pipeline(self, sampler: str):
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        return build_pipeline(self.models, sampler)
 
-        m = self.models
-        scheduler = make_scheduler(sampler, m.noise_scheduler, m.v_parameterization)
-        if m.family == "sdxl":
-            pipe = StableDiffusionXLPipeline(vae=m.vae, text_encoder=m.text_encoders[0],
-                                             text_encoder_2=m.text_encoders[1], tokenizer=m.tokenizers[0],
-                                             tokenizer_2=m.tokenizers[1], unet=m.unet, scheduler=scheduler)
-        else:
-            pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0],
-                                           unet=m.unet, scheduler=scheduler, safety_checker=None,
-                                           feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+
+def build_pipeline(models, sampler: str):
+    """A diffusers text-to-image pipeline on the loaded models (the LoRA, if attached, stays active), with
+    sd-scripts' sampler names; also what `regimages` draws with."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    m = models
+    scheduler = make_scheduler(sampler, m.noise_scheduler, m.v_parameterization)
+    if m.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=m.vae, text_encoder=m.text_encoders[0],
+                                         text_encoder_2=m.text_encoders[1], tokenizer=m.tokenizers[0],
+                                         tokenizer_2=m.tokenizers[1], unet=m.unet, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0],
+                                       unet=m.unet, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @contextlib.contextmanager
-def _quiet_deprecations():
+def quiet_deprecations():
     """diffusers' config deprecation notes (steps_offset, clip_sample) say nothing a trainer user can act on."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
