@@ -28,6 +28,7 @@ from trainer.errors import UserError
 from trainer.files import atomic_write_text
 from trainer.gui import form
 from trainer.gui.runner import RunStatus, TrainingRun, status_markdown
+from trainer.gui.tools import tools_tab
 from trainer.tools.doctor import check_vram
 from trainer.tools.preflight import CheckReport, check_config
 
@@ -438,6 +439,8 @@ def build_app(presets_dir: Path | None = None, configs_dir: Path | None = None, 
                 ui = settings_tab(gr, fields, shown, choices, source, trigger, add, prompts_of(fields, shown, cwd))
             with gr.Tab("Training", id="training"):
                 progress = training_tab(gr)
+            with gr.Tab("Tools", id="tools"):
+                tools_tab(gr, cwd)
         wire_events(gr, app, tabs, ui, progress, fields=fields, slot=slot, presets_dir=presets_dir,
                     configs_dir=configs_dir, cwd=cwd)
     return app

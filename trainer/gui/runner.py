@@ -96,7 +96,7 @@ class TrainingRun:
             log.write(f"$ {subprocess.list2cmdline(command)}\n")
             log.flush()
             self.process = subprocess.Popen(command, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, env=_child_env(), **_new_process_group())
+                                            stderr=subprocess.STDOUT, env=child_env(), **_new_process_group())
         self._started = time.time()
 
     def stop(self) -> None:
@@ -312,7 +312,7 @@ def _output_files(config: Path, extra_args: list[str], cwd: Path) -> tuple[Path,
     return folder_path / f"{name}.events.jsonl", folder_path / f"{name}.gui.log"
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     """UTF-8 everywhere (Japanese paths in messages on a cp932 Windows), unbuffered output so the log is
     live, and this checkout's `trainer` package first on the path."""
     env = dict(os.environ)

@@ -1,0 +1,124 @@
+"""The page's "Tools" tab: each command-line tool as a small form whose button runs
+`python -m trainer <command> ARGS` in a subprocess, exactly as typed in a console, and shows its output.
+
+A tool is a row of `TOOLS`: its command, what it is for, and its fields (the command's own option names, so
+the page teaches the console spelling). Adding a tool to the page is adding a row; the command itself is
+tested on its own (tests/test_tools_*.py), and this module only turns fields into arguments and runs them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from trainer.files import strip_path
+from trainer.gui.runner import child_env
+
+OUTPUT_LINES = 200  # the page shows the newest lines of a tool's output
+
+
+@dataclass(frozen=True)
+class ToolField:
+    option: str              # the command's option, without "--"; "" for the positional argument
+    label: str
+    kind: str = "text"       # "text" | "path" | "number" | "check" (the box is text for all but "check")
+    default: Any = None
+    info: str = ""
+    repeated: bool = False   # several values, separated by spaces in the box (nargs="+", e.g. --models)
+
+
+@dataclass(frozen=True)
+class Tool:
+    command: str
+    title: str
+    what: str
+    fields: tuple[ToolField, ...] = field(default_factory=tuple)
+
+
+TOOLS: tuple[Tool, ...] = (
+    Tool("doctor", "Check the set-up and a config", "Python, torch, the GPU and packages; with a config, also its "
+         "model, folders, captions and whether it fits the card.", (
+             ToolField("config", "Training config (TOML)", "path", info="e.g. configs/my.toml; empty: only the "
+                       "installation"),)),
+    Tool("regimages", "Regularisation pictures", "Class pictures drawn by your base model into an N_class folder "
+         "for --reg_data_dir (run again to resume or add more).", (
+             ToolField("model", "Base model", "path", info="the model you train on"),
+             ToolField("class", "Class", info='e.g. "woman", "dog"'),
+             ToolField("count", "Pictures", "number", 200),
+             ToolField("out", "Reg folder (the parent)", "path", info="N_class is made inside"),
+             ToolField("prompt", "Prompt (optional)", info='default "a photo of a CLASS"; sd-scripts options '
+                       "--n --s --l --w --h"),
+             ToolField("config", "or: training config", "path", info="takes model, resolution, reg_data_dir"))),
+    Tool("merge", "Merge LoRAs into a model", "Bake LoRA files into a base model: one checkpoint A1111 loads.", (
+        ToolField("model", "Base model", "path"),
+        ToolField("lora", "LoRA file[:strength]", "path", info="e.g. output/mychar.safetensors:0.8"),
+        ToolField("output", "Save to", "path", info="merged.safetensors"),
+        ToolField("overwrite", "Replace an existing file", "check", False))),
+)
+
+
+def tool_argv(tool: Tool, values: Sequence[Any]) -> list[str]:
+    """The command line a form's values make: empty boxes are left out (the command's default applies),
+    a ticked box is its flag, a path pasted with quotes ("Copy as path") loses them."""
+    argv: list[str] = []
+    for spec, value in zip(tool.fields, values):
+        if spec.kind == "check":
+            argv += [f"--{spec.option}"] if value else []
+            continue
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        if spec.kind == "number" and not isinstance(value, str):
+            text = [f"{float(value):g}"]
+        elif spec.repeated:
+            text = str(value).split()
+        else:
+            text = [strip_path(str(value)) if spec.kind == "path" else str(value).strip()]
+        argv += ([f"--{spec.option}"] if spec.option else []) + text
+    return argv
+
+
+def run_tool(tool: Tool, values: Sequence[Any], cwd: Path, python: str = sys.executable) -> Iterator[str]:
+    """Run the tool, yielding its output so far (the newest OUTPUT_LINES lines) as it comes, then the exit."""
+    command = [python, "-m", "trainer", tool.command, *tool_argv(tool, values)]
+    shown = [f"> python -m trainer {tool.command} " + " ".join(_quoted(a) for a in command[4:])]
+    with subprocess.Popen(command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, env=child_env(), text=True, encoding="utf-8",
+                          errors="replace") as process:
+        for line in process.stdout:
+            shown = (shown + [line.rstrip("\n")])[-OUTPUT_LINES:]
+            yield "\n".join(shown)
+    verdict = "done" if process.returncode == 0 else f"stopped with exit code {process.returncode}"
+    yield "\n".join(shown + [f"[{verdict}]"])
+
+
+def _quoted(arg: str) -> str:
+    return f'"{arg}"' if not arg or any(c in arg for c in " '\t") else arg
+
+
+def tools_tab(gr: Any, cwd: Path) -> None:
+    """One accordion per tool: its fields, a Run button and the output."""
+    for tool in TOOLS:
+        with gr.Accordion(tool.title, open=False):
+            gr.Markdown(f"{tool.what} (`python -m trainer {tool.command}`)")
+            inputs = [_component(gr, spec) for spec in tool.fields]
+            run = gr.Button(f"Run {tool.command}")
+            output = gr.Textbox(label="output", lines=8, max_lines=30, autoscroll=True, interactive=False)
+            run.click(_runner(tool, cwd), inputs=inputs, outputs=output)
+
+
+def _runner(tool: Tool, cwd: Path):
+    def run(*values):  # a generator: gradio streams each yielded text into the output box
+        yield from run_tool(tool, values, cwd)
+    return run
+
+
+def _component(gr: Any, spec: ToolField) -> Any:
+    label = f"{spec.label} (--{spec.option})" if spec.option else spec.label
+    if spec.kind == "check":
+        return gr.Checkbox(label=label, value=bool(spec.default), info=spec.info or None)
+    # numbers too are text boxes (as on the Settings tab): an emptied box means "the command's default";
+    # a typo is answered by the command's own message
+    return gr.Textbox(label=label, value="" if spec.default is None else str(spec.default), info=spec.info or None,
+                      lines=1)
