@@ -23,6 +23,15 @@ def press_ctrl_c() -> None:
     time.sleep(0.01)
 
 
+@pytest.fixture(autouse=True)
+def python_default_sigint():
+    """Python's own Ctrl-C behaviour, whatever this process inherited: a shell's background job starts with
+    SIGINT ignored, and Python then never installs its KeyboardInterrupt handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture
 def installed():
     assert interrupts.install()
