@@ -11,7 +11,7 @@ import pytest
 
 from trainer.gui import runner as R
 from trainer.gui.form import PRESETS_DIR, load_values, write_config
-from trainer.gui.runner import RunStatus, TrainingRun, status_markdown
+from trainer.gui.runner import GRID_CAPTION, RunStatus, TrainingRun, status_markdown
 
 
 def line(kind: str, **data) -> bytes:
@@ -89,11 +89,13 @@ def test_poll_reads_only_new_complete_lines_of_this_run(tmp_path, fake_popen):
     assert status.saved == ["out put/キャラ-000001.safetensors"]
 
     with open(events, "ab") as f:
+        f.write(line("sample_grid", path="out put/キャラ_samples_grid.png"))
         f.write(line("finished", path="out put/キャラ.safetensors", steps=100, seconds=75.0))
     process.code = 0
     status = run.poll()
     assert (status.state, status.output, status.step) == ("finished", "out put/キャラ.safetensors", 100)
     assert status.eta_s is None
+    assert status.samples[-1] == ("out put/キャラ_samples_grid.png", GRID_CAPTION)  # the gallery shows it first
     assert "✅" in status_markdown(status) and "1:15" in status_markdown(status)
     assert not run.running
     # Where the files are, as a full path: the trainer's "out put/..." is relative to the folder it ran in.

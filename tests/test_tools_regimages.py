@@ -40,7 +40,7 @@ def test_a_second_run_adds_only_what_is_missing_and_draws_the_same_pictures(tmp_
 
 def test_a_full_folder_loads_no_model(tmp_path, monkeypatch, capsys):
     assert main(["regimages", *FAST, "--class", "shape", "--count", "1", "--out", str(tmp_path)]) == 0
-    monkeypatch.setattr(regimages, "load_models", lambda *a, **k: pytest.fail("nothing to draw"))
+    monkeypatch.setattr(regimages, "load_for_drawing", lambda *a, **k: pytest.fail("nothing to draw"))
     assert main(["regimages", *FAST, "--class", "shape", "--count", "1", "--out", str(tmp_path)]) == 0
     assert "nothing to do" in capsys.readouterr().out
 

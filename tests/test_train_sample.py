@@ -83,6 +83,8 @@ def test_training_writes_sample_images_without_changing_the_result(tiny_sd1_dir,
     images = sorted((tmp_path / "sampled" / "sample").glob("*.png"))
     assert [p.name.split("_")[1] for p in images] == ["000000", "000002", "000004"]
     assert Image.open(images[0]).size == (64, 64)
+    grid = Image.open(tmp_path / "sampled" / "x_samples_grid.png")  # 3 rows (steps 0, 2, 4) of one prompt
+    assert grid.height > 3 * 64 and grid.width > 64
     from safetensors.torch import load_file
 
     plain = load_file(tmp_path / "plain" / "last.safetensors")

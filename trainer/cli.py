@@ -17,6 +17,7 @@ commands:
   demo     train the built-in demo (tiny model, generated images) to check that everything works
   merge    merge LoRA files into a base model and save one .safetensors checkpoint (A1111 layout)
   regimages  draw regularisation pictures of a class with your base model into an N_class folder (--class, --count)
+  compare  a run's epoch files (or any LoRAs) side by side in one labelled grid: rows files x strengths, columns prompts
   bench    speed and peak VRAM of a preset on its full-size model with random weights (--estimate: no run)
   setup    install torch and the requirements for this machine (run by setup.ps1 / setup.sh)
   doctor   check the environment (Python, torch, GPU, packages) and say what to fix
@@ -89,6 +90,14 @@ def cmd_regimages(argv: list[str]) -> int:
     return regimages.main(argv)
 
 
+def cmd_compare(argv: list[str]) -> int:
+    setup_logging()
+    quiet_libraries()
+    from trainer.tools import compare  # lazy: see cmd_train
+
+    return compare.main(argv)
+
+
 def cmd_bench(argv: list[str]) -> int:
     setup_logging()
     from trainer.tools import bench  # lazy: see cmd_train
@@ -116,5 +125,5 @@ def cmd_args(argv: list[str]) -> int:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train, "gui": cmd_gui, "demo": cmd_demo, "merge": cmd_merge, "regimages": cmd_regimages,
-    "bench": cmd_bench,
+    "compare": cmd_compare, "bench": cmd_bench,
     "setup": cmd_setup, "doctor": cmd_doctor, "args": cmd_args}

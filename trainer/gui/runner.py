@@ -31,6 +31,7 @@ STATES = ("idle", "running", "finished", "failed", "interrupted")
 MAX_WARNINGS = 20
 LOG_TAIL_LINES = 30
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+GRID_CAPTION = "all samples side by side: a row per epoch (or step), a column per prompt: pick the best epoch"
 _MARKS = {"finished": "✅", "interrupted": "⏹"}
 
 
@@ -191,6 +192,8 @@ def fold_event(s: RunStatus, event: dict[str, Any]) -> None:
         s.eta_s = remaining / s.it_per_s if s.it_per_s and s.total else None
     elif kind == "sample":
         s.samples.append((str(event.get("path")), str(event.get("prompt", ""))))
+    elif kind == "sample_grid":  # shown first in the gallery, as the newest picture
+        s.samples.append((str(event.get("path")), GRID_CAPTION))
     elif kind == "saved":
         s.saved.append(str(event.get("path")))
     elif kind == "warning":

@@ -51,6 +51,15 @@ TOOLS: tuple[Tool, ...] = (
              ToolField("prompt", "Prompt (optional)", info='default "a photo of a CLASS"; sd-scripts options '
                        "--n --s --l --w --h"),
              ToolField("config", "or: training config", "path", info="takes model, resolution, reg_data_dir"))),
+    Tool("compare", "Compare epochs and strengths", "A run's epoch files (or any LoRAs) in one labelled grid: a "
+         "row per file and strength, a column per prompt, the same seeds in every row: pick the best by eye.", (
+             ToolField("model", "Base model", "path", info="the model the LoRAs were trained on"),
+             ToolField("loras", "LoRA file or folder", "path", info="a run's output folder: every epoch file"),
+             ToolField("prompts", "Prompt file", "path", info="sd-scripts' format, e.g. your sample prompts"),
+             ToolField("prompt", "or: one prompt", info="sd-scripts options --n --s --l --w --h --d"),
+             ToolField("strengths", "Strengths", default="1.0", info='e.g. "0.4,0.6,0.8,1.0" as <lora:name:w>'),
+             ToolField("out", "Save the grid to (optional)", "path", info="default: compare_grid.png beside the "
+                       "LoRAs"))),
     Tool("merge", "Merge LoRAs into a model", "Bake LoRA files into a base model: one checkpoint A1111 loads.", (
         ToolField("model", "Base model", "path"),
         ToolField("lora", "LoRA file[:strength]", "path", info="e.g. output/mychar.safetensors:0.8"),

@@ -131,6 +131,28 @@ def load_models(name_or_path: str, *, v2: bool = False, v_parameterization: bool
                         source_file=parts.get("source_file"))
 
 
+def load_for_drawing(name_or_path: str, *, v2: bool = False, sdxl: bool = False, v_parameterization: bool = False,
+                     vae: str | None = None):
+    """The base model ready to draw pictures with (regimages, compare): on the GPU in fp16 when there is one
+    (SDXL's VAE stays fp32: it overflows in fp16), else on the CPU in fp32, in eval mode. The family and a
+    single file's v-prediction marker are read from the weights, so the flags are needed only where the
+    weights cannot say (an SD 2 768-v diffusers folder). Returns (LoadedModels, device)."""
+    import torch
+
+    family = detect_model_family(name_or_path)
+    path = Path(_strip_quotes(str(name_or_path))).expanduser()
+    marked = path.suffix.lower() == ".safetensors" and "v_pred" in prediction_markers(read_checkpoint_shapes(path))
+    cuda = torch.cuda.is_available()
+    dtype = torch.float16 if cuda else torch.float32
+    models = load_models(name_or_path, v2=v2 or family == "sd2", sdxl=sdxl or family == "sdxl",
+                         v_parameterization=v_parameterization or marked, vae=vae, dtype=dtype,
+                         vae_dtype=torch.float32 if family == "sdxl" else dtype)
+    device = torch.device("cuda" if cuda else "cpu")
+    for part in (models.unet, models.vae, *models.text_encoders):
+        part.to(device).eval()
+    return models, device
+
+
 def training_scheduler(v_parameterization: bool):
     """The DDPM schedule sd-scripts trains every family with, for epsilon or v-prediction."""
     from diffusers import DDPMScheduler

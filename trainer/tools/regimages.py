@@ -24,9 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from trainer.config.args import check_toml_values, parse_resolution, read_config_file
 from trainer.errors import ConfigError
 from trainer.files import atomic_path, atomic_write_text
-from trainer.models.checkpoint import prediction_markers, read_checkpoint_shapes
-from trainer.models.load import detect_model_family, load_models
-from trainer.train.sample import SamplePrompt, build_pipeline, parse_prompt_line, quiet_deprecations
+from trainer.models.load import load_for_drawing
+from trainer.train.sample import SamplePrompt, build_pipeline, draw_picture, parse_prompt_line, quiet_deprecations
 
 log = logging.getLogger(__name__)
 
@@ -116,28 +115,14 @@ def main(argv: list[str]) -> int:
     if not todo:
         print(f"{plan.folder}: all {plan.count} pictures are there already; nothing to do.")
         return 0
-    models, device = _load(plan)
+    models, device = load_for_drawing(plan.model, v2=plan.v2, sdxl=plan.sdxl,
+                                      v_parameterization=plan.v_parameterization)
     prompt = _prompt(plan, models.family)
     print(f"drawing {len(todo)} of {plan.count} pictures ({plan.count - len(todo)} there already) at "
           f"{prompt.width}x{prompt.height}, {prompt.sample_steps} steps, into {plan.folder}")
     draw(plan, models, device, todo, prompt)
     print(f"done: {plan.folder} holds {plan.count} pictures; train with --reg_data_dir \"{plan.folder.parent}\"")
     return 0
-
-
-def _load(plan: RegPlan):
-    family = detect_model_family(plan.model)
-    path = Path(plan.model).expanduser()
-    marked = path.suffix.lower() == ".safetensors" and "v_pred" in prediction_markers(read_checkpoint_shapes(path))
-    cuda = torch.cuda.is_available()
-    dtype = torch.float16 if cuda else torch.float32
-    models = load_models(plan.model, v2=plan.v2 or family == "sd2", sdxl=plan.sdxl or family == "sdxl",
-                         v_parameterization=plan.v_parameterization or marked, dtype=dtype,
-                         vae_dtype=torch.float32 if family == "sdxl" else dtype)  # SDXL's VAE overflows in fp16
-    device = torch.device("cuda" if cuda else "cpu")
-    for part in (models.unet, models.vae, *models.text_encoders):
-        part.to(device).eval()
-    return models, device
 
 
 def _prompt(plan: RegPlan, family: str):
@@ -157,10 +142,7 @@ def draw(plan: RegPlan, models, device, todo: list[int], prompt) -> None:
     with Progress(*columns) as progress, torch.no_grad(), quiet_deprecations():
         task = progress.add_task("regimages", total=len(todo))
         for index in todo:
-            generator = torch.Generator(device="cpu").manual_seed(plan.seed + index)
-            image = pipe(prompt.prompt, negative_prompt=prompt.negative_prompt or None, width=prompt.width,
-                         height=prompt.height, num_inference_steps=prompt.sample_steps,
-                         guidance_scale=prompt.scale, generator=generator).images[0]
+            image = draw_picture(pipe, prompt, plan.seed + index)
             path = plan.folder / PICTURE.format(index)
             atomic_write_text(path.with_suffix(".txt"), plan.class_words)  # the caption first: a picture is complete
             with atomic_path(path) as temp:

@@ -104,6 +104,7 @@ def train(setup: TrainingSetup, reporter: Reporter, watch: SpillWatch = NO_WATCH
                       "Nothing trained yet, nothing saved.")
         raise
     final = setup.saver.final(step, epoch)
+    setup.sampler.at_end()
     reporter.emit("finished", path=str(final), steps=step, seconds=time.time() - meter.started)
     return final
 

@@ -21,6 +21,7 @@ import torch
 
 from trainer.errors import ConfigError, UserError
 from trainer.files import atomic_path
+from trainer.train.grid import training_grid
 from trainer.train.phases import phase
 
 log = logging.getLogger(__name__)
@@ -167,10 +168,11 @@ class Sampler:
 
     def __init__(self, prompts: list[SamplePrompt], schedule: SampleSchedule, *, output_dir: Path,
                  output_name: str | None, default_sampler: str, models, network, clip_skip: int | None,
-                 device, autocast, on_image, eval_mode=contextlib.nullcontext):
+                 device, autocast, on_image, on_grid=None, eval_mode=contextlib.nullcontext):
         self.prompts = prompts
         self.eval_mode = eval_mode  # schedule-free optimizers: sample with the averaged weights (train.optim)
         self.schedule = schedule
+        self.output_dir = output_dir
         self.folder = output_dir / "sample"
         self.output_name = output_name
         self.default_sampler = default_sampler
@@ -180,6 +182,7 @@ class Sampler:
         self.device = device
         self.autocast = autocast
         self.on_image = on_image
+        self.on_grid = on_grid
 
     def at_first(self) -> None:
         if self.schedule.at_first:
@@ -192,6 +195,14 @@ class Sampler:
     def at_epoch_end(self, epoch: int) -> None:
         if self.schedule.at_epoch_end(epoch):
             self.generate(f"e{epoch:06d}")
+
+    def at_end(self) -> None:
+        """The run's samples side by side (trainer.train.grid), to pick the best epoch by eye."""
+        path = training_grid(self.output_dir, self.output_name, self.prompts)
+        if path is not None:
+            log.info("sample grid (rows: when sampled, columns: prompts): %s", path)
+            if self.on_grid is not None:
+                self.on_grid(path)
 
     def generate(self, label: str) -> None:
         """One image per prompt; the RNG state and the modules' train/eval modes are put back afterwards."""
@@ -219,12 +230,8 @@ class Sampler:
 
     def _one(self, prompt: SamplePrompt, label: str, index: int) -> None:
         pipe = self._pipeline(prompt.sample_sampler or self.default_sampler)
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(prompt.seed if prompt.seed is not None else torch.seed())
-        extra = {"clip_skip": self.clip_skip - 1} if self.clip_skip and self.clip_skip > 1 else {}
-        image = pipe(prompt.prompt, negative_prompt=prompt.negative_prompt or None, width=prompt.width,
-                     height=prompt.height, num_inference_steps=prompt.sample_steps, guidance_scale=prompt.scale,
-                     generator=generator, **extra).images[0]
+        seed = prompt.seed if prompt.seed is not None else torch.seed()
+        image = draw_picture(pipe, prompt, seed, self.clip_skip)
         path = self.folder / sample_file_name(self.output_name, label, index, prompt.seed)
         with atomic_path(path) as temp:
             image.save(temp, format="PNG")
@@ -253,6 +260,16 @@ def build_pipeline(models, sampler: str):
     return pipe
 
 
+def draw_picture(pipe, prompt: SamplePrompt, seed: int, clip_skip: int | None = None):
+    """One picture of a prompt with its own CPU generator (the same seed draws the same noise on any device);
+    sd-scripts' --clip_skip 2 is diffusers' clip_skip=1 (layers skipped after the last)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    extra = {"clip_skip": clip_skip - 1} if clip_skip and clip_skip > 1 else {}
+    return pipe(prompt.prompt, negative_prompt=prompt.negative_prompt or None, width=prompt.width,
+                height=prompt.height, num_inference_steps=prompt.sample_steps, guidance_scale=prompt.scale,
+                generator=generator, **extra).images[0]
+
+
 @contextlib.contextmanager
 def quiet_deprecations():
     """diffusers' config deprecation notes (steps_offset, clip_sample) say nothing a trainer user can act on."""
@@ -269,6 +286,8 @@ class NoSampler:
     def at_step(self, step: int) -> None: ...
 
     def at_epoch_end(self, epoch: int) -> None: ...
+
+    def at_end(self) -> None: ...
 
 
 # ---- built from the config -----------------------------------------------------------------------------
@@ -302,4 +321,5 @@ def build_sampler(cfg: Any, prompts: list, models, network, accelerator, reporte
                    network=accelerator.unwrap_model(network), clip_skip=cfg.clip_skip,
                    device=accelerator.device, autocast=accelerator.autocast,
                    on_image=lambda path, prompt: reporter.emit("sample", path=str(path), prompt=prompt),
+                   on_grid=lambda path: reporter.emit("sample_grid", path=str(path)),
                    **({"eval_mode": eval_mode} if eval_mode else {}))
