@@ -16,6 +16,7 @@ commands:
   gui      open the trainer's page in the browser: presets, settings, start/stop, progress (--port, --no_browser)
   demo     train the built-in demo (tiny model, generated images) to check that everything works
   merge    merge LoRA files into a base model and save one .safetensors checkpoint (A1111 layout)
+  resize_lora  a LoRA at a lower rank by SVD (--model, --save_to, --new_rank; sd-scripts' resize_lora.py)
   regimages  draw regularisation pictures of a class with your base model into an N_class folder (--class, --count)
   bench    speed and peak VRAM of a preset on its full-size model with random weights (--estimate: no run)
   setup    install torch and the requirements for this machine (run by setup.ps1 / setup.sh)
@@ -89,6 +90,13 @@ def cmd_regimages(argv: list[str]) -> int:
     return regimages.main(argv)
 
 
+def cmd_resize_lora(argv: list[str]) -> int:
+    setup_logging()
+    from trainer.tools import resize_lora  # lazy: see cmd_train
+
+    return resize_lora.main(argv)
+
+
 def cmd_bench(argv: list[str]) -> int:
     setup_logging()
     from trainer.tools import bench  # lazy: see cmd_train
@@ -116,5 +124,5 @@ def cmd_args(argv: list[str]) -> int:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train, "gui": cmd_gui, "demo": cmd_demo, "merge": cmd_merge, "regimages": cmd_regimages,
-    "bench": cmd_bench,
+    "resize_lora": cmd_resize_lora, "bench": cmd_bench,
     "setup": cmd_setup, "doctor": cmd_doctor, "args": cmd_args}
