@@ -16,6 +16,7 @@ commands:
   gui      open the trainer's page in the browser: presets, settings, start/stop, progress (--port, --no_browser)
   demo     train the built-in demo (tiny model, generated images) to check that everything works
   merge    merge LoRA files into a base model and save one .safetensors checkpoint (A1111 layout)
+  merge_lora  several LoRA files into one LoRA (--models, --ratios, --save_to; --new_rank: SVD as svd_merge_lora.py)
   resize_lora  a LoRA at a lower rank by SVD (--model, --save_to, --new_rank; sd-scripts' resize_lora.py)
   regimages  draw regularisation pictures of a class with your base model into an N_class folder (--class, --count)
   bench    speed and peak VRAM of a preset on its full-size model with random weights (--estimate: no run)
@@ -90,6 +91,13 @@ def cmd_regimages(argv: list[str]) -> int:
     return regimages.main(argv)
 
 
+def cmd_merge_lora(argv: list[str]) -> int:
+    setup_logging()
+    from trainer.tools import merge_lora  # lazy: see cmd_train
+
+    return merge_lora.main(argv)
+
+
 def cmd_resize_lora(argv: list[str]) -> int:
     setup_logging()
     from trainer.tools import resize_lora  # lazy: see cmd_train
@@ -124,5 +132,5 @@ def cmd_args(argv: list[str]) -> int:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train, "gui": cmd_gui, "demo": cmd_demo, "merge": cmd_merge, "regimages": cmd_regimages,
-    "resize_lora": cmd_resize_lora, "bench": cmd_bench,
+    "merge_lora": cmd_merge_lora, "resize_lora": cmd_resize_lora, "bench": cmd_bench,
     "setup": cmd_setup, "doctor": cmd_doctor, "args": cmd_args}

@@ -4,15 +4,18 @@ an atomic save with sd-scripts' sshs hashes."""
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from trainer import __version__
 from trainer.errors import ConfigError, did_you_mean
 from trainer.files import atomic_path, strip_path
 from trainer.network.lora import read_weights_file
-from trainer.network.metadata import sshs_hashes
+from trainer.network.metadata import base_model_version, modelspec_metadata, sshs_hashes
 
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 SAVE_PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -133,3 +136,33 @@ def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, 
     text["sshs_model_hash"], text["sshs_legacy_hash"] = sshs_hashes(state, text)
     with atomic_path(path) as temp:
         save_file(state, str(temp), metadata=text)
+
+
+def family_of(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, bool]:
+    """(sd1 | sd2 | sdxl, v-prediction) of a LoRA from its ss_base_model_version, else from its key names."""
+    version = metadata.get("ss_base_model_version", "")
+    if version.startswith("sdxl") or any(k.startswith(("lora_te1_", "lora_te2_")) for k in tensors):
+        return "sdxl", False
+    if version.startswith("sd_v2") or metadata.get("ss_v2") == "True":
+        return "sd2", version.endswith("_v")
+    return "sd1", version.endswith("_v")
+
+
+def rank_text(values: list[float | int]) -> str:
+    """ss_network_dim / ss_network_alpha of several modules: the one value they share, else "Dynamic"."""
+    return str(values[0]) if values and len(set(values)) == 1 else "Dynamic"
+
+
+def network_metadata(*, family: str, v_parameterization: bool, title: str, dim: str, alpha: str,
+                     network_args: dict | None, merged_from: str | None = None) -> dict[str, str]:
+    """sd-scripts' minimum network metadata (build_minimum_network_metadata) plus the modelspec keys its tools
+    add to a LoRA they make."""
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": alpha,
+            "ss_v2": str(family == "sd2"), "ss_base_model_version": base_model_version(family, v_parameterization)}
+    if network_args:
+        meta["ss_network_args"] = json.dumps(network_args)
+    meta.update(modelspec_metadata(family=family, v_parameterization=v_parameterization, title=title,
+                                   resolution=None, timestamp=time.time(), clip_skip=None, min_timestep=None,
+                                   max_timestep=None, merged_from=merged_from,
+                                   implementation_version=f"trainer/{__version__}"))
+    return meta
