@@ -16,6 +16,7 @@ commands:
   gui      open the trainer's page in the browser: presets, settings, start/stop, progress (--port, --no_browser)
   demo     train the built-in demo (tiny model, generated images) to check that everything works
   merge    merge LoRA files into a base model and save one .safetensors checkpoint (A1111 layout)
+  extract_lora  the difference of a fine-tuned and its original model as a LoRA (--model_org, --model_tuned)
   merge_lora  several LoRA files into one LoRA (--models, --ratios, --save_to; --new_rank: SVD as svd_merge_lora.py)
   resize_lora  a LoRA at a lower rank by SVD (--model, --save_to, --new_rank; sd-scripts' resize_lora.py)
   regimages  draw regularisation pictures of a class with your base model into an N_class folder (--class, --count)
@@ -91,6 +92,14 @@ def cmd_regimages(argv: list[str]) -> int:
     return regimages.main(argv)
 
 
+def cmd_extract_lora(argv: list[str]) -> int:
+    setup_logging()
+    quiet_libraries()
+    from trainer.tools import extract_lora  # lazy: see cmd_train
+
+    return extract_lora.main(argv)
+
+
 def cmd_merge_lora(argv: list[str]) -> int:
     setup_logging()
     from trainer.tools import merge_lora  # lazy: see cmd_train
@@ -132,5 +141,5 @@ def cmd_args(argv: list[str]) -> int:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train, "gui": cmd_gui, "demo": cmd_demo, "merge": cmd_merge, "regimages": cmd_regimages,
-    "merge_lora": cmd_merge_lora, "resize_lora": cmd_resize_lora, "bench": cmd_bench,
+    "extract_lora": cmd_extract_lora, "merge_lora": cmd_merge_lora, "resize_lora": cmd_resize_lora, "bench": cmd_bench,
     "setup": cmd_setup, "doctor": cmd_doctor, "args": cmd_args}
