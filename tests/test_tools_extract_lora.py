@@ -136,3 +136,32 @@ def test_identical_models_and_missing_paths_are_clear_errors(planted, tmp_path):
         main(["--model_org", str(org), "--model_tuned", str(tmp_path / "nope.safetensors"),
               "--save_to", str(tmp_path / "o.safetensors")])
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_sdxl_is_recognised_and_named_as_sd_scripts_names_it(tiny_sdxl_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    tuned = tmp_path / "tuned sdxl"
+    shutil.copytree(tiny_sdxl_dir, tuned)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir / "unet")
+    te2 = CLIPTextModelWithProjection.from_pretrained(tiny_sdxl_dir / "text_encoder_2")
+    to_v = unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v")
+    q_proj = next(m for p, m in te2.named_modules() if p.endswith("encoder.layers.0.self_attn.q_proj"))
+    changes = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_v": rank2_change(to_v.weight.shape, 1),
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": rank2_change(q_proj.weight.shape, 2)}
+    with torch.no_grad():
+        to_v.weight += changes["lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_v"]
+        q_proj.weight += changes["lora_te2_text_model_encoder_layers_0_self_attn_q_proj"]
+    unet.save_pretrained(tuned / "unet")
+    te2.save_pretrained(tuned / "text_encoder_2")
+    out = tmp_path / "sdxl.safetensors"
+    main(["--model_org", str(tiny_sdxl_dir), "--model_tuned", str(tuned), "--save_to", str(out), "--dim", "2",
+          "--clamp_quantile", "1"])
+    extracted = deltas(out)
+    assert extracted.keys() == changes.keys()  # text encoder 1 did not change: none of its layers is kept
+    for name, change in changes.items():
+        torch.testing.assert_close(extracted[name], change, rtol=0, atol=1e-4, msg=name)
+    meta = read_lora(out)[1]
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
