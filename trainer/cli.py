@@ -3,6 +3,7 @@ that need them, so `setup` and `doctor` work before torch is installed."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Callable, Sequence
 
@@ -16,6 +17,9 @@ commands:
   gui      open the trainer's page in the browser: presets, settings, start/stop, progress (--port, --no_browser)
   demo     train the built-in demo (tiny model, generated images) to check that everything works
   merge    merge LoRA files into a base model and save one .safetensors checkpoint (A1111 layout)
+  extract_lora  the difference of a fine-tuned and its original model as a LoRA (--model_org, --model_tuned)
+  merge_lora  several LoRA files into one LoRA (--models, --ratios, --save_to; --new_rank: SVD as svd_merge_lora.py)
+  resize_lora  a LoRA at a lower rank by SVD (--model, --save_to, --new_rank; sd-scripts' resize_lora.py)
   regimages  draw regularisation pictures of a class with your base model into an N_class folder (--class, --count)
   compare  a run's epoch files (or any LoRAs) side by side in one labelled grid: rows files x strengths, columns prompts
   bench    speed and peak VRAM of a preset on its full-size model with random weights (--estimate: no run)
@@ -75,34 +79,15 @@ def cmd_demo(argv: list[str]) -> int:
     return cmd_train(["--config_file", str(DEMO_PRESET), *argv])
 
 
-def cmd_merge(argv: list[str]) -> int:
-    setup_logging()
-    from trainer.tools import merge  # lazy: see cmd_train
-
-    return merge.main(argv)
-
-
-def cmd_regimages(argv: list[str]) -> int:
-    setup_logging()
-    quiet_libraries()
-    from trainer.tools import regimages  # lazy: see cmd_train
-
-    return regimages.main(argv)
-
-
-def cmd_compare(argv: list[str]) -> int:
-    setup_logging()
-    quiet_libraries()
-    from trainer.tools import compare  # lazy: see cmd_train
-
-    return compare.main(argv)
-
-
-def cmd_bench(argv: list[str]) -> int:
-    setup_logging()
-    from trainer.tools import bench  # lazy: see cmd_train
-
-    return bench.main(argv)
+def tool_command(module: str, *, loads_models: bool = False) -> Callable[[list[str]], int]:
+    """A command whose work is `trainer.tools.<module>.main(argv)`, imported only when it runs (see cmd_train).
+    `loads_models`: quiet diffusers' and transformers' own progress bars, which would garble ours."""
+    def run(argv: list[str]) -> int:
+        setup_logging()
+        if loads_models:
+            quiet_libraries()
+        return importlib.import_module(f"trainer.tools.{module}").main(argv)
+    return run
 
 
 def cmd_setup(argv: list[str]) -> int:
@@ -124,6 +109,17 @@ def cmd_args(argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "train": cmd_train, "gui": cmd_gui, "demo": cmd_demo, "merge": cmd_merge, "regimages": cmd_regimages,
-    "compare": cmd_compare, "bench": cmd_bench,
-    "setup": cmd_setup, "doctor": cmd_doctor, "args": cmd_args}
+    "train": cmd_train,
+    "gui": cmd_gui,
+    "demo": cmd_demo,
+    "merge": tool_command("merge"),
+    "extract_lora": tool_command("extract_lora", loads_models=True),
+    "merge_lora": tool_command("merge_lora"),
+    "resize_lora": tool_command("resize_lora"),
+    "regimages": tool_command("regimages", loads_models=True),
+    "compare": tool_command("compare", loads_models=True),
+    "bench": tool_command("bench"),
+    "setup": cmd_setup,
+    "doctor": cmd_doctor,
+    "args": cmd_args,
+}
