@@ -60,6 +60,31 @@ TOOLS: tuple[Tool, ...] = (
              ToolField("strengths", "Strengths", default="1.0", info='e.g. "0.4,0.6,0.8,1.0" as <lora:name:w>'),
              ToolField("out", "Save the grid to (optional)", "path", info="default: compare_grid.png beside the "
                        "LoRAs"))),
+    Tool("resize_lora", "Resize a LoRA", "The same LoRA at a lower rank (a smaller file) by SVD; --dynamic_method "
+         "picks each layer's rank from how much it keeps.", (
+             ToolField("model", "LoRA file", "path"),
+             ToolField("save_to", "Save to", "path", info="e.g. output/mychar-r8.safetensors"),
+             ToolField("new_rank", "New rank", "number", 8),
+             ToolField("dynamic_method", "Dynamic method (optional)", info="sv_ratio, sv_fro or sv_cumulative"),
+             ToolField("dynamic_param", "Dynamic parameter", "number", info="e.g. 0.9 for sv_fro"),
+             ToolField("save_precision", "Save precision", default="fp16", info="float, fp16 or bf16"),
+             ToolField("verbose", "Show what each layer keeps", "check", False),
+             ToolField("overwrite", "Replace an existing file", "check", False))),
+    Tool("merge_lora", "Merge LoRAs into one LoRA", "Two LoRAs (each with its strength) into one LoRA file: exact "
+         "by concatenated ranks, or cut to a rank by SVD.", (
+             ToolField("lora", "First LoRA file[:strength]", "path", info="e.g. output/style.safetensors:0.7"),
+             ToolField("lora", "Second LoRA file[:strength]", "path"),
+             ToolField("save_to", "Save to", "path"),
+             ToolField("new_rank", "New rank (optional)", "number", info="empty: concatenate (exact)"),
+             ToolField("overwrite", "Replace an existing file", "check", False))),
+    Tool("extract_lora", "Extract a LoRA from a fine-tuned model", "The difference between a fine-tuned checkpoint "
+         "and the model it was trained from, as a LoRA.", (
+             ToolField("model_org", "Original model", "path"),
+             ToolField("model_tuned", "Fine-tuned model", "path"),
+             ToolField("save_to", "Save to", "path"),
+             ToolField("dim", "Rank", "number", 32),
+             ToolField("conv_dim", "Conv rank (optional)", "number", info="also the ResNet convs (LoCon)"),
+             ToolField("overwrite", "Replace an existing file", "check", False))),
     Tool("merge", "Merge LoRAs into a model", "Bake LoRA files into a base model: one checkpoint A1111 loads.", (
         ToolField("model", "Base model", "path"),
         ToolField("lora", "LoRA file[:strength]", "path", info="e.g. output/mychar.safetensors:0.8"),
