@@ -16,6 +16,8 @@ commands:
   gui      open the trainer's page in the browser: presets, settings, start/stop, progress (--port, --no_browser)
   demo     train the built-in demo (tiny model, generated images) to check that everything works
   merge    merge LoRA files into a base model and save one .safetensors checkpoint (A1111 layout)
+  check_lora  say whether ComfyUI, A1111/Forge and diffusers apply every key of a LoRA file, and check its tensors
+  show_metadata  print a .safetensors file's metadata (ss_*, modelspec.*), long values summarised (--full, --json)
   regimages  draw regularisation pictures of a class with your base model into an N_class folder (--class, --count)
   bench    speed and peak VRAM of a preset on its full-size model with random weights (--estimate: no run)
   setup    install torch and the requirements for this machine (run by setup.ps1 / setup.sh)
@@ -81,6 +83,20 @@ def cmd_merge(argv: list[str]) -> int:
     return merge.main(argv)
 
 
+def cmd_check_lora(argv: list[str]) -> int:
+    setup_logging()
+    quiet_libraries()
+    from trainer.tools import check_lora  # lazy: see cmd_train
+
+    return check_lora.main(argv)
+
+
+def cmd_show_metadata(argv: list[str]) -> int:
+    from trainer.tools import check_lora  # lazy: see cmd_train
+
+    return check_lora.show_metadata_main(argv)
+
+
 def cmd_regimages(argv: list[str]) -> int:
     setup_logging()
     quiet_libraries()
@@ -116,5 +132,6 @@ def cmd_args(argv: list[str]) -> int:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train, "gui": cmd_gui, "demo": cmd_demo, "merge": cmd_merge, "regimages": cmd_regimages,
+    "check_lora": cmd_check_lora, "show_metadata": cmd_show_metadata,
     "bench": cmd_bench,
     "setup": cmd_setup, "doctor": cmd_doctor, "args": cmd_args}
