@@ -51,6 +51,11 @@ TOOLS: tuple[Tool, ...] = (
              ToolField("prompt", "Prompt (optional)", info='default "a photo of a CLASS"; sd-scripts options '
                        "--n --s --l --w --h"),
              ToolField("config", "or: training config", "path", info="takes model, resolution, reg_data_dir"))),
+    Tool("check_lora", "Check a LoRA file", "Will ComfyUI, A1111/Forge and diffusers apply every key? Which "
+         "keys they ignore and why; NaN, all-zero and shape checks; rank/alpha summary.", (
+             ToolField("", "LoRA file", "path", info="e.g. output/mychar.safetensors"),
+             ToolField("base", "Base model (optional)", "path", info="also check shapes against its layers"),
+             ToolField("json", "As JSON", "check", False))),
     Tool("merge", "Merge LoRAs into a model", "Bake LoRA files into a base model: one checkpoint A1111 loads.", (
         ToolField("model", "Base model", "path"),
         ToolField("lora", "LoRA file[:strength]", "path", info="e.g. output/mychar.safetensors:0.8"),

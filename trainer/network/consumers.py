@@ -167,7 +167,7 @@ def layers_of_models(text_encoders: Sequence[nn.Module], unet: nn.Module, family
     return ModelLayers(family, unet_layers, text, kohya, int(config.layers_per_block), attention_up, name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def architecture_layers(architecture: str) -> ModelLayers:
     """The layers of a shipped architecture (sd15, sd2-512, sdxl, tiny-sd1...), built once per process on the
     meta device: no weights, a few seconds for SDXL."""
@@ -486,6 +486,8 @@ def a1111_verdict(by_name: Mapping[str, list[str]], model: ModelLayers) -> Verdi
                 reason = "A1111: SD2's text encoder answers only to lora_te_ (ComfyUI also takes lora_te1_)"
             verdict.ignored.update({f"{name}.{s}": reason for s in suffixes})
             continue
+        unread = [s for s in suffixes if s not in A1111_SUFFIXES]
+        verdict.ignored.update({f"{name}.{s}": f"A1111 does not read `.{s}` keys" for s in unread})
         if not any(s in A1111_SUFFIXES - {"alpha", "scale", "dora_scale"} for s in suffixes):
             verdict.fails = (f"{name}: A1111 finds no network type for keys {', '.join(suffixes)} and stops loading "
                              "the file (\"Could not find a module type\")")

@@ -65,8 +65,9 @@ class Report:
         return not self.problems and not self.ignored and all(v.fails is None for v in self.verdicts.values())
 
     def summary_lines(self) -> list[str]:
-        lines = [f"{self.path}: {self.family.upper()} LoRA (from {self.family_source}), checked against "
-                 f"{self.architecture}", *[f"  {n}" for n in self.notes]]
+        title = (f"{self.path}: {self.family.upper()} LoRA (from {self.family_source}), checked against "
+                 f"{self.architecture}")
+        lines = [title, *[f"  {n}" for n in self.notes]]
         for consumer in CONSUMERS:
             lines += _verdict_lines(self.verdicts[consumer])
         lines += [f"PROBLEM: {p}" for p in self.problems]
@@ -93,9 +94,8 @@ def _verdict_lines(verdict: Verdict) -> list[str]:
     for key, reason in verdict.ignored.items():
         by_reason.setdefault(reason, []).append(key)
     for reason, keys in by_reason.items():
-        shown = ", ".join(keys[:SHOWN_NAMES]) + (f", ... ({len(keys) - SHOWN_NAMES} more)" if len(keys) > SHOWN_NAMES
-                                                 else "")
-        lines.append(f"  - {reason}: {shown}")
+        names = list(dict.fromkeys(split_key(k)[0] for k in keys))  # one entry per module, in file order
+        lines.append(f"  - {reason} ({len(keys)} keys of {len(names)} modules): {_short(names)}")
     return lines
 
 
