@@ -128,7 +128,8 @@ def test_text_encoder_keys_without_text_model_are_ignored_by_every_consumer(sd15
     assert set(report.ignored) == te_keys
     for verdict in report.verdicts.values():
         assert set(verdict.ignored) == te_keys and verdict.applied_modules == 192
-    assert "text_model_" in report.ignored["lora_te_encoder_layers_0_mlp_fc1.alpha"]
+    reason = report.ignored["lora_te_encoder_layers_0_mlp_fc1.alpha"]
+    assert reason.startswith("ComfyUI, A1111, diffusers: text-encoder name without `text_model_`")
     assert "IGNORED" in "\n".join(report.summary_lines())
 
 
@@ -186,6 +187,28 @@ def test_sd1_text_encoder_prefix_on_sdxl_only_a1111_ignores(tmp_path):
     assert verdicts["ComfyUI"].all_applied and verdicts["diffusers"].all_applied
     assert len(verdicts["A1111"].ignored) == 72 * 3
     assert "lora_te_" in next(iter(verdicts["A1111"].ignored.values()))
+
+
+def test_sdxl_prefix_on_sd2_only_comfyui_takes(tmp_path):
+    state = renamed(spec_state("sd2.txt"), "lora_te_", "lora_te1_")
+    verdicts = check_lora_file(write(tmp_path, state, "sd_v2")).verdicts
+    assert verdicts["ComfyUI"].all_applied
+    assert len(verdicts["A1111"].ignored) == 138 * 3 and "only to lora_te_" in next(iter(verdicts["A1111"].ignored.values()))
+
+
+def test_diffusers_style_sdxl_names_lose_only_the_first_upsampler_in_a1111(tmp_path):
+    """A1111's upsampler rule puts up_blocks.0's upsampler at output_blocks.2.1, where SDXL has attention."""
+    to_diffusers = {}
+    for line in (SPEC_DIR / "sdxl-diffusers-map.txt").read_text(encoding="utf-8").splitlines():
+        name, path = line.split()[:2]
+        to_diffusers[name] = "lora_unet_" + path.replace(".", "_")
+    state = {}
+    for key, tensor in spec_state("sdxl-conv.txt").items():
+        name, suffix = key.split(".", 1)
+        state[f"{to_diffusers.get(name, name)}.{suffix}"] = tensor
+    verdicts = check_lora_file(write(tmp_path, state, "sdxl_base_v1-0")).verdicts
+    assert verdicts["ComfyUI"].all_applied and verdicts["diffusers"].all_applied
+    assert {k.split(".")[0] for k in verdicts["A1111"].ignored} == {"lora_unet_up_blocks_0_upsamplers_0_conv"}
 
 
 def test_openclip_attention_needs_all_four_parts_in_a1111(tmp_path):

@@ -466,11 +466,11 @@ def comfyui_verdict(by_name: Mapping[str, list[str]], model: ModelLayers) -> Ver
     accepted = model.accepted("ComfyUI")
     for name, suffixes in by_name.items():
         if name not in accepted:
-            reason = "ComfyUI: " + why_unmatched(name, model)
+            reason = why_unmatched(name, model)
             verdict.ignored.update({f"{name}.{s}": reason for s in suffixes})
             continue
         unread = [s for s in suffixes if s not in COMFYUI_SUFFIXES]
-        verdict.ignored.update({f"{name}.{s}": f"ComfyUI does not read `.{s}` keys" for s in unread})
+        verdict.ignored.update({f"{name}.{s}": f"`.{s}` is no key type ComfyUI reads" for s in unread})
         verdict.applied_modules += any(s in WEIGHT_SUFFIXES for s in suffixes)
     return verdict
 
@@ -481,13 +481,13 @@ def a1111_verdict(by_name: Mapping[str, list[str]], model: ModelLayers) -> Verdi
     for name, suffixes in by_name.items():
         layer, through_mha = a1111_lookup(name, model)
         if layer is None:
-            reason = "A1111: " + why_unmatched(name, model)
+            reason = why_unmatched(name, model)
             if name.startswith("lora_te1_") and model.family == "sd2":
-                reason = "A1111: SD2's text encoder answers only to lora_te_ (ComfyUI also takes lora_te1_)"
+                reason = "SD2's text encoder answers only to lora_te_ (ComfyUI also takes lora_te1_)"
             verdict.ignored.update({f"{name}.{s}": reason for s in suffixes})
             continue
         unread = [s for s in suffixes if s not in A1111_SUFFIXES]
-        verdict.ignored.update({f"{name}.{s}": f"A1111 does not read `.{s}` keys" for s in unread})
+        verdict.ignored.update({f"{name}.{s}": f"`.{s}` is no key type A1111 reads" for s in unread})
         if not any(s in A1111_SUFFIXES - {"alpha", "scale", "dora_scale"} for s in suffixes):
             verdict.fails = (f"{name}: A1111 finds no network type for keys {', '.join(suffixes)} and stops loading "
                              "the file (\"Could not find a module type\")")
@@ -498,7 +498,7 @@ def a1111_verdict(by_name: Mapping[str, list[str]], model: ModelLayers) -> Verdi
     for layer_name, parts in attention_parts.items():
         missing = [p for p in _ATTENTION_PARTS if p not in parts]
         if missing:
-            reason = (f"A1111: this OpenCLIP layer's q/k/v/out are one MultiheadAttention, patched only when all four "
+            reason = (f"this OpenCLIP layer's q/k/v/out are one MultiheadAttention, patched only when all four "
                       f"are in the file; missing {', '.join(missing)}")
             for part in parts:
                 name = f"{layer_name}_self_attn_{part}"
@@ -512,7 +512,7 @@ def diffusers_verdict(by_name: Mapping[str, list[str]], model: ModelLayers) -> V
     names = dict(by_name)
     for name, suffixes in names.items():
         if "dora_scale" in suffixes:
-            verdict.ignored[f"{name}.dora_scale"] = "diffusers drops DoRA magnitudes: it applies the file as plain LoRA"
+            verdict.ignored[f"{name}.dora_scale"] = "DoRA magnitudes are dropped by diffusers: it applies the file as plain LoRA"
     strangers = [n for n in names if not n.startswith(KOHYA_PREFIXES)]
     if strangers:
         verdict.fails = (f"diffusers converts a kohya file only when every key starts with lora_unet_/lora_te_/"
@@ -521,8 +521,8 @@ def diffusers_verdict(by_name: Mapping[str, list[str]], model: ModelLayers) -> V
     sgm = [n for n in names if any(p in n for p in _SGM)]
     if sgm and any(any(p in n for p in _NOT_SGM) for n in names if n not in sgm):
         for n in sgm:
-            verdict.ignored.update({f"{n}.{s}": "diffusers drops SGM-style names (input_blocks...) when the file "
-                                    "also has diffusers-style ones (down_blocks...)" for s in names.pop(n)})
+            verdict.ignored.update({f"{n}.{s}": "SGM-style names (input_blocks...) are dropped by diffusers when "
+                                    "the file also has diffusers-style ones (down_blocks...)" for s in names.pop(n)})
     accepted = model.accepted("diffusers")
     for name, suffixes in names.items():
         weights = [s for s in suffixes if s != "dora_scale"]
@@ -533,7 +533,7 @@ def diffusers_verdict(by_name: Mapping[str, list[str]], model: ModelLayers) -> V
             continue
         converted = diffusers_sgm_name(name, model.layers_per_block) if name in sgm else name
         if converted not in accepted:
-            reason = "diffusers: " + why_unmatched(name, model)
+            reason = why_unmatched(name, model)
             verdict.ignored.update({f"{name}.{s}": reason for s in weights})
         elif "lora_down.weight" in weights:
             verdict.applied_modules += 1
@@ -547,13 +547,22 @@ def consumer_verdicts(keys: Iterable[str], model: ModelLayers) -> dict[str, Verd
             "diffusers": diffusers_verdict(by_name, model)}
 
 
-def ignored_keys(keys: Iterable[str], model: ModelLayers) -> dict[str, str]:
-    """{key: "ComfyUI: reason; A1111: reason"} for every key at least one consumer leaves out, plus one entry
-    per consumer that refuses the whole file (its key is `<whole file>`)."""
-    merged: dict[str, list[str]] = {}
-    for verdict in consumer_verdicts(keys, model).values():
+def merged_ignored(verdicts: Mapping[str, Verdict]) -> dict[str, str]:
+    """{key: "ComfyUI, A1111: reason"} over all consumers, consumers with the same reason named together."""
+    merged: dict[str, dict[str, list[str]]] = {}
+    for verdict in verdicts.values():
         for key, reason in verdict.ignored.items():
-            merged.setdefault(key, []).append(reason)
-        if verdict.fails:
-            merged.setdefault("<whole file>", []).append(f"{verdict.consumer}: {verdict.fails}")
-    return {key: "; ".join(reasons) for key, reasons in merged.items()}
+            merged.setdefault(key, {}).setdefault(reason, []).append(verdict.consumer)
+    return {key: "; ".join(f"{', '.join(names)}: {reason}" for reason, names in reasons.items())
+            for key, reasons in merged.items()}
+
+
+def ignored_keys(keys: Iterable[str], model: ModelLayers) -> dict[str, str]:
+    """`merged_ignored` for a LoRA file's keys on `model`, plus one entry per consumer that refuses the whole
+    file (its key is `<whole file>`)."""
+    verdicts = consumer_verdicts(keys, model)
+    ignored = merged_ignored(verdicts)
+    refusals = [f"{v.consumer}: {v.fails}" for v in verdicts.values() if v.fails]
+    if refusals:
+        ignored["<whole file>"] = "; ".join(refusals)
+    return ignored

@@ -38,6 +38,7 @@ from trainer.network.consumers import (
     architecture_layers,
     consumer_verdicts,
     layers_of_models,
+    merged_ignored,
     split_key,
 )
 
@@ -181,10 +182,13 @@ def detect_family(shapes: Mapping[str, tuple], metadata: Mapping[str, str]) -> t
 
 
 def _base_layers(base: str) -> ModelLayers:
+    import torch
+
     from trainer.models.load import detect_model_family, load_models  # lazy: torch and the model code
 
     family = detect_model_family(base)
-    models = load_models(base, v2=family == "sd2", sdxl=family == "sdxl")
+    # fp16: only the layers' shapes are looked at, so half the memory (SDXL: about 5 GB instead of 10)
+    models = load_models(base, v2=family == "sd2", sdxl=family == "sdxl", dtype=torch.float16)
     return layers_of_models(models.text_encoders, models.unet, models.family, name=f"--base {models.name}")
 
 
@@ -208,19 +212,11 @@ def check_lora_file(path: str | Path, base: str | None = None) -> Report:
         model = architecture_layers(architecture)
     verdicts = consumer_verdicts(tensors.keys(), model)
     report = Report(path, family, source, architecture, verdicts, problems=problems)
-    report.ignored = _merged_ignored(verdicts)
+    report.ignored = merged_ignored(verdicts)
     modules = _group(tensors)
     report.problems += tensor_problems(modules) + shape_problems(modules, model)
     report.notes += part_notes(modules)
     return report
-
-
-def _merged_ignored(verdicts: Mapping[str, Verdict]) -> dict[str, str]:
-    merged: dict[str, list[str]] = {}
-    for verdict in verdicts.values():
-        for key, reason in verdict.ignored.items():
-            merged.setdefault(key, []).append(reason)
-    return {key: "; ".join(reasons) for key, reasons in merged.items()}
 
 
 def _group(tensors: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -240,11 +240,16 @@ class LoraKeyCheck:
             return {}
         if ignored and frozenset(ignored) != self._warned:
             self._warned = frozenset(ignored)
-            names = sorted(ignored)
-            shown = "\n".join(f"  {k}: {ignored[k]}" for k in names[:self.SHOWN])
-            more = f"\n  ... ({len(names) - self.SHOWN} more)" if len(names) > self.SHOWN else ""
+            by_reason: dict[str, list[str]] = {}
+            for key in sorted(ignored):
+                modules = by_reason.setdefault(ignored[key], [])
+                if key.split(".")[0] not in modules:
+                    modules.append(key.split(".")[0])
+            lines = [f"  {reason}: {', '.join(names[:self.SHOWN])}"
+                     + (f", ... ({len(names) - self.SHOWN} more)" if len(names) > self.SHOWN else "")
+                     for reason, names in by_reason.items()]
             log.warning("%s: %d keys would be ignored when this LoRA is loaded (ComfyUI's \"lora key not loaded\"):"
-                        "\n%s%s\nDetails: python -m trainer check_lora \"%s\"", path, len(names), shown, more, path)
+                        "\n%s\nDetails: python -m trainer check_lora \"%s\"", path, len(ignored), "\n".join(lines), path)
         return ignored
 
 
