@@ -54,6 +54,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
+from trainer.models.families import architecture as architecture_row
 from trainer.network.keys import (
     UNET_PREFIX,
     find_lora_targets,
@@ -61,6 +62,7 @@ from trainer.network.keys import (
     text_encoder_kohya_path,
     text_encoder_prefixes,
 )
+from trainer.paths import MODEL_CONFIGS_DIR
 
 if TYPE_CHECKING:
     from torch import nn
@@ -174,9 +176,6 @@ def architecture_layers(architecture: str) -> ModelLayers:
     import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from trainer.models.families import architecture as architecture_row  # lazy: the table is only needed here
-    from trainer.paths import MODEL_CONFIGS_DIR  # lazy: see above
 
     row = architecture_row(architecture)
     root = MODEL_CONFIGS_DIR / row.name
