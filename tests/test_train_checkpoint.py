@@ -92,3 +92,32 @@ def test_leftovers_of_a_killed_write_are_removed_and_nothing_else(tmp_path):
     removed = remove_leftovers(tmp_path, "my lora")
     assert sorted(removed) == sorted([*leftovers, state])
     assert all(p.exists() for p in [*kept, fresh]) and not any(p.exists() for p in [*leftovers, state])
+
+
+def test_a_save_whose_keys_consumers_would_ignore_warns_once(tiny_sd1, tmp_path, caplog):
+    """build_saver checks each saved file's keys (names only) and logs one warning naming the ignored keys."""
+    from types import SimpleNamespace
+
+    from trainer.config.args import parse_train_args
+    from trainer.network.lora import LoRAModule, LoRANetwork
+    from trainer.train.checkpoint import build_saver
+
+    cfg = parse_train_args(["--pretrained_model_name_or_path", "builtin:tiny-sd1", "--train_data_dir",
+                            str(tmp_path), "--output_dir", str(tmp_path / "out"), "--output_name", "n",
+                            "--save_every_n_epochs", "1"])
+    network = LoRANetwork([tiny_sd1["text_encoder"]], tiny_sd1["unet"], rank=2)
+    reporter = SimpleNamespace(listeners=[], emit=lambda *a, **k: None)
+    saver = build_saver(cfg, network, {}, reporter, SimpleNamespace(is_main_process=True), every_n_epochs=1)
+    with caplog.at_level("WARNING", logger="trainer.train.checkpoint"):
+        saver.at_epoch_end(1, 3, step=1)
+    assert not [r for r in caplog.records if "would be ignored" in r.getMessage()]
+    # a module named as a trainer that walked a transformers 5 CLIPTextModel names it: no consumer loads it
+    layer = next(m for n, m in tiny_sd1["text_encoder"].named_modules() if n.endswith("layers.0.mlp.fc1"))
+    network.add_module("lora_te_encoder_layers_0_mlp_fc1", LoRAModule(layer, 2, 1))
+    with caplog.at_level("WARNING", logger="trainer.train.checkpoint"):
+        saver.at_epoch_end(2, 3, step=2)
+        saver.final(3, 3)
+    warnings = [r.getMessage() for r in caplog.records if "would be ignored" in r.getMessage()]
+    assert len(warnings) == 1 and "n-000002.safetensors: 3 keys" in warnings[0]
+    assert "text_model_" in warnings[0] and "lora_te_encoder_layers_0_mlp_fc1\n" in warnings[0] + "\n"
+    assert (tmp_path / "out" / "n.safetensors").is_file()

@@ -20,6 +20,8 @@ commands:
   extract_lora  the difference of a fine-tuned and its original model as a LoRA (--model_org, --model_tuned)
   merge_lora  several LoRA files into one LoRA (--models, --ratios, --save_to; --new_rank: SVD as svd_merge_lora.py)
   resize_lora  a LoRA at a lower rank by SVD (--model, --save_to, --new_rank; sd-scripts' resize_lora.py)
+  check_lora  say whether ComfyUI, A1111/Forge and diffusers apply every key of a LoRA file, and check its tensors
+  show_metadata  print a .safetensors file's metadata (ss_*, modelspec.*), long values summarised (--full, --json)
   regimages  draw regularisation pictures of a class with your base model into an N_class folder (--class, --count)
   compare  a run's epoch files (or any LoRAs) side by side in one labelled grid: rows files x strengths, columns prompts
   bench    speed and peak VRAM of a preset on its full-size model with random weights (--estimate: no run)
@@ -79,14 +81,14 @@ def cmd_demo(argv: list[str]) -> int:
     return cmd_train(["--config_file", str(DEMO_PRESET), *argv])
 
 
-def tool_command(module: str, *, loads_models: bool = False) -> Callable[[list[str]], int]:
-    """A command whose work is `trainer.tools.<module>.main(argv)`, imported only when it runs (see cmd_train).
-    `loads_models`: quiet diffusers' and transformers' own progress bars, which would garble ours."""
+def tool_command(module: str, *, loads_models: bool = False, entry: str = "main") -> Callable[[list[str]], int]:
+    """A command whose work is `trainer.tools.<module>.<entry>(argv)`, imported only when it runs (see
+    cmd_train). `loads_models`: quiet diffusers' and transformers' own progress bars, which would garble ours."""
     def run(argv: list[str]) -> int:
         setup_logging()
         if loads_models:
             quiet_libraries()
-        return importlib.import_module(f"trainer.tools.{module}").main(argv)
+        return getattr(importlib.import_module(f"trainer.tools.{module}"), entry)(argv)
     return run
 
 
@@ -118,6 +120,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "resize_lora": tool_command("resize_lora"),
     "regimages": tool_command("regimages", loads_models=True),
     "compare": tool_command("compare", loads_models=True),
+    "check_lora": tool_command("check_lora", loads_models=True),
+    "show_metadata": tool_command("check_lora", entry="show_metadata_main"),
     "bench": tool_command("bench"),
     "setup": cmd_setup,
     "doctor": cmd_doctor,

@@ -85,6 +85,11 @@ TOOLS: tuple[Tool, ...] = (
              ToolField("dim", "Rank", "number", 32),
              ToolField("conv_dim", "Conv rank (optional)", "number", info="also the ResNet convs (LoCon)"),
              ToolField("overwrite", "Replace an existing file", "check", False))),
+    Tool("check_lora", "Check a LoRA file", "Will ComfyUI, A1111/Forge and diffusers apply every key? Which "
+         "keys they ignore and why; NaN, all-zero and shape checks; rank/alpha summary.", (
+             ToolField("", "LoRA file", "path", info="e.g. output/mychar.safetensors"),
+             ToolField("base", "Base model (optional)", "path", info="also check shapes against its layers"),
+             ToolField("json", "As JSON", "check", False))),
     Tool("merge", "Merge LoRAs into a model", "Bake LoRA files into a base model: one checkpoint A1111 loads.", (
         ToolField("model", "Base model", "path"),
         ToolField("lora", "LoRA file[:strength]", "path", info="e.g. output/mychar.safetensors:0.8"),

@@ -17,6 +17,8 @@ from typing import Any, Callable, ContextManager
 
 from trainer import interrupts
 from trainer.errors import UserError
+from trainer.models.families import architecture_for_config
+from trainer.network.consumers import architecture_layers, ignored_keys
 from trainer.train.hub import hub_uploader
 from trainer.train.metadata import with_progress
 from trainer.train.state import remove_state, save_training_state
@@ -218,6 +220,39 @@ class Saver:
         return path
 
 
+class LoraKeyCheck:
+    """After each save: would ComfyUI, A1111 or diffusers ignore any key of the file? (trainer.network.consumers,
+    the rules `python -m trainer check_lora` uses.) Names only, no tensor is read; the accepted names are built
+    once per run from the architecture on the meta device. Warns once per distinct set of ignored keys, so a
+    run that saves every epoch says it once, at the first save."""
+
+    SHOWN = 10
+
+    def __init__(self, architecture: str):
+        self.architecture = architecture
+        self._warned: frozenset[str] | None = None
+
+    def __call__(self, path: Path, keys) -> dict[str, str]:
+        try:
+            ignored = ignored_keys(keys, architecture_layers(self.architecture))
+        except Exception as error:  # the check must never cost the user a saved file
+            log.debug("LoRA key check skipped: %s", error)
+            return {}
+        if ignored and frozenset(ignored) != self._warned:
+            self._warned = frozenset(ignored)
+            by_reason: dict[str, list[str]] = {}
+            for key in sorted(ignored):
+                modules = by_reason.setdefault(ignored[key], [])
+                if key.split(".")[0] not in modules:
+                    modules.append(key.split(".")[0])
+            lines = [f"  {reason}: {', '.join(names[:self.SHOWN])}"
+                     + (f", ... ({len(names) - self.SHOWN} more)" if len(names) > self.SHOWN else "")
+                     for reason, names in by_reason.items()]
+            log.warning("%s: %d keys would be ignored when this LoRA is loaded (ComfyUI's \"lora key not loaded\"):"
+                        "\n%s\nDetails: python -m trainer check_lora \"%s\"", path, len(ignored), "\n".join(lines), path)
+        return ignored
+
+
 def _remove_state(folder: Path | None) -> None:
     remove_state(folder)
 
@@ -240,10 +275,12 @@ def build_saver(cfg: Any, network, metadata: dict[str, str], reporter: Any, acce
                         keep_last_n_epochs_state=cfg.save_last_n_epochs_state,
                         keep_last_n_steps_state=cfg.save_last_n_steps_state)
     dtype = save_dtype_for(cfg.save_precision)
+    check_keys = LoraKeyCheck(architecture_for_config(cfg))
 
     def save(path: Path, meta: dict[str, str]) -> None:
         if accelerator.is_main_process:
             network.save_weights(path, dtype, meta if cfg.save_model_as == "safetensors" else None)
+            check_keys(path, network.state_dict().keys())
 
     def save_state(folder: Path, step: int, epoch: int) -> None:
         if accelerator.is_main_process:
