@@ -495,5 +495,5 @@ def estimate_for_config(cfg, family: str, *, resolution: tuple[int, int] | None 
 
 
 def _conv_dim(cfg) -> int | None:
-    options = parse_network_args(cfg.network_args)
+    options = parse_network_args(cfg.network_args, network_module=cfg.network_module)
     return int(options["conv_dim"]) if "conv_dim" in options else None
