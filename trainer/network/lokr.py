@@ -92,7 +92,7 @@ class LoKrModule(WeightDeltaModule):
         self.full_factors = full_w1 and full_w2
         if self.full_factors:  # nothing low-rank: sd-scripts stores alpha = rank, so every loader's scale is 1
             self.alpha = torch.tensor(rank, device=device)
-        self.scale = self._scale_for_alpha(float(self.alpha))
+            self.scale = 1.0
 
     def _scale_for_alpha(self, alpha: float) -> float:
         return 1.0 if self.full_factors else alpha / self.rank
