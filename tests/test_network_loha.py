@@ -144,12 +144,13 @@ def train_reload_and_merge(module: str, marker: str, network_args: list[str], ti
     assert any(k.endswith(marker) for k in tensors) and not any("lora_down" in k for k in tensors)
     trained = [v for k, v in tensors.items() if k.endswith((".hada_w2_a", ".lokr_w2_b", ".lokr_w2"))]
     assert any(torch.count_nonzero(v) for v in trained)  # the zero-initialised factor moved: training changed it
-    again = tmp_path / "again"
-    assert main(["train", *base_args(tiny_sd1_dir, train_data_dir, again, "--network_module", module,
-                                     "--network_args", *network_args, "--network_weights",
-                                     str(out / "net.safetensors"), "--max_train_steps", "1")]) == 0
-    reloaded, _ = read_lora(again / "net.safetensors")
-    assert set(reloaded) == set(tensors)
+    for extra in ([], ["--dim_from_weights"]):  # continue from the file; then also take the shape from it
+        again = tmp_path / f"again{len(extra)}"
+        assert main(["train", *base_args(tiny_sd1_dir, train_data_dir, again, "--network_module", module,
+                                         "--network_args", *network_args, "--network_weights",
+                                         str(out / "net.safetensors"), "--max_train_steps", "1", *extra)]) == 0
+        reloaded, _ = read_lora(again / "net.safetensors")
+        assert {k: v.shape for k, v in reloaded.items()} == {k: v.shape for k, v in tensors.items()}
     merged = tmp_path / "merged.safetensors"
     assert main(["merge", "--model", str(tiny_sd1_dir), "--lora", str(out / "net.safetensors"),
                  "--output", str(merged)]) == 0

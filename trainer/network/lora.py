@@ -597,6 +597,10 @@ def network_from_args(text_encoders: Sequence[nn.Module], unet: nn.Module, optio
     block lr weights and LoRA+ ratios (the keys networks/lora.py reads). networks.loha / networks.lokr (and
     lycoris.kohya's algo=loha|lokr) build LoHa / LoKr modules on the same layers, with their own options."""
     module_type = network_module_type(network_module, options)
+    if network_module == "lycoris.kohya":
+        _note_lycoris_layers(options)
+        if dropout is None:  # LyCORIS spells neuron dropout as a network arg
+            dropout = blocks.float_option(options, "dropout")
     if module_type != "lora":
         return _delta_network_from_args(text_encoders, unet, options, module_type, sdxl=sdxl, rank=rank,
                                         alpha=alpha, dropout=dropout, multiplier=multiplier, train_unet=train_unet,
@@ -614,6 +618,15 @@ def network_from_args(text_encoders: Sequence[nn.Module], unet: nn.Module, optio
     network.set_block_lr_weight(lr_weights)
     network.set_loraplus_lr_ratio(*blocks.loraplus_ratios(options))
     return network
+
+
+def _note_lycoris_layers(options: Mapping[str, str]) -> None:
+    logger.warning(
+        "lycoris.kohya algo=%s is trained as this trainer's native %s on the layers sd-scripts' networks.lora uses "
+        "(CLIP attention/MLP, UNet transformer blocks; ResNets, down- and upsamplers with conv_dim), under the "
+        "kohya key names A1111 and ComfyUI read. LyCORIS' preset=full would also train conv_in, conv_out and the "
+        "time embedding; those layers are left out.", options.get("algo", "lora"),
+        {"lora": "LoRA/LoCon", "loha": "LoHa", "lokr": "LoKr"}[network_module_type("lycoris.kohya", options)])
 
 
 def _delta_network_from_args(text_encoders, unet, options: Mapping[str, str], module_type: str, *, sdxl: bool,
