@@ -75,16 +75,19 @@ class TrainConfig:
                                                note="has no effect on the result")
 
     # ------------------------------------------------------------------ network
-    network_module: str | None = arg("networks.lora", "network module; networks.lora means this trainer's LoRA",
-                                     NETWORK)
+    network_module: str | None = arg("networks.lora", "network module: networks.lora (LoRA/LoCon), networks.loha "
+                                                      "(LoHa), networks.lokr (LoKr), lycoris.kohya (algo=lora, locon, "
+                                                      "loha, lokr); see the table of network modules below", NETWORK)
     network_dim: int | None = arg(None, "LoRA rank (default 4)", NETWORK)
     # sd-scripts' default is the int 1 (argparse does not convert defaults): the saved alpha is then int64.
     network_alpha: float = arg(1, "LoRA alpha; scale = alpha / dim; 0 means alpha = dim", NETWORK)
     network_dropout: float | None = arg(None, "dropout on the LoRA down projection's output", NETWORK)
-    network_args: list[str] | None = arg(None, "key=value network options (conv_dim, conv_alpha, rank_dropout, "
-                                               "module_dropout, block_dims, block_alphas, conv_block_dims, "
-                                               "conv_block_alphas, down/mid/up_lr_weight, block_lr_zero_threshold, "
-                                               "loraplus_lr_ratio, loraplus_unet/text_encoder_lr_ratio)", NETWORK)
+    network_args: list[str] | None = arg(None, "key=value network options (networks.lora: conv_dim, conv_alpha, "
+                                               "rank_dropout, module_dropout, block_dims, block_alphas, "
+                                               "conv_block_dims, conv_block_alphas, down/mid/up_lr_weight, "
+                                               "block_lr_zero_threshold, loraplus_lr_ratio, "
+                                               "loraplus_unet/text_encoder_lr_ratio; the other modules' keys are in "
+                                               "the table of network modules below)", NETWORK)
     network_weights: str | None = arg(None, "LoRA file to start from (ours or sd-scripts')", NETWORK)
     dim_from_weights: bool = flag("take the network shape (modules, ranks, alphas) from --network_weights",
                                   NETWORK)
