@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import read_lora
 from test_network_keys import read_spec_list
-from test_network_loha import _filled, meta_models, train_reload_and_merge  # noqa: F401 (a fixture)
+from test_network_loha import _filled, meta_models, resumed_run_matches, train_reload_and_merge  # noqa: F401
 from torch import nn
 
 from trainer.network.lokr import LoKrModule, factorization
@@ -128,3 +128,8 @@ def test_lokr_trains_reloads_and_merges_from_the_command_line(tiny_sd1_dir, trai
     tensors = train_reload_and_merge("networks.lokr", ".lokr_w1", ["conv_dim=2", "factor=4"], tiny_sd1_dir,
                                      train_data_dir, tmp_path)
     assert all(tensors[k].dim() == 2 for k in tensors if k.endswith(".lokr_w1"))
+
+
+def test_an_interrupted_lokr_run_resumes_to_the_same_weights(tiny_sd1_dir, train_data_dir, tmp_path):
+    assert resumed_run_matches("networks.lokr", ["conv_dim=2", "factor=4"], tiny_sd1_dir, train_data_dir,
+                               tmp_path) <= 1e-6
