@@ -38,7 +38,7 @@ def expected_loha_shapes(name: str, dim_in: int, dim_out: int, kind: str, rank: 
 
 
 @pytest.mark.parametrize("family, spec_file", [("sd15", "sd15-conv.txt"), ("sdxl", "sdxl-conv.txt"),
-                                               ("sd15", "sd15.txt")])
+                                               ("sd15", "sd15.txt"), ("sd2", "sd2.txt")])
 def test_loha_keys_and_shapes_match_sd_scripts_formulas(meta_models, family, spec_file):
     text_encoders, unet = meta_models(family)
     conv = "conv" in spec_file
@@ -182,3 +182,20 @@ def resumed_run_matches(module: str, network_args: list[str], tiny_sd1_dir, trai
 
 def test_an_interrupted_loha_run_resumes_to_the_same_weights(tiny_sd1_dir, train_data_dir, tmp_path):
     assert resumed_run_matches("networks.loha", ["conv_dim=2"], tiny_sd1_dir, train_data_dir, tmp_path) <= 1e-6
+
+
+def test_sd_scripts_plugin_entry_points_build_loha_and_lokr(tiny_sd1, tmp_path):
+    """networks/loha.py and lokr.py as train_network.py calls them: create_network(...) with string kwargs, and
+    create_network_from_weights(...) shaped like the file."""
+    import networks.loha
+    import networks.lokr
+
+    te, unet = tiny_sd1["text_encoder"], tiny_sd1["unet"]
+    loha = networks.loha.create_network(1.0, 4, 1, None, te, unet, conv_dim="2", use_tucker="True", unknown="x")
+    lokr = networks.lokr.create_network(1.0, 4, 1, None, te, unet, factor="4")
+    assert loha.module_type == "loha" and any(m.tucker for m in loha.lora_modules())
+    assert lokr.module_type == "lokr" and all(m.factors[0] <= 4 for m in lokr.lora_modules())
+    path = tmp_path / "lokr.safetensors"
+    lokr.save_weights(path)
+    again, weights = networks.lokr.create_network_from_weights(1.0, str(path), None, te, unet)
+    assert again.module_type == "lokr" and set(again.state_dict()) == set(weights)

@@ -44,7 +44,7 @@ def expected_lokr_shapes(name, dim_in, dim_out, kind, rank) -> dict:
 
 
 @pytest.mark.parametrize("family, spec_file, rank", [("sd15", "sd15-conv.txt", 4), ("sdxl", "sdxl-conv.txt", 8),
-                                                     ("sd15", "sd15.txt", 100000)])
+                                                     ("sd15", "sd15.txt", 100000), ("sd2", "sd2.txt", 4)])
 def test_lokr_keys_and_shapes_match_sd_scripts_formulas(meta_models, family, spec_file, rank):  # noqa: F811
     text_encoders, unet = meta_models(family)
     options = {"conv_dim": str(rank)} if "conv" in spec_file else {}
