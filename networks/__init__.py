@@ -1,1 +1,2 @@
-"""sd-scripts' `--network_module` plugin namespace: `networks.lora` is trainer's LoRA."""
+"""sd-scripts' `--network_module` plugin namespace: `networks.lora`, `networks.loha` and `networks.lokr` are
+trainer's LoRA, LoHa and LoKr."""

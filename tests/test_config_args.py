@@ -179,8 +179,8 @@ def test_weights_arguments_are_implemented_and_checked(tmp_path):
 
 
 def test_other_network_modules_are_refused():
-    with pytest.raises(ConfigError, match="networks.lora"):
-        parse_train_args(BASE + ["--network_module", "lycoris.kohya"])
+    with pytest.raises(ConfigError, match="Supported: networks.lora .*networks.loha .*networks.lokr .*lycoris.kohya"):
+        parse_train_args(BASE + ["--network_module", "networks.dylora"])
 
 
 def test_output_config_writes_non_defaults_and_never_overwrites(tmp_path):

@@ -187,3 +187,17 @@ def test_fp8_and_full_bf16_in_the_estimate():
     assert any("gradient_checkpointing" in note for note in fp8.notes)
     half = estimate_training_memory("tiny-sd1", **dict(TINY, mixed_precision="bf16", full_bf16=True))
     assert half.details["optimizer_bytes"] == pytest.approx(plain.details["optimizer_bytes"] / 2, rel=0.02)
+
+
+def test_loha_and_lokr_are_counted_by_their_own_factors():
+    """LoHa has two factor pairs where LoRA has one (twice the parameters, same rank); a full-matrix LoKr holds
+    out_l*in_m + out_k*in_n per layer, far fewer than a LoRA; each type's delta costs activations in the step."""
+    def estimate(module, **options):
+        return memory.estimate_training_memory("sd15", resolution=64, network_dim=4, network_module=module,
+                                               network_options=options)
+
+    lora, loha = estimate("networks.lora"), estimate("networks.loha")
+    lokr = memory.estimate_training_memory("sd15", resolution=64, network_dim=100000, network_module="networks.lokr")
+    assert loha.details["trainable_parameters"] == 2 * lora.details["trainable_parameters"]
+    assert lokr.details["trainable_parameters"] < lora.details["trainable_parameters"] / 4
+    assert loha.activations_gb > lora.activations_gb  # the full-size delta of every layer is built each step

@@ -146,7 +146,7 @@ SD1_SHAPED_LORA = {  # the real SD1.5 shapes (768-d context) on the tiny model's
     ("base as lora", ModelLoadError, ["full SD 1.x checkpoint", "not a kohya-format LoRA"]),
     ("lora as base", ModelLoadError, ["is a LoRA file, not a base model", "--lora"]),
     ("output is base", ConfigError, ["is the base model itself"]),
-    ("loha", ModelLoadError, ["LyCORIS LoHa/LoKr", "not a kohya-format LoRA"]),
+    ("ia3", ModelLoadError, ["a type this trainer does not know", "not a kohya-format LoRA / LoCon / LoHa / LoKr"]),
     ("nan lora", ModelLoadError, ["NaN", "earlier save"]),
 ])
 def test_cli_mistakes_get_one_clear_message(case, error, words, tiny, tiny_sd1_dir, lora_files, tmp_path):
@@ -170,8 +170,8 @@ def test_cli_mistakes_get_one_clear_message(case, error, words, tiny, tiny_sd1_d
         model = lora
     elif case == "output is base":
         model = str(save_single_file(tiny, out))
-    elif case == "loha":
-        lora = str(_write(tmp_path / "loha.safetensors", {"lora_unet_x.hada_w1_a": torch.zeros(4, 4)}))
+    elif case == "ia3":  # LyCORIS (IA)^3: a network type we do not train or merge
+        lora = str(_write(tmp_path / "ia3.safetensors", {"lora_unet_x.weight": torch.zeros(4), "lora_unet_x.on_input": torch.zeros(())}))
     elif case == "nan lora":
         weights = read_weights_file(lora_files[0])
         weights[next(k for k in weights if k.endswith("lora_up.weight"))][0, 0] = float("nan")

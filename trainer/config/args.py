@@ -16,7 +16,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from trainer.config.blocks import check_block_options
 from trainer.config.optimizers import parse_optimizer_args, parse_scheduler_args
@@ -75,16 +75,19 @@ class TrainConfig:
                                                note="has no effect on the result")
 
     # ------------------------------------------------------------------ network
-    network_module: str | None = arg("networks.lora", "network module; networks.lora means this trainer's LoRA",
-                                     NETWORK)
+    network_module: str | None = arg("networks.lora", "network module: networks.lora (LoRA/LoCon), networks.loha "
+                                                      "(LoHa), networks.lokr (LoKr), lycoris.kohya (algo=lora, locon, "
+                                                      "loha, lokr); see the table of network modules below", NETWORK)
     network_dim: int | None = arg(None, "LoRA rank (default 4)", NETWORK)
     # sd-scripts' default is the int 1 (argparse does not convert defaults): the saved alpha is then int64.
     network_alpha: float = arg(1, "LoRA alpha; scale = alpha / dim; 0 means alpha = dim", NETWORK)
     network_dropout: float | None = arg(None, "dropout on the LoRA down projection's output", NETWORK)
-    network_args: list[str] | None = arg(None, "key=value network options (conv_dim, conv_alpha, rank_dropout, "
-                                               "module_dropout, block_dims, block_alphas, conv_block_dims, "
-                                               "conv_block_alphas, down/mid/up_lr_weight, block_lr_zero_threshold, "
-                                               "loraplus_lr_ratio, loraplus_unet/text_encoder_lr_ratio)", NETWORK)
+    network_args: list[str] | None = arg(None, "key=value network options (networks.lora: conv_dim, conv_alpha, "
+                                               "rank_dropout, module_dropout, block_dims, block_alphas, "
+                                               "conv_block_dims, conv_block_alphas, down/mid/up_lr_weight, "
+                                               "block_lr_zero_threshold, loraplus_lr_ratio, "
+                                               "loraplus_unet/text_encoder_lr_ratio; the other modules' keys are in "
+                                               "the table of network modules below)", NETWORK)
     network_weights: str | None = arg(None, "LoRA file to start from (ours or sd-scripts')", NETWORK)
     dim_from_weights: bool = flag("take the network shape (modules, ranks, alphas) from --network_weights",
                                   NETWORK)
@@ -546,28 +549,62 @@ NETWORK_ARGS_DONE = ("conv_dim", "conv_alpha", "dropout", "rank_dropout", "modul
                      "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
                      "loraplus_text_encoder_lr_ratio")
 NETWORK_ARGS_NOT_YET: tuple[str, ...] = ()  # networks.lora keys recognised but refused (none left)
-SUPPORTED_NETWORK_MODULES = ("networks.lora", "trainer.network.lora")
+# sd-scripts' networks/loha.py and lokr.py (branch feat-support-lokr-loha): no block-wise options there.
+LOHA_ARGS_DONE = ("conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", "use_tucker", "verbose",
+                  "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+LOKR_ARGS_DONE = LOHA_ARGS_DONE + ("factor",)
+DELTA_ARGS_NOT_YET = ("exclude_patterns", "include_patterns", "network_reg_dims", "network_reg_lrs",
+                      "train_llm_adapter")
+# lycoris.kohya's own spellings, mapped onto the native modules (algo=lora/locon -> LoRA, loha, lokr).
+LYCORIS_ARGS_DONE = ("algo", "preset", "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout",
+                     "factor", "use_tucker", "use_cp", "decompose_both", "dora_wd", "train_norm", "use_scalar")
+LYCORIS_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}
+LYCORIS_ALGOS_NOT_YET = ("ia3", "dylora", "glora", "full", "diag-oft", "boft", "oft")
+LYCORIS_PRESETS = ("full", "attn-mlp")  # the layer sets our module selection matches (see docs/compatibility.md)
+# Options that would change the file format or the maths, accepted only at their "off" value.
+LYCORIS_FLAGS_NOT_YET = {"dora_wd": "DoRA (weight-decomposed LoRA, dora_scale keys)", "train_norm": "norm-layer training",
+                         "use_scalar": "the trained scalar"}
+NETWORK_ARGS_BY_MODULE = {"networks.lora": NETWORK_ARGS_DONE, "trainer.network.lora": NETWORK_ARGS_DONE,
+                          "networks.loha": LOHA_ARGS_DONE, "networks.lokr": LOKR_ARGS_DONE,
+                          "lycoris.kohya": LYCORIS_ARGS_DONE}
+SUPPORTED_NETWORK_MODULES = tuple(NETWORK_ARGS_BY_MODULE)
+_TRUE = ("true", "1", "yes")
 
 
-def parse_network_args(items: Iterable[str] | None, sdxl: bool | None = None) -> dict[str, str]:
+def network_module_type(network_module: str | None, options: Mapping[str, str]) -> str:
+    """"lora", "loha" or "lokr": the native module type a --network_module (and lycoris.kohya's algo=) trains."""
+    module = network_module or "networks.lora"
+    if module == "lycoris.kohya":
+        return LYCORIS_ALGOS[options.get("algo", "lora").lower()]
+    return {"networks.loha": "loha", "networks.lokr": "lokr"}.get(module, "lora")
+
+
+def parse_network_args(items: Iterable[str] | None, sdxl: bool | None = None,
+                       network_module: str | None = "networks.lora") -> dict[str, str]:
     """`["conv_dim=8", "conv_alpha=1"]` -> {"conv_dim": "8", "conv_alpha": "1"}; values stay strings (sd-scripts).
 
-    The values are checked too. Per-block lists must have the block count of the model family (25 SD1.x/SD2.x,
-    23 SDXL); `sdxl=None` means the family is not known yet and either count passes."""
+    The keys allowed are those `network_module` reads. The values are checked too. Per-block lists must have the
+    block count of the model family (25 SD1.x/SD2.x, 23 SDXL); `sdxl=None` means the family is not known yet and
+    either count passes."""
+    module = network_module or "networks.lora"
+    allowed = NETWORK_ARGS_BY_MODULE.get(module, NETWORK_ARGS_DONE)
+    not_yet = DELTA_ARGS_NOT_YET if module in ("networks.loha", "networks.lokr") else NETWORK_ARGS_NOT_YET
     parsed, problems = {}, []
     for item in items or ():
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep:
             problems.append(f"--network_args '{item}': expected key=value, e.g. conv_dim=8")
-        elif key in NETWORK_ARGS_NOT_YET:
-            problems.append(f"--network_args {key}: {NOT_YET} by this trainer (supported: "
-                            f"{', '.join(NETWORK_ARGS_DONE)}); remove it to train.")
-        elif key not in NETWORK_ARGS_DONE:
-            problems.append(f"--network_args {key}: unknown key{did_you_mean(key, NETWORK_ARGS_DONE + NETWORK_ARGS_NOT_YET)}"
-                            f"; networks.lora understands {', '.join(NETWORK_ARGS_DONE)}.")
+        elif key in not_yet:
+            problems.append(f"--network_args {key}: {NOT_YET} by this trainer for {module} (supported: "
+                            f"{', '.join(allowed)}); remove it to train.")
+        elif key not in allowed:
+            problems.append(f"--network_args {key}: unknown key{did_you_mean(key, allowed + not_yet)}"
+                            f"; {module} understands {', '.join(allowed)}.")
         else:
             parsed[key] = value.strip()
+    if not problems and module == "lycoris.kohya":
+        problems = _lycoris_problems(parsed)
     if not problems:
         problems = _network_value_problems(parsed, sdxl)
     if problems:
@@ -575,9 +612,32 @@ def parse_network_args(items: Iterable[str] | None, sdxl: bool | None = None) ->
     return parsed
 
 
+def _lycoris_problems(options: dict[str, str]) -> list[str]:
+    """algo and preset values we map, and the LyCORIS features we do not have, refused by name."""
+    problems = []
+    algo = options.get("algo", "lora").lower()
+    if algo in LYCORIS_ALGOS_NOT_YET:
+        problems.append(f"--network_args algo={algo}: LyCORIS' {algo} is {NOT_YET} by this trainer; use algo=lora, "
+                        "locon, loha or lokr.")
+    elif algo not in LYCORIS_ALGOS:
+        problems.append(f"--network_args algo={algo}: unknown algorithm{did_you_mean(algo, tuple(LYCORIS_ALGOS))}; "
+                        f"supported: {', '.join(LYCORIS_ALGOS)}.")
+    preset = options.get("preset", "full").lower()
+    if preset not in LYCORIS_PRESETS:
+        problems.append(f"--network_args preset={preset}: {NOT_YET} by this trainer (supported: "
+                        f"{', '.join(LYCORIS_PRESETS)}; they train the layers sd-scripts' networks.lora trains).")
+    for key, what in LYCORIS_FLAGS_NOT_YET.items():
+        if options.get(key, "false").lower() in _TRUE:
+            problems.append(f"--network_args {key}=True: {what} is {NOT_YET} by this trainer; remove it (or set "
+                            f"{key}=False) to train.")
+    if "use_cp" in options:  # LyCORIS' older name for use_tucker
+        options.setdefault("use_tucker", options["use_cp"])
+    return problems
+
+
 def _network_value_problems(options: dict[str, str], sdxl: bool | None) -> list[str]:
     problems = []
-    for key, kind, low, high in (("conv_dim", int, 1, None), ("conv_alpha", float, None, None),
+    for key, kind, low, high in (("conv_dim", int, 1, None), ("conv_alpha", float, None, None), ("factor", int, -1, None),
                                  ("rank_dropout", float, 0.0, 1.0), ("module_dropout", float, 0.0, 1.0)):
         text = options.get(key)
         if text is None or text == "None":
@@ -591,6 +651,15 @@ def _network_value_problems(options: dict[str, str], sdxl: bool | None) -> list[
             bounds = f"at least {low}" if high is None else f"from {low} up to (not including) {high}"
             problems.append(f"--network_args {key}={text}: must be {bounds}")
     return problems + check_block_options(options, sdxl)
+
+
+def _raw_options(v: dict[str, Any]) -> dict[str, str]:
+    """--network_args as key -> value without checks (the check runs once, below, with every problem listed)."""
+    options = dict(item.partition("=")[::2] for item in v["network_args"] or ())
+    options = {k.strip(): value.strip() for k, value in options.items()}
+    if options.get("algo", "lora").lower() not in LYCORIS_ALGOS:
+        options.pop("algo", None)
+    return options
 
 
 def _check_network_files(v: dict[str, Any]) -> list[str]:
@@ -685,8 +754,17 @@ def check_combinations(v: dict[str, Any]) -> list[str]:
         problems.append("No training images given: set --train_data_dir (the parent of folders like '10_mychar') "
                         "or --dataset_config.")
     if v["network_module"] not in SUPPORTED_NETWORK_MODULES:
-        problems.append(f"--network_module {v['network_module']}: only networks.lora (LoRA, and LoCon with "
-                        "conv_dim) is supported by this trainer.")
+        problems.append(f"--network_module {v['network_module']}: not supported by this trainer"
+                        f"{did_you_mean(str(v['network_module']), SUPPORTED_NETWORK_MODULES)}. Supported: networks.lora "
+                        "(LoRA, and LoCon with conv_dim), networks.loha (LoHa), networks.lokr (LoKr), lycoris.kohya "
+                        "(algo=lora, locon, loha or lokr).")
+    elif v["network_module"] != "networks.lora" and network_module_type(v["network_module"], _raw_options(v)) != "lora":
+        if v["scale_weight_norms"]:
+            log.warning("--scale_weight_norms is ignored: %s has no max-norm regularisation (sd-scripts ignores it "
+                        "too, with a warning).", v["network_module"])
+        if v["network_dropout"]:
+            log.warning("--network_dropout is ignored: LoHa / LoKr have no neuron dropout (as in sd-scripts); "
+                        "rank_dropout and module_dropout in --network_args work.")
     if v["network_train_unet_only"] and v["network_train_text_encoder_only"]:
         problems.append("--network_train_unet_only and --network_train_text_encoder_only together train nothing; "
                         "keep one.")
@@ -721,7 +799,7 @@ def check_combinations(v: dict[str, Any]) -> list[str]:
         problems.append(f"--initial_step must be 0 or more (got {v['initial_step']}).")
     problems += _check_dataset_class(v)
     try:
-        parse_network_args(v["network_args"])
+        parse_network_args(v["network_args"], network_module=v["network_module"])
     except ConfigError as e:
         problems += e.problems
     problems += _check_network_files(v)

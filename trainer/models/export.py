@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from trainer.files import atomic_path
 from trainer.models.checkpoint import SD1_TE, SD2_TE, SDXL_TE1, SDXL_TE2, UNET, VAE, classify_checkpoint
-from trainer.network.lora import LoRANetwork, NetworkWeightsError, read_weights_file
+from trainer.network.lora import LoRANetwork, NetworkWeightsError, network_type_of, read_weights_file
 
 if TYPE_CHECKING:
     import torch
@@ -286,7 +286,7 @@ def lora_family(weights: Mapping[str, Any], metadata: Mapping[str, str] | None =
     if version.startswith(("sd_v1", "sd_v2", "sdxl")):
         return {"sd_v1": "sd1", "sd_v2": "sd2"}.get(version[:5], "sdxl")
     for key, value in weights.items():
-        if not key.endswith(".lora_down.weight") or len(value.shape) < 2:
+        if not key.endswith((".lora_down.weight", ".hada_w1_b")) or len(value.shape) < 2:
             continue
         if "attn2_to_k" in key:  # input = the text encoder's context width
             return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(int(value.shape[1]))
@@ -300,13 +300,13 @@ def lora_family(weights: Mapping[str, Any], metadata: Mapping[str, str] | None =
 
 
 def _check_lora_fits(weights: Mapping[str, Any], path, models) -> None:
-    if not any(".lora_down." in k for k in weights):
+    if network_type_of(weights) is None:
         kind = classify_checkpoint({k: tuple(v.shape) for k, v in weights.items()})
         what = f"a full {FAMILY_NAMES[kind]} checkpoint" if kind in FAMILY_NAMES else \
-            "a LyCORIS LoHa/LoKr file" if kind == "lora" else "not a LoRA"
-        raise NetworkWeightsError(f'"{path}" is {what}, not a kohya-format LoRA (no lora_down/lora_up weights). '
-                                  f"Fix: pass LoRA / LoCon .safetensors files as --lora and the base model as "
-                                  f"--model.")
+            "a network file of a type this trainer does not know" if kind == "lora" else "not a LoRA"
+        raise NetworkWeightsError(f'"{path}" is {what}, not a kohya-format LoRA / LoCon / LoHa / LoKr (no lora_down, '
+                                  f"hada_ or lokr_ weights). Fix: pass such .safetensors files as --lora and the base "
+                                  f"model as --model.")
     family = lora_family(weights, _safetensors_metadata(path))
     if family is not None and family != models.family:
         raise NetworkWeightsError(f'LoRA "{path}" was trained for {FAMILY_NAMES[family]}, but the base model '

@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import blocks
+from trainer.config.args import network_module_type
 from trainer.config.blocks import BlockDims, block_index
 from trainer.errors import ModelLoadError
 from trainer.files import atomic_path
+from trainer.network.delta import WeightDeltaModule
 from trainer.network.keys import (
     UNET_PREFIX,
     LoraTarget,
@@ -30,6 +32,8 @@ from trainer.network.keys import (
     kohya_name,
     text_encoder_prefixes,
 )
+from trainer.network.loha import LoHaModule, loha_shapes_from_file
+from trainer.network.lokr import LoKrModule, lokr_shapes_from_file
 from trainer.network.metadata import sshs_hashes
 
 logger = logging.getLogger(__name__)
@@ -141,6 +145,15 @@ class LoRAModule(nn.Module):
 
     # -- weights ---------------------------------------------------------------------------------
 
+    PARAMETER_NAMES = ("lora_down.weight", "lora_up.weight")
+
+    def trainable_weights(self) -> list[nn.Parameter]:
+        return [self.lora_down.weight, self.lora_up.weight]
+
+    def plus_weights(self) -> list[nn.Parameter]:
+        """LoRA+ trains lora_up at lr x ratio."""
+        return [self.lora_up.weight]
+
     def delta_weight(self) -> torch.Tensor:
         """scale * up @ down in the base layer's weight shape, computed in fp32 (fp16/bf16 matmuls on
         CPU are slow or missing, and fp32 keeps the merge exact to the last bit that fits)."""
@@ -202,6 +215,18 @@ def _split_key(key: str) -> tuple[str, str]:
     return name, suffix
 
 
+NETWORK_MODULE_TYPES = {"lora": LoRAModule, "loha": LoHaModule, "lokr": LoKrModule}
+NetworkModule = LoRAModule | WeightDeltaModule
+# A key suffix that tells a file's network type: LoRA / LoCon, LoHa, LoKr.
+_TYPE_MARKERS = (("lora_down.weight", "lora"), ("hada_w1_b", "loha"), ("lokr_w1", "lokr"), ("lokr_w1_a", "lokr"))
+
+
+def network_type_of(weights_sd: Mapping[str, torch.Tensor]) -> str | None:
+    """"lora", "loha" or "lokr": the module type of a kohya/LyCORIS-format file (None when it is none of them)."""
+    suffixes = {_split_key(key)[1] for key in weights_sd}
+    return next((kind for marker, kind in _TYPE_MARKERS if marker in suffixes), None)
+
+
 def _file_module_dims(weights_sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, float | int]]:
     """{lora name: (rank, alpha)} as stored in a file; alpha keeps its int/float type, rank if absent."""
     dims: dict[str, tuple[int, float | int]] = {}
@@ -247,9 +272,14 @@ class LoRANetwork(nn.Module):
                  alpha: float | int | None = 1, conv_rank: int | None = None, conv_alpha: float | int | None = None,
                  dropout: float | None = None, rank_dropout: float | None = None,
                  module_dropout: float | None = None, train_unet: bool = True, train_text_encoder: bool = True,
-                 multiplier: float = 1.0, module_dims: Mapping[str, tuple[int, float | int | None]] | None = None,
-                 block_dims: BlockDims | None = None):
+                 multiplier: float = 1.0, module_dims: Mapping[str, tuple | dict] | None = None,
+                 block_dims: BlockDims | None = None, module_type: str = "lora",
+                 module_options: Mapping[str, object] | None = None):
         super().__init__()
+        if module_type not in NETWORK_MODULE_TYPES:
+            raise ValueError(f"unknown network module type {module_type!r}; known: {', '.join(NETWORK_MODULE_TYPES)}")
+        self.module_type = module_type
+        self._module_class = NETWORK_MODULE_TYPES[module_type]
         self.sdxl = sdxl
         self.multiplier = multiplier
         self.train_unet = train_unet
@@ -269,7 +299,7 @@ class LoRANetwork(nn.Module):
             return (rank, alpha)
 
         options = dict(dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
-                       multiplier=multiplier)
+                       multiplier=multiplier, **(module_options or {}))
         self._te_names: list[str] = []
         self._unet_names: list[str] = []
         self._sdxl_aliases: dict[str, str] = {}
@@ -318,7 +348,9 @@ class LoRANetwork(nn.Module):
             dims = dims_for(target)
             if dims is None:
                 continue
-            module = LoRAModule(target.module, dims[0], dims[1], name=target.name, **options)
+            # (rank, alpha) from the arguments or a LoRA file; a dict of keyword arguments from a LoHa/LoKr file
+            shape = dict(dims) if isinstance(dims, Mapping) else {"rank": dims[0], "alpha": dims[1]}
+            module = self._module_class(target.module, name=target.name, **{**options, **shape})
             self.add_module(target.name, module)
             names.append(target.name)
         return names
@@ -330,10 +362,13 @@ class LoRANetwork(nn.Module):
         """A network with exactly the modules, ranks and alphas of a file's state dict, weights loaded."""
         if sdxl:
             weights_sd, _ = _rename_keys(weights_sd, sdxl_diffusers_name_aliases(unet))
-        dims = _file_module_dims(weights_sd)
-        if not dims:
-            raise NetworkWeightsError(f"{source} has no `.lora_down.weight` keys; it is not a kohya-format LoRA.")
-        network = cls(text_encoders, unet, sdxl=sdxl, multiplier=multiplier, module_dims=dims,
+        module_type = network_type_of(weights_sd)
+        if module_type is None:
+            raise NetworkWeightsError(f"{source} has no `.lora_down.weight`, `.hada_w1_b` or `.lokr_w1` keys; it is "
+                                      "not a kohya-format LoRA / LoCon or a LyCORIS LoHa / LoKr file.")
+        dims = {"lora": _file_module_dims, "loha": loha_shapes_from_file,
+                "lokr": lokr_shapes_from_file}[module_type](weights_sd)
+        network = cls(text_encoders, unet, sdxl=sdxl, multiplier=multiplier, module_dims=dims, module_type=module_type,
                       train_text_encoder=any(n.startswith("lora_te") for n in dims),
                       train_unet=any(n.startswith(UNET_PREFIX) for n in dims))
         network.load_weights_dict(weights_sd, source=source)
@@ -341,8 +376,8 @@ class LoRANetwork(nn.Module):
 
     # -- hooks ----------------------------------------------------------------------------------
 
-    def lora_modules(self) -> list[LoRAModule]:
-        return [m for m in self.children() if isinstance(m, LoRAModule)]
+    def lora_modules(self) -> list[NetworkModule]:
+        return [m for m in self.children() if isinstance(m, (LoRAModule, WeightDeltaModule))]
 
     def module_names(self) -> list[str]:
         """The kohya names of all modules, text encoders first, in the order they are saved."""
@@ -379,7 +414,7 @@ class LoRANetwork(nn.Module):
     def merge_to_base(self, multiplier: float = 1.0) -> None:
         """Add every module's update into its base weight and detach the hooks (for inference/export)."""
         for module in self.lora_modules():
-            if not all(torch.isfinite(w).all() for w in (module.lora_down.weight, module.lora_up.weight)):
+            if not all(torch.isfinite(w).all() for w in module.trainable_weights()):
                 raise ValueError(f"LoRA {module.lora_name} holds NaN or infinite weights; nothing was merged")
         for module in self.lora_modules():
             module.merge_into_base(multiplier)
@@ -387,8 +422,8 @@ class LoRANetwork(nn.Module):
     # -- training -------------------------------------------------------------------------------
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The LoRA weights: every lora_down and lora_up weight (alpha is a buffer, never trained)."""
-        return [p for m in self.lora_modules() for p in (m.lora_down.weight, m.lora_up.weight)]
+        """The network weights: lora_down/lora_up, hada_*, lokr_* (alpha is a buffer, never trained)."""
+        return [p for m in self.lora_modules() for p in m.trainable_weights()]
 
     def set_block_lr_weight(self, weights: Sequence[float] | None) -> None:
         """One lr weight per UNet block (trainer.config.blocks.block_lr_weights); the UNet lr is multiplied by
@@ -424,10 +459,12 @@ class LoRANetwork(nn.Module):
         for description, names, lr, plus_ratio in parts:
             modules = [self._modules[n] for n in names]
             if plus_ratio:
-                split = [([m.lora_down.weight for m in modules], lr, description),
-                         ([m.lora_up.weight for m in modules], lr * plus_ratio, f"{description} plus")]
+                plus = [p for m in modules for p in m.plus_weights()]
+                plus_ids = {id(p) for p in plus}
+                split = [([p for m in modules for p in m.trainable_weights() if id(p) not in plus_ids], lr, description),
+                         (plus, lr * plus_ratio, f"{description} plus")]
             else:
-                split = [([p for m in modules for p in (m.lora_down.weight, m.lora_up.weight)], lr, description)]
+                split = [([p for m in modules for p in m.trainable_weights()], lr, description)]
             for params, group_lr, group_description in split:
                 if params and group_lr:
                     groups.append({"params": params, "lr": group_lr})
@@ -445,6 +482,8 @@ class LoRANetwork(nn.Module):
         """`apply_max_norm_regularization` without reading anything back: [modules scaled, mean norm, max norm]
         as one float32 tensor where the weights are, so that a training step need not wait for the GPU."""
         modules = self.lora_modules()
+        if self.module_type != "lora":
+            raise ValueError(f"--scale_weight_norms works on LoRA / LoCon only, not on {self.module_type}")
         with torch.no_grad():
             norms = torch.stack([m.delta_weight().norm() for m in modules])
             # The lower clamp only keeps a zero norm from dividing by zero; ratio is 1 unless norm > max.
@@ -505,7 +544,7 @@ class LoRANetwork(nn.Module):
             name, suffix = _split_key(key)
             if key in own:
                 continue
-            if suffix in WEIGHT_SUFFIXES and self._is_untrained_part(name):
+            if suffix in self._module_class.PARAMETER_NAMES + ("alpha",) and self._is_untrained_part(name):
                 skipped.add(name)
             else:
                 unknown.append(key)
@@ -538,10 +577,10 @@ class LoRANetwork(nn.Module):
                 tensor = tensor.reshape(expected)
             to_load[key] = tensor
         names = {_split_key(key)[0] for key in to_load}
-        for name in sorted(names):
-            for part in ("lora_down.weight", "lora_up.weight"):
-                if f"{name}.{part}" not in to_load:
-                    problems.append(f"{name}.{part}: missing from the file while other keys of {name} are there")
+        for key in sorted(own):
+            name, suffix = _split_key(key)
+            if name in names and suffix != "alpha" and key not in to_load:
+                problems.append(f"{key}: missing from the file while other keys of {name} are there")
         if problems:
             raise NetworkWeightsError(f"{source} does not fit this network (another network_dim or conv_dim?):\n"
                                       + "\n".join(f"- {p}" for p in problems[:12])
@@ -551,10 +590,21 @@ class LoRANetwork(nn.Module):
 
 def network_from_args(text_encoders: Sequence[nn.Module], unet: nn.Module, options: Mapping[str, str], *,
                       sdxl: bool = False, rank: int = 4, alpha: float | int | None = 1, dropout: float | None = None,
-                      multiplier: float = 1.0, train_unet: bool = True, train_text_encoder: bool = True) -> LoRANetwork:
+                      multiplier: float = 1.0, train_unet: bool = True, train_text_encoder: bool = True,
+                      network_module: str = "networks.lora") -> LoRANetwork:
     """The network sd-scripts' `create_network` builds from --network_args strings (checked beforehand by
     trainer.config.args.parse_network_args): conv_dim/conv_alpha, rank/module dropout, block-wise ranks,
-    block lr weights and LoRA+ ratios (the keys networks/lora.py reads)."""
+    block lr weights and LoRA+ ratios (the keys networks/lora.py reads). networks.loha / networks.lokr (and
+    lycoris.kohya's algo=loha|lokr) build LoHa / LoKr modules on the same layers, with their own options."""
+    module_type = network_module_type(network_module, options)
+    if network_module == "lycoris.kohya":
+        _note_lycoris_layers(options)
+        if dropout is None:  # LyCORIS spells neuron dropout as a network arg
+            dropout = blocks.float_option(options, "dropout")
+    if module_type != "lora":
+        return _delta_network_from_args(text_encoders, unet, options, module_type, sdxl=sdxl, rank=rank,
+                                        alpha=alpha, dropout=dropout, multiplier=multiplier, train_unet=train_unet,
+                                        train_text_encoder=train_text_encoder)
     conv_rank = int(options["conv_dim"]) if options.get("conv_dim") not in (None, "None") else None
     conv_alpha = blocks.float_option(options, "conv_alpha") if conv_rank else None
     lr_weights = blocks.block_lr_weights(options, sdxl)
@@ -566,6 +616,38 @@ def network_from_args(text_encoders: Sequence[nn.Module], unet: nn.Module, optio
                           module_dropout=blocks.float_option(options, "module_dropout"), train_unet=train_unet,
                           train_text_encoder=train_text_encoder, multiplier=multiplier, block_dims=dims)
     network.set_block_lr_weight(lr_weights)
+    network.set_loraplus_lr_ratio(*blocks.loraplus_ratios(options))
+    return network
+
+
+def _note_lycoris_layers(options: Mapping[str, str]) -> None:
+    logger.warning(
+        "lycoris.kohya algo=%s is trained as this trainer's native %s on the layers sd-scripts' networks.lora uses "
+        "(CLIP attention/MLP, UNet transformer blocks; ResNets, down- and upsamplers with conv_dim), under the "
+        "kohya key names A1111 and ComfyUI read. LyCORIS' preset=full would also train conv_in, conv_out and the "
+        "time embedding; those layers are left out.", options.get("algo", "lora"),
+        {"lora": "LoRA/LoCon", "loha": "LoHa", "lokr": "LoKr"}[network_module_type("lycoris.kohya", options)])
+
+
+def _delta_network_from_args(text_encoders, unet, options: Mapping[str, str], module_type: str, *, sdxl: bool,
+                             rank: int, alpha, dropout, multiplier: float, train_unet: bool,
+                             train_text_encoder: bool) -> LoRANetwork:
+    """LoHa / LoKr as sd-scripts' networks/loha.py and lokr.py create them: conv_dim/conv_alpha for kxk convs
+    (alpha 1 when not given), use_tucker, factor (LoKr), rank and module dropout, LoRA+ ratios."""
+    conv_rank = int(options["conv_dim"]) if options.get("conv_dim") not in (None, "None") else None
+    conv_alpha = blocks.float_option(options, "conv_alpha") if conv_rank else None
+    if conv_rank and conv_alpha is None:
+        conv_alpha = 1.0  # sd-scripts' LoHa/LoKr default once conv_dim is given
+    module_options: dict[str, object] = {"use_tucker": str(options.get("use_tucker", "false")).lower() == "true"}
+    if module_type == "lokr":
+        module_options["factor"] = int(options.get("factor", -1))
+        module_options["decompose_both"] = str(options.get("decompose_both", "false")).lower() == "true"
+    network = LoRANetwork(text_encoders, unet, sdxl=sdxl, rank=rank, alpha=alpha, conv_rank=conv_rank,
+                          conv_alpha=conv_alpha, dropout=dropout,
+                          rank_dropout=blocks.float_option(options, "rank_dropout"),
+                          module_dropout=blocks.float_option(options, "module_dropout"), train_unet=train_unet,
+                          train_text_encoder=train_text_encoder, multiplier=multiplier, module_type=module_type,
+                          module_options=module_options)
     network.set_loraplus_lr_ratio(*blocks.loraplus_ratios(options))
     return network
 

@@ -5,7 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trainer.config.args import ARGUMENTS, DONE, NOT_YET, REFUSE, WARN, kind_of
+from trainer.config.args import (
+    ARGUMENTS,
+    DELTA_ARGS_NOT_YET,
+    DONE,
+    LYCORIS_ALGOS,
+    LYCORIS_ALGOS_NOT_YET,
+    LYCORIS_FLAGS_NOT_YET,
+    LYCORIS_PRESETS,
+    NETWORK_ARGS_BY_MODULE,
+    NOT_YET,
+    REFUSE,
+    WARN,
+    kind_of,
+)
 from trainer.tools.argmap import argument_readers
 
 STATUS_TEXT = {DONE: "implemented", WARN: "accepted, ignored with a warning", REFUSE: "refused: not supported yet"}
@@ -41,7 +54,37 @@ def compatibility_markdown() -> str:
         help_text = meta["help"] + (f" ({note})" if note else "")
         lines.append(f"| `--{f.name}` | {kind_of(f)} | `{f.default!r}` | {STATUS_TEXT[meta['status']]} | "
                      f"{meta['section']}: {help_text.replace('|', '/')} | {effect_modules(readers[f.name])} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + network_module_lines()) + "\n"
+
+
+NETWORK_MODULE_TEXT = {
+    "networks.lora": "LoRA; LoCon with conv_dim (sd-scripts' networks/lora.py)",
+    "trainer.network.lora": "the same as networks.lora",
+    "networks.loha": "LoHa: hada_w1_a/_b, hada_w2_a/_b (hada_t1/_t2 with use_tucker) (sd-scripts' networks/loha.py); "
+                     "--scale_weight_norms and --network_dropout are ignored with a warning, as in sd-scripts",
+    "networks.lokr": "LoKr: lokr_w1, lokr_w2 or lokr_w2_a/_b (lokr_t2 with use_tucker) (sd-scripts' networks/lokr.py); "
+                     "--scale_weight_norms and --network_dropout are ignored with a warning, as in sd-scripts",
+    "lycoris.kohya": "LyCORIS' spelling, trained by the native modules above with kohya key names and the "
+                     "layers of networks.lora (LyCORIS' full preset also trains conv_in, conv_out and the time "
+                     "embedding: those are left out)",
+}
+
+
+def network_module_lines() -> list[str]:
+    """The --network_module values and the --network_args keys each one takes."""
+    lines = ["", "## Network modules and their --network_args", "",
+             "| --network_module | what it trains | --network_args implemented | refused (not supported yet) |",
+             "|---|---|---|---|"]
+    for module, keys in NETWORK_ARGS_BY_MODULE.items():
+        refused = list(DELTA_ARGS_NOT_YET) if module in ("networks.loha", "networks.lokr") else []
+        if module == "lycoris.kohya":
+            refused += [f"algo={a}" for a in LYCORIS_ALGOS_NOT_YET] + [f"{k}=True" for k in LYCORIS_FLAGS_NOT_YET]
+            refused.append(f"preset other than {', '.join(LYCORIS_PRESETS)}")
+            keys = keys + tuple(f"algo={a}" for a in LYCORIS_ALGOS)
+        lines.append(f"| `{module}` | {NETWORK_MODULE_TEXT[module]} | {', '.join(keys)} | "
+                     f"{', '.join(refused) or '-'} |")
+    lines += ["", "Any other --network_module, and any other --network_args key, is refused with the supported list."]
+    return lines
 
 
 def main(argv: list[str]) -> int:

@@ -40,11 +40,11 @@ from typing import Any
 
 import torch
 
-from trainer.config.args import TrainConfig, parse_network_args
+from trainer.config.args import TrainConfig, network_module_type, parse_network_args
 from trainer.models.families import FAMILY_OF, build_architecture, default_dtype
 from trainer.models.load import models_from_parts
 from trainer.models.text import CHUNK, sdxl_conditioning
-from trainer.network.lora import LoRANetwork
+from trainer.network.lora import LoRANetwork, network_from_args
 from trainer.presets import CUDA_OVERHEAD_GB, DEFAULT_NETWORK_DIM, FRAGMENTATION
 from trainer.train.build import enable_gradient_checkpointing
 from trainer.train.resolve import weight_dtype_for
@@ -292,9 +292,12 @@ def estimate_training_memory(family: str, *, resolution: int | tuple[int, int], 
                              attention: str = "sdpa", conv_dim: int | None = None, no_half_vae: bool = False,
                              vae_batch_size: int = 1, max_token_length: int | None = None,
                              v_parameterization: bool = False, fp8_base: bool = False, fp8_base_unet: bool = False,
-                             full_bf16: bool = False) -> MemoryEstimate:
+                             full_bf16: bool = False, network_module: str = "networks.lora",
+                             network_options: dict[str, str] | None = None) -> MemoryEstimate:
     """Expected peak allocated GPU memory of training a LoRA on `family` (a shipped config: sd15, sd2-512,
-    sd2-768-v, sdxl, tiny-sd1) with these settings, without a GPU and without model weights."""
+    sd2-768-v, sdxl, tiny-sd1) with these settings, without a GPU and without model weights. `network_module`
+    networks.loha / networks.lokr (with their `network_options`) count that type's factors and the full-size
+    deltas it builds in each step."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
@@ -313,7 +316,8 @@ def estimate_training_memory(family: str, *, resolution: int | tuple[int, int], 
                                          gradient_checkpointing=gradient_checkpointing,
                                          fp8_unet=fp8_base or fp8_base_unet,
                                          fp8_text_encoders=fp8_base and not fp8_base_unet,
-                                         lora_dtype=torch.bfloat16 if full_bf16 else torch.float32)
+                                         lora_dtype=torch.bfloat16 if full_bf16 else torch.float32,
+                                         network_module=network_module, network_options=network_options)
         trainable = [p for p in network.parameters() if p.requires_grad]
         resident = [parts["unet"]] + ([] if cache_text_encoder_outputs else parts["text_encoders"])
         resident += [] if cache_latents else [parts["vae"]]
@@ -356,7 +360,8 @@ def _assemble(d: dict, notes: list[str]) -> MemoryEstimate:
 def training_models(family: str, *, dtype: torch.dtype, vae_dtype: torch.dtype, rank: int,
                     conv_rank: int | None, train_text_encoder: bool, gradient_checkpointing: bool,
                     fp8_unet: bool = False, fp8_text_encoders: bool = False,
-                    lora_dtype: torch.dtype = torch.float32):
+                    lora_dtype: torch.dtype = torch.float32, network_module: str = "networks.lora",
+                    network_options: dict[str, str] | None = None):
     """(parts, network): the frozen models and the attached LoRA, prepared as trainer.train.build does
     (freeze_models, build_network, enable_gradient_checkpointing). Real tensors, or fake under FakeTensorMode."""
     parts = build_architecture(family, dtype=dtype, vae_dtype=vae_dtype)
@@ -365,7 +370,7 @@ def training_models(family: str, *, dtype: torch.dtype, vae_dtype: torch.dtype, 
     for module in ([parts["unet"]] if fp8_unet else []) + (parts["text_encoders"] if fp8_text_encoders else []):
         store_in_fp8(module, dtype)
     with default_dtype(lora_dtype):  # --full_bf16: LoRA weights (and so their optimizer states) in bf16
-        network = attach_lora(parts, family, rank, conv_rank, train_text_encoder)
+        network = attach_lora(parts, family, rank, conv_rank, train_text_encoder, network_module, network_options)
     if gradient_checkpointing:
         enable_gradient_checkpointing(SimpleNamespace(**parts), train_text_encoder)
         parts["unet"].enable_gradient_checkpointing(checkpoint_keeping_autocast)
@@ -409,10 +414,17 @@ def store_in_fp8(module: torch.nn.Module, compute_dtype: torch.dtype, prefix: st
     module.register_forward_hook(restore)
 
 
-def attach_lora(parts: dict, family: str, rank: int, conv_rank: int | None, train_text_encoder: bool):
-    network = LoRANetwork(parts["text_encoders"], parts["unet"], sdxl=FAMILY_OF[family] == "sdxl", rank=rank,
-                          alpha=rank, conv_rank=conv_rank, conv_alpha=1.0 if conv_rank else None,
-                          train_text_encoder=train_text_encoder)
+def attach_lora(parts: dict, family: str, rank: int, conv_rank: int | None, train_text_encoder: bool,
+                network_module: str = "networks.lora", network_options: dict[str, str] | None = None):
+    sdxl = FAMILY_OF[family] == "sdxl"
+    if network_module_type(network_module, network_options or {}) != "lora":
+        options = dict(network_options or {}, **({"conv_dim": str(conv_rank)} if conv_rank else {}))
+        network = network_from_args(parts["text_encoders"], parts["unet"], options, sdxl=sdxl, rank=rank, alpha=rank,
+                                    train_text_encoder=train_text_encoder, network_module=network_module)
+    else:
+        network = LoRANetwork(parts["text_encoders"], parts["unet"], sdxl=sdxl, rank=rank, alpha=rank,
+                              conv_rank=conv_rank, conv_alpha=1.0 if conv_rank else None,
+                              train_text_encoder=train_text_encoder)
     network.apply_to()
     network.train()
     return network
@@ -491,9 +503,10 @@ def estimate_for_config(cfg, family: str, *, resolution: tuple[int, int] | None 
         no_half_vae=cfg.no_half_vae, vae_batch_size=cfg.vae_batch_size or 1,
         max_token_length=cfg.max_token_length, v_parameterization=cfg.v_parameterization,
         fp8_base=getattr(cfg, "fp8_base", False), fp8_base_unet=getattr(cfg, "fp8_base_unet", False),
-        full_bf16=getattr(cfg, "full_bf16", False))
+        full_bf16=getattr(cfg, "full_bf16", False), network_module=cfg.network_module or "networks.lora",
+        network_options=parse_network_args(cfg.network_args, network_module=cfg.network_module))
 
 
 def _conv_dim(cfg) -> int | None:
-    options = parse_network_args(cfg.network_args)
+    options = parse_network_args(cfg.network_args, network_module=cfg.network_module)
     return int(options["conv_dim"]) if "conv_dim" in options else None

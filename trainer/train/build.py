@@ -134,7 +134,8 @@ def build_network(settings: NetworkSettings, models):
     else:
         network = network_from_args(models.text_encoders, models.unet, settings.options, sdxl=sdxl,
                                     rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout,
-                                    train_unet=settings.train_unet, train_text_encoder=settings.train_text_encoder)
+                                    train_unet=settings.train_unet, train_text_encoder=settings.train_text_encoder,
+                                    network_module=settings.module)
     network.apply_to(apply_text_encoder=settings.train_text_encoder, apply_unet=settings.train_unet)
     if settings.weights and not settings.dim_from_weights:
         network.load_weights(settings.weights)
@@ -250,7 +251,10 @@ def build(spec: RunSpec, reporter: Reporter, *, models=None) -> TrainingSetup:
             settings=DiffusionSettings.from_config(cfg, v_parameterization=models.v_parameterization,
                                                    latent_scale=models.latent_scale),
             train_text_encoder=cfg.train_text_encoder and network_has_text_encoder(network, accelerator)),
-        max_grad_norm=cfg.max_grad_norm, scale_weight_norms=cfg.scale_weight_norms, lr_descriptions=lr_descriptions)
+        max_grad_norm=cfg.max_grad_norm,
+        # LoHa / LoKr have no max-norm regularisation: sd-scripts ignores the option for them (args.py warns)
+        scale_weight_norms=cfg.scale_weight_norms if accelerator.unwrap_model(network).module_type == "lora" else None,
+        lr_descriptions=lr_descriptions)
     setup.validator = build_validator(cfg, setup, reporter)
     return setup
 

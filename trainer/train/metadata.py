@@ -86,7 +86,7 @@ def training_metadata(cfg: TrainConfig, *, family: str, plan, dataset, optimizer
     }
     meta.update(_dataset_metadata(cfg, dataset, used_dataset_config))
     if cfg.network_args:
-        network_args = parse_network_args(cfg.network_args)
+        network_args = parse_network_args(cfg.network_args, network_module=cfg.network_module)
         network_args.setdefault("dropout", cfg.network_dropout)
         meta["ss_network_args"] = json.dumps(network_args)
     meta.update(_model_identity(model_name, model_file, "sd_model"))

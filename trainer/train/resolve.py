@@ -59,6 +59,7 @@ class NetworkSettings:
     train_text_encoder: bool
     weights: str | None      # --network_weights: start from this LoRA file
     dim_from_weights: bool   # ... and take the network's shape from it
+    module: str = "networks.lora"  # --network_module: networks.lora, networks.loha, networks.lokr, lycoris.kohya
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,7 @@ def weight_dtype_for(mixed_precision: str) -> torch.dtype:
 def network_settings(cfg: TrainConfig) -> NetworkSettings:
     return NetworkSettings(
         sdxl=cfg.sdxl, rank=cfg.network_dim or DEFAULT_NETWORK_DIM, alpha=cfg.network_alpha,
-        dropout=cfg.network_dropout, options=parse_network_args(cfg.network_args, sdxl=cfg.sdxl),
+        dropout=cfg.network_dropout, options=parse_network_args(cfg.network_args, sdxl=cfg.sdxl,
+                                                               network_module=cfg.network_module),
         train_unet=cfg.train_unet, train_text_encoder=cfg.train_text_encoder, weights=cfg.network_weights,
-        dim_from_weights=cfg.dim_from_weights)
+        dim_from_weights=cfg.dim_from_weights, module=cfg.network_module or "networks.lora")
