@@ -226,7 +226,9 @@ def test_loha_and_dora_files(sd15_state, tmp_path):
     report = check_lora_file(write(tmp_path, dict(loha, **{f"{name}.alpha": torch.tensor(1.0)})))
     assert report.verdicts["ComfyUI"].all_applied and report.verdicts["A1111"].all_applied
     assert "whole load fails" in report.verdicts["diffusers"].fails
-    assert "loha" in report.notes[0]
+    assert "loha" in report.notes[0] and "rank 2" in report.notes[0]
+    assert not report.ok and report.ok_for_webuis  # made for ComfyUI / A1111, where every key applies
+    assert report.summary_lines()[-1].startswith("OK for ComfyUI / Forge and A1111")
     dora = dict(sd15_state, **{f"{name}.dora_scale": torch.ones(1280, 1)})
     report = check_lora_file(write(tmp_path, dora))
     assert set(report.ignored) == {f"{name}.dora_scale"} and "diffusers" in report.ignored[f"{name}.dora_scale"]

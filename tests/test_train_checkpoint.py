@@ -121,3 +121,23 @@ def test_a_save_whose_keys_consumers_would_ignore_warns_once(tiny_sd1, tmp_path,
     assert len(warnings) == 1 and "n-000002.safetensors: 3 keys" in warnings[0]
     assert "text_model_" in warnings[0] and "lora_te_encoder_layers_0_mlp_fc1\n" in warnings[0] + "\n"
     assert (tmp_path / "out" / "n.safetensors").is_file()
+
+
+def test_a_loha_save_is_not_warned_about_for_diffusers(tiny_sd1, tmp_path, caplog):
+    """diffusers' pipelines load plain LoRA only: a LoHa file that ComfyUI and A1111 apply whole is no warning."""
+    from types import SimpleNamespace
+
+    from trainer.config.args import parse_train_args
+    from trainer.network.lora import network_from_args
+    from trainer.train.checkpoint import build_saver
+
+    cfg = parse_train_args(["--pretrained_model_name_or_path", "builtin:tiny-sd1", "--train_data_dir",
+                            str(tmp_path), "--output_dir", str(tmp_path / "out"), "--output_name", "h"])
+    network = network_from_args([tiny_sd1["text_encoder"]], tiny_sd1["unet"], {}, rank=2,
+                                network_module="networks.loha")
+    reporter = SimpleNamespace(listeners=[], emit=lambda *a, **k: None)
+    saver = build_saver(cfg, network, {}, reporter, SimpleNamespace(is_main_process=True), every_n_epochs=1)
+    with caplog.at_level("INFO", logger="trainer.train.checkpoint"):
+        saver.final(1, 1)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any("diffusers loads plain LoRA only" in r.getMessage() for r in caplog.records)

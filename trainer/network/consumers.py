@@ -556,6 +556,9 @@ def merged_ignored(verdicts: Mapping[str, Verdict]) -> dict[str, str]:
             for key, reasons in merged.items()}
 
 
+WHOLE_FILE = "<whole file>"  # the key of ignored_keys' entry for consumers that refuse the whole file
+
+
 def ignored_keys(keys: Iterable[str], model: ModelLayers) -> dict[str, str]:
     """`merged_ignored` for a LoRA file's keys on `model`, plus one entry per consumer that refuses the whole
     file (its key is `<whole file>`)."""
@@ -563,5 +566,5 @@ def ignored_keys(keys: Iterable[str], model: ModelLayers) -> dict[str, str]:
     ignored = merged_ignored(verdicts)
     refusals = [f"{v.consumer}: {v.fails}" for v in verdicts.values() if v.fails]
     if refusals:
-        ignored["<whole file>"] = "; ".join(refusals)
+        ignored[WHOLE_FILE] = "; ".join(refusals)
     return ignored

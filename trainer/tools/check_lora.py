@@ -65,6 +65,13 @@ class Report:
     def ok(self) -> bool:
         return not self.problems and not self.ignored and all(v.fails is None for v in self.verdicts.values())
 
+    @property
+    def ok_for_webuis(self) -> bool:
+        """Everything applied by the programs the LoRA is made for (ComfyUI, A1111/Forge); diffusers' pipelines
+        load only plain LoRA, so a LoHa/LoKr file is fine without them."""
+        webuis = [v for c, v in self.verdicts.items() if c != "diffusers"]
+        return not self.problems and all(v.all_applied for v in webuis)
+
     def summary_lines(self) -> list[str]:
         title = (f"{self.path}: {self.family.upper()} LoRA (from {self.family_source}), checked against "
                  f"{self.architecture}")
@@ -72,8 +79,13 @@ class Report:
         for consumer in CONSUMERS:
             lines += _verdict_lines(self.verdicts[consumer])
         lines += [f"PROBLEM: {p}" for p in self.problems]
-        lines.append("OK: every key is applied by ComfyUI, A1111 and diffusers." if self.ok
-                     else "NOT OK: see above.")
+        if self.ok:
+            lines.append("OK: every key is applied by ComfyUI, A1111 and diffusers.")
+        elif self.ok_for_webuis:
+            lines.append("OK for ComfyUI / Forge and A1111: every key is applied there; diffusers cannot load this "
+                         "file (see above).")
+        else:
+            lines.append("NOT OK: see above.")
         return lines
 
     def as_json(self) -> dict[str, Any]:
@@ -322,17 +334,30 @@ def part_notes(modules: Mapping[str, Mapping[str, Any]]) -> list[str]:
             parts = modules[name]
             suffixes |= set(parts)
             down = parts.get("lora_down.weight")
+            rank = module_rank(parts)
+            if rank is not None:
+                ranks[rank] += 1
             if down is not None:
-                ranks[int(down.shape[0])] += 1
                 kinds["conv3x3" if down.dim() == 4 and tuple(down.shape[2:]) != (1, 1) else
                       "conv1x1" if down.dim() == 4 else "linear"] += 1
             if "alpha" in parts and parts["alpha"].numel() == 1:
                 alphas[f"{parts['alpha'].reshape(()).item():g}"] += 1
             dtypes.update(str(t.dtype).removeprefix("torch.") for s, t in parts.items() if s != "alpha")
         notes.append(f"{label}: {len(names)} modules, {network_type(suffixes, bool(kinds['conv3x3']))}, "
-                     f"rank {_counts(ranks)}, alpha {_counts(alphas) or 'none'}, {_counts(kinds) or 'no lora_down'}, "
+                     f"rank {_counts(ranks)}, alpha {_counts(alphas) or 'none'}, "
+                     f"{_counts(kinds) + ', ' if kinds else ''}"
                      f"{_counts(dtypes)}" + ("; every lora_up is zero" if _all_zero_up(modules, names) else ""))
     return notes
+
+
+def module_rank(parts: Mapping[str, Any]) -> int | str | None:
+    """The rank of one module from its tensors: LoRA's lora_down rows, LoHa's hada_w1_b rows, LoKr's low-rank
+    halves (a LoKr of full matrices has no rank: "full")."""
+    for suffix in ("lora_down.weight", "hada_w1_b", "lokr_w2_b", "lokr_w1_b"):
+        tensor = parts.get(suffix)
+        if tensor is not None:
+            return int(tensor.shape[0])
+    return "full" if "lokr_w1" in parts else None
 
 
 def _counts(counter: Counter) -> str:
@@ -422,7 +447,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(report.as_json(), indent=2, ensure_ascii=False))
     else:
         print("\n".join(report.summary_lines()))
-    return 0 if report.ok else 1
+    return 0 if report.ok_for_webuis else 1  # diffusers refusing a LoHa/LoKr file is said, not failed
 
 
 def build_metadata_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from typing import Any, Callable, ContextManager
 from trainer import interrupts
 from trainer.errors import UserError
 from trainer.models.families import architecture_for_config
-from trainer.network.consumers import architecture_layers, ignored_keys
+from trainer.network.consumers import WHOLE_FILE, architecture_layers, ignored_keys
 from trainer.train.hub import hub_uploader
 from trainer.train.metadata import with_progress
 from trainer.train.state import remove_state, save_training_state
@@ -231,6 +231,7 @@ class LoraKeyCheck:
     def __init__(self, architecture: str):
         self.architecture = architecture
         self._warned: frozenset[str] | None = None
+        self._noted = False
 
     def __call__(self, path: Path, keys) -> dict[str, str]:
         try:
@@ -238,6 +239,11 @@ class LoraKeyCheck:
         except Exception as error:  # the check must never cost the user a saved file
             log.debug("LoRA key check skipped: %s", error)
             return {}
+        whole_file = ignored.pop(WHOLE_FILE, None)  # diffusers loads plain LoRA only: a LoHa/LoKr is refused
+        if whole_file and not self._noted:
+            self._noted = True
+            log.info("%s: %s (diffusers loads plain LoRA only; the warnings are about ComfyUI and A1111)", path,
+                     whole_file)
         if ignored and frozenset(ignored) != self._warned:
             self._warned = frozenset(ignored)
             by_reason: dict[str, list[str]] = {}
