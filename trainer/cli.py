@@ -16,6 +16,7 @@ commands:
   gui      open the trainer's page in the browser: presets, settings, start/stop, progress (--port, --no_browser)
   demo     train the built-in demo (tiny model, generated images) to check that everything works
   merge    merge LoRA files into a base model and save one .safetensors checkpoint (A1111 layout)
+  caption  write a caption file beside each picture: WD14 tags (--model wd14) or a BLIP sentence (--model blip)
   regimages  draw regularisation pictures of a class with your base model into an N_class folder (--class, --count)
   bench    speed and peak VRAM of a preset on its full-size model with random weights (--estimate: no run)
   setup    install torch and the requirements for this machine (run by setup.ps1 / setup.sh)
@@ -81,6 +82,13 @@ def cmd_merge(argv: list[str]) -> int:
     return merge.main(argv)
 
 
+def cmd_caption(argv: list[str]) -> int:
+    setup_logging()
+    from trainer.tools import caption  # lazy: see cmd_train
+
+    return caption.main(argv)
+
+
 def cmd_regimages(argv: list[str]) -> int:
     setup_logging()
     quiet_libraries()
@@ -115,6 +123,6 @@ def cmd_args(argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "train": cmd_train, "gui": cmd_gui, "demo": cmd_demo, "merge": cmd_merge, "regimages": cmd_regimages,
+    "train": cmd_train, "gui": cmd_gui, "demo": cmd_demo, "merge": cmd_merge, "caption": cmd_caption, "regimages": cmd_regimages,
     "bench": cmd_bench,
     "setup": cmd_setup, "doctor": cmd_doctor, "args": cmd_args}
