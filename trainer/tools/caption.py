@@ -133,7 +133,7 @@ def job_from_args(argv: Sequence[str]) -> CaptionJob:
         character_first=values["character_tags_first"], rating=rating)
     sentence_rules = caption_blip.SentenceRules(
         beam_search=values["beam_search"], num_beams=values["num_beams"], top_p=values["top_p"],
-        max_length=values["max_length"], min_length=values["min_length"], seed=values["seed"])
+        max_length=values["max_length"], min_length=values["min_length"], sampling_seed=values["seed"])
     return CaptionJob(
         folder=Path(values["train_data_dir"]).expanduser(), model=values["model"],
         repo_id=values["repo_id"] or MODELS[values["model"]], model_dir=values["model_dir"],

@@ -30,7 +30,7 @@ class SentenceRules:
     top_p: float = 0.9
     max_length: int = 75
     min_length: int = 5
-    seed: int = 42
+    sampling_seed: int = 42
 
 
 class BlipCaptioner:
@@ -54,7 +54,7 @@ class BlipCaptioner:
                               "--force_download to fetch them again.") from None
         self.model.to(self.device).eval()
         self.rules = rules
-        torch.manual_seed(rules.seed)
+        torch.manual_seed(rules.sampling_seed)
         log.info("BLIP %s on %s", folder, self.device)
 
     def sentences(self, images: Sequence[Image.Image]) -> list[str]:
