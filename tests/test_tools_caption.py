@@ -53,7 +53,8 @@ def write_tagger(folder, batch: int | str = "N", scores=TAGS):
         "tiny_tagger",
         [helper.make_tensor_value_info("input_1:0", TensorProto.FLOAT, [batch, SIZE, SIZE, 3])],
         [helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, [batch, len(scores)])],
-        [numpy_helper.from_array(np.array([1 / 255], np.float32), "scale"), numpy_helper.from_array(weights, "weights")])
+        [numpy_helper.from_array(np.array([1 / 255], np.float32), "scale"),
+         numpy_helper.from_array(weights, "weights")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(folder / "model.onnx"))
@@ -144,7 +145,8 @@ def test_the_caption_a_user_wrote_is_kept_unless_told(tmp_path, tagger_dir, caps
     assert text(folder / "mine.txt") == f"mychar, my own words, {RED_DEFAULT}\n"
     (folder / "mine.txt").write_text("long_hair, smile", encoding="utf-8")
     assert run(folder, tagger_dir, "--append_tags", "--trigger", "mychar") == 0
-    assert text(folder / "mine.txt") == "mychar, long_hair, smile, red_background, ^_^, 1girl, hatsune_miku_(vocaloid)\n"
+    assert text(folder / "mine.txt") == ("mychar, long_hair, smile, red_background, ^_^, 1girl, "
+                                         "hatsune_miku_(vocaloid)\n")
 
     assert run(folder, tagger_dir, "--overwrite") == 0
     assert text(folder / "mine.txt") == RED_DEFAULT + "\n"

@@ -5,8 +5,9 @@
 
 `--model wd14` (default) writes Danbooru tags for anime and illustrations (SmilingWolf's WD14 taggers, with
 the options of sd-scripts' tag_images_by_wd14_tagger.py); `--model blip` writes a sentence for photos (BLIP,
-with the options of sd-scripts' make_captions.py). The model is downloaded once from the Hugging Face hub
-and used offline afterwards; `--model_dir` names a folder holding it instead.
+with the options of sd-scripts' make_captions.py), `--model florence2` a longer one (Florence-2, `--task`).
+The model is downloaded once from the Hugging Face hub and used offline afterwards; `--model_dir` names a
+folder holding it instead.
 
 A picture that has a caption already keeps it: `--overwrite` replaces it, `--append_tags` adds the new tags
 that it lacks. Files are written atomically; at the end the command says how many were written, skipped
@@ -26,12 +27,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from trainer.data.folders import IMAGE_EXTENSIONS, list_images, parse_repeats_folder
 from trainer.errors import ConfigError
 from trainer.files import atomic_write_text
-from trainer.tools import caption_blip, caption_wd14
+from trainer.tools import caption_sentences, caption_wd14
 from trainer.tools.caption_models import model_folder, open_rgb
 
 log = logging.getLogger(__name__)
 
-MODELS = {"wd14": caption_wd14.DEFAULT_REPO, "blip": caption_blip.DEFAULT_REPO}
+MODELS = {"wd14": caption_wd14.DEFAULT_REPO,
+          **{name: model.default_repo for name, model in caption_sentences.MODELS.items()}}
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class CaptionJob:
     show_frequency: bool       # --frequency_tags
     remove_underscore: bool
     tag_rules: caption_wd14.TagRules
-    sentence_rules: caption_blip.SentenceRules
+    sentence_rules: caption_sentences.SentenceRules
 
 
 @dataclass
@@ -72,10 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer caption", description=__doc__.split("\n")[0])
     parser.add_argument("train_data_dir", metavar="DIR", help="the folder of pictures (an N_name folder, or its "
                         "parent with --recursive)")
-    parser.add_argument("--model", choices=sorted(MODELS), default="wd14",
-                        help="wd14: Danbooru tags (anime, illustration; default); blip: a sentence (photos)")
-    parser.add_argument("--repo_id", help=f"the model on the Hugging Face hub (default {MODELS['wd14']} for wd14, "
-                        f"{MODELS['blip']} for blip; any SmilingWolf wd-*-tagger v2/v3 repo works for wd14)")
+    parser.add_argument("--model", choices=list(MODELS), default="wd14",
+                        help="wd14: Danbooru tags (anime, illustration; default); blip: a sentence (photos); "
+                        "florence2: a longer sentence (photos)")
+    parser.add_argument("--repo_id", help="the model on the Hugging Face hub (default: "
+                        + ", ".join(f"{repo} for {name}" for name, repo in MODELS.items())
+                        + "; any SmilingWolf wd-*-tagger v2/v3 repo works for wd14)")
     parser.add_argument("--model_dir", help="a folder holding the model instead of the hub's cache (sd-scripts' "
                         "layout <model_dir>/<owner>_<name> is found too); missing files are downloaded into it")
     parser.add_argument("--force_download", action="store_true", help="download the model again")
@@ -91,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--append_tags", action="store_true", help="add the new tags to captions that are there "
                         "already, after their own")
     _add_tagger_options(parser.add_argument_group("wd14 (sd-scripts' tag_images_by_wd14_tagger.py options)"))
-    _add_sentence_options(parser.add_argument_group("blip (sd-scripts' make_captions.py options)"))
+    _add_sentence_options(parser.add_argument_group("blip and florence2 (sd-scripts' make_captions.py options)"))
     return parser
 
 
@@ -117,6 +121,9 @@ def _add_sentence_options(group) -> None:
     group.add_argument("--max_length", type=int, default=75, help="most tokens in a caption (default 75)")
     group.add_argument("--min_length", type=int, default=5, help="fewest tokens in a caption (default 5)")
     group.add_argument("--seed", type=int, default=42, help="seed of the sampling (default 42)")
+    group.add_argument("--task", default="DETAILED_CAPTION", type=lambda t: f"<{t.strip('<> ').upper()}>",
+                       choices=caption_sentences.FLORENCE_TASKS, help="florence2's prompt: CAPTION (short), "
+                       "DETAILED_CAPTION (default) or MORE_DETAILED_CAPTION (a paragraph)")
 
 
 def job_from_args(argv: Sequence[str]) -> CaptionJob:
@@ -131,9 +138,10 @@ def job_from_args(argv: Sequence[str]) -> CaptionJob:
         undesired=frozenset(_split(values["undesired_tags"], separator)),
         first=tuple(_split(values["always_first_tags"] or "", separator)),
         character_first=values["character_tags_first"], rating=rating)
-    sentence_rules = caption_blip.SentenceRules(
+    sentence_rules = caption_sentences.SentenceRules(
         beam_search=values["beam_search"], num_beams=values["num_beams"], top_p=values["top_p"],
-        max_length=values["max_length"], min_length=values["min_length"], sampling_seed=values["seed"])
+        max_length=values["max_length"], min_length=values["min_length"], sampling_seed=values["seed"],
+        task=values["task"])
     return CaptionJob(
         folder=Path(values["train_data_dir"]).expanduser(), model=values["model"],
         repo_id=values["repo_id"] or MODELS[values["model"]], model_dir=values["model_dir"],
@@ -243,8 +251,9 @@ def load_captioner(job: CaptionJob) -> Captioner:
         folder = model_folder(job.repo_id, caption_wd14.FILES, job.model_dir, job.force_download)
         tagger = caption_wd14.Tagger(folder, job.tag_rules, job.remove_underscore, job.batch_size)
         return Captioner(tagger.tags, tagger.batch_size)
-    folder = model_folder(job.repo_id, caption_blip.FILES, job.model_dir, job.force_download, caption_blip.PATTERNS)
-    captioner = caption_blip.BlipCaptioner(folder, job.sentence_rules)
+    model = caption_sentences.MODELS[job.model]
+    folder = model_folder(job.repo_id, model.files, job.model_dir, job.force_download, model.patterns)
+    captioner = caption_sentences.SentenceCaptioner(model, folder, job.sentence_rules)
     return Captioner(lambda images: [[sentence] for sentence in captioner.sentences(images)], job.batch_size)
 
 

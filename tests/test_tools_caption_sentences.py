@@ -1,8 +1,8 @@
-"""`python -m trainer caption --model blip`: a sentence per picture from a transformers BLIP model, loaded
-from a folder or the (faked) hub's cache as users' runs load Salesforce/blip-image-captioning-large.
+"""`python -m trainer caption --model blip / florence2`: a sentence per picture from a transformers model,
+loaded from a folder or the (faked) hub's cache as users' runs load Salesforce/blip-image-captioning-large.
 
-The tiny BLIP has random weights and a 12-word vocabulary; its output layer is biased towards one word, so
-what it writes is known: that word, as many times as --max_length lets it."""
+The tiny models have random weights; BLIP's output layer is biased towards one word and Florence-2 may write
+only one letter, so what each writes is known: that word, as many times as --max_length lets it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from trainer.errors import ConfigError
-from trainer.tools import caption, caption_blip
+from trainer.tools import caption, caption_sentences
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "of", "cat", "dog", "park"]
 
@@ -35,6 +35,37 @@ def write_blip(folder, word: str = "cat"):
         model.text_decoder.cls.predictions.decoder.bias[WORDS.index(word)] = 100.0
     model.save_pretrained(folder)
     BlipProcessor(BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer).save_pretrained(folder)
+    return folder
+
+
+def write_florence(folder, letter: str = "c"):
+    """A Florence-2 in transformers' own format (byte-level BART tokenizer, a two-stage DaViT) that may only
+    write `letter`."""
+    from transformers import BartTokenizer, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from trainer.models.tokenizer import bytes_to_unicode
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for char in bytes_to_unicode().values():
+        vocab.setdefault(char, len(vocab))
+    vocab["<image>"] = len(vocab)
+    tokenizer = BartTokenizer(vocab=vocab, merges=[], extra_special_tokens={"image_token": "<image>"})
+    vision = dict(depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1],
+                  patch_prenorm=[False, True], embed_dim=[16, 32], num_heads=[2, 4], num_groups=[2, 4],
+                  window_size=2, projection_dim=32, max_position_embeddings=8)
+    text = dict(vocab_size=len(vocab), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                decoder_attention_heads=2, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=128,
+                bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2)
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(Florence2Config(vision_config=vision, text_config=text,
+                                                              image_token_id=vocab["<image>"]))
+    model.generation_config.forced_eos_token_id = None
+    model.generation_config.suppress_tokens = [i for i in range(len(vocab)) if i != vocab[letter]]
+    model.save_pretrained(folder)
+    images = CLIPImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False)
+    images.image_seq_length = 17  # the 4x4 feature map and its pooled token
+    Florence2Processor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
     return folder
 
 
@@ -102,7 +133,7 @@ def test_the_hub_copy_is_fetched_once_with_the_processor_files(tmp_path, blip_di
     for _ in range(2):
         assert caption.main([str(folder), "--model", "blip", "--overwrite", "--max_length", "3",
                              "--min_length", "1"]) == 0
-    assert calls == [sorted([*caption_blip.FILES, *caption_blip.PATTERNS])]
+    assert calls == [sorted([*caption_sentences.BLIP.files, *caption_sentences.BLIP.patterns])]
     assert read(folder / "a.txt") == "cat cat\n"
 
 
@@ -111,5 +142,26 @@ def test_a_folder_that_is_no_blip_model_is_named(tmp_path):
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{}", encoding="utf-8")
     (model_dir / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ConfigError, match="not a BLIP captioning model"):
+    with pytest.raises(ConfigError, match="not a blip model"):
         caption.main([str(photos(tmp_path / "img", "a")), "--model", "blip", "--model_dir", str(model_dir)])
+
+
+@pytest.mark.parametrize("task", ["more_detailed_caption", "<CAPTION>"])
+def test_florence2_writes_what_its_task_asks(tmp_path, task, capsys):
+    model_dir = write_florence(tmp_path / "florence")
+    folder = photos(tmp_path / "img", "a", "b")
+    assert caption.main([str(folder), "--model", "florence2", "--model_dir", str(model_dir), "--task", task,
+                         "--beam_search", "--num_beams", "2", "--max_length", "5", "--min_length", "1",
+                         "--batch_size", "2"]) == 0
+    assert [read(folder / f"{n}.txt") for n in "ab"] == ["cccc\n"] * 2
+    assert "2 captions written" in capsys.readouterr().out
+
+
+def test_florence2_task_names_are_checked(tmp_path, capsys):
+    folder = str(photos(tmp_path / "img", "a"))
+    assert caption.job_from_args([folder, "--task", "more_detailed_caption"]).sentence_rules.task == \
+        "<MORE_DETAILED_CAPTION>"
+    assert caption.job_from_args([folder]).sentence_rules.task == "<DETAILED_CAPTION>"
+    with pytest.raises(SystemExit):
+        caption.main([folder, "--model", "florence2", "--task", "OD"])  # not a caption task
+    assert "invalid choice" in capsys.readouterr().err
