@@ -207,11 +207,15 @@ def test_preprocessing_pads_white_squares_in_bgr(tmp_path):
     assert caption_wd14.preprocess(open_rgb(tmp_path / "cut-out.png"), 2).min() == 255.0
 
 
-def test_missing_onnxruntime_is_one_message_with_the_pip_command(tmp_path, tagger_dir, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if it were not installed
+def test_missing_onnxruntime_is_one_message_with_the_pip_command(tmp_path, tagger_dir, monkeypatch, capsys):
+    from trainer.cli import main as cli_main
+
     folder = pictures(tmp_path / "img", a=RED)
-    with pytest.raises(ConfigError, match="pip install onnxruntime"):
-        run(folder, tagger_dir)
+    assert cli_main(["caption", str(folder), "--model_dir", str(tagger_dir)]) == 0  # the console command
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if it were not installed
+    assert cli_main(["caption", str(folder), "--model_dir", str(tagger_dir), "--overwrite"]) == 2
+    error = capsys.readouterr().err
+    assert "pip install onnxruntime" in error and "Traceback" not in error
 
 
 def test_bad_files_in_the_model_dir_are_named(tmp_path, tagger_dir):

@@ -45,8 +45,8 @@ TOOLS: tuple[Tool, ...] = (
     Tool("caption", "Caption the pictures", "A caption file beside each picture: WD14 tags for anime and "
          "illustrations, a BLIP sentence for photos. Captions already there are kept unless you tick Replace.", (
              ToolField("", "Picture folder", "path", info="the N_name folder (or its parent: tick subfolders)"),
-             ToolField("model", "Model", default="wd14", info="wd14: tags (anime, illustration); blip: a sentence "
-                       "(photos); downloaded once"),
+             ToolField("model", "Model", default="wd14", info="wd14: tags (anime, illustration); blip or "
+                       "florence2: a sentence (photos); downloaded once"),
              ToolField("trigger", "Trigger word (optional)", info="put first in every caption"),
              ToolField("caption_extension", "Caption extension", default=".txt",
                        info="train with the same --caption_extension"),

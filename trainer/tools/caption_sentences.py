@@ -67,8 +67,9 @@ class SentenceCaptioner:
         try:
             self.processor = processor_class.from_pretrained(folder)
             self.model = model_class.from_pretrained(folder, dtype=self.dtype)
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            raise ConfigError(f"{folder}: not a {model.name} model transformers can load ({e}). The folder holds "
+        except Exception as e:  # a wrong folder fails in many ways (missing file, foreign config, custom code)
+            raise ConfigError(f"{folder}: not a {model.name} model transformers can load ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no detail'}). The folder holds "
                               "config.json, model.safetensors and its processor's files (a copy in transformers' "
                               "own format: no custom code); pass --force_download to fetch them again.") from None
         self.model.to(self.device).eval()
