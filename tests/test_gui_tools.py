@@ -28,6 +28,9 @@ def test_values_become_the_console_command_line():
     values = ['"D:\\models\\my model.safetensors" ', "woman", 20.0, "", None, ""]
     assert tools.tool_argv(tool, values) == ["--model", "D:\\models\\my model.safetensors", "--class", "woman",
                                              "--count", "20"]
+    captions = by_command("caption")
+    assert tools.tool_argv(captions, ['"D:\\lora\\img\\10_me"', "blip", "", ".txt", 0.35, True, False]) == [
+        "D:\\lora\\img\\10_me", "--model", "blip", "--caption_extension", ".txt", "--thresh", "0.35", "--recursive"]
     merge = by_command("merge")
     assert tools.tool_argv(merge, ["base", "a.safetensors:0.8", "out.safetensors", True])[-1] == "--overwrite"
     assert "--overwrite" not in tools.tool_argv(merge, ["base", "a", "o", False])

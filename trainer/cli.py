@@ -22,6 +22,7 @@ commands:
   resize_lora  a LoRA at a lower rank by SVD (--model, --save_to, --new_rank; sd-scripts' resize_lora.py)
   check_lora  say whether ComfyUI, A1111/Forge and diffusers apply every key of a LoRA file, and check its tensors
   show_metadata  print a .safetensors file's metadata (ss_*, modelspec.*), long values summarised (--full, --json)
+  caption  write a caption file beside each picture: WD14 tags (--model wd14), or a sentence (--model blip|florence2)
   regimages  draw regularisation pictures of a class with your base model into an N_class folder (--class, --count)
   compare  a run's epoch files (or any LoRAs) side by side in one labelled grid: rows files x strengths, columns prompts
   bench    speed and peak VRAM of a preset on its full-size model with random weights (--estimate: no run)
@@ -118,6 +119,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "extract_lora": tool_command("extract_lora", loads_models=True),
     "merge_lora": tool_command("merge_lora"),
     "resize_lora": tool_command("resize_lora"),
+    "caption": tool_command("caption", loads_models=True),
     "regimages": tool_command("regimages", loads_models=True),
     "compare": tool_command("compare", loads_models=True),
     "check_lora": tool_command("check_lora", loads_models=True),

@@ -42,6 +42,17 @@ TOOLS: tuple[Tool, ...] = (
          "model, folders, captions and whether it fits the card.", (
              ToolField("config", "Training config (TOML)", "path", info="e.g. configs/my.toml; empty: only the "
                        "installation"),)),
+    Tool("caption", "Caption the pictures", "A caption file beside each picture: WD14 tags for anime and "
+         "illustrations, a BLIP sentence for photos. Captions already there are kept unless you tick Replace.", (
+             ToolField("", "Picture folder", "path", info="the N_name folder (or its parent: tick subfolders)"),
+             ToolField("model", "Model", default="wd14", info="wd14: tags (anime, illustration); blip or "
+                       "florence2: a sentence (photos); downloaded once"),
+             ToolField("trigger", "Trigger word (optional)", info="put first in every caption"),
+             ToolField("caption_extension", "Caption extension", default=".txt",
+                       info="train with the same --caption_extension"),
+             ToolField("thresh", "Tag threshold (wd14)", "number", 0.35, info="lower: more tags"),
+             ToolField("recursive", "Also the subfolders", "check", False),
+             ToolField("overwrite", "Replace existing captions", "check", False))),
     Tool("regimages", "Regularisation pictures", "Class pictures drawn by your base model into an N_class folder "
          "for --reg_data_dir (run again to resume or add more).", (
              ToolField("model", "Base model", "path", info="the model you train on"),
