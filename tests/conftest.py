@@ -250,3 +250,18 @@ class NanVae(torch.nn.Module):
     def encode(self, images):
         sample = torch.full((images.shape[0], 4, 8, 8), float("nan"))
         return types.SimpleNamespace(latent_dist=types.SimpleNamespace(sample=lambda: sample))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_user_cache(tmp_path_factory):
+    """The picture-check cache (trainer.paths.user_cache_dir) goes to a folder of this test session, never the
+    user's own; subprocesses inherit it."""
+    import os
+
+    old = os.environ.get("TRAINER_CACHE_DIR")
+    os.environ["TRAINER_CACHE_DIR"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    if old is None:
+        os.environ.pop("TRAINER_CACHE_DIR", None)
+    else:
+        os.environ["TRAINER_CACHE_DIR"] = old

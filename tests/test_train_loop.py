@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NanVae
+from conftest import NanVae, make_image
 from torch.overrides import TorchFunctionMode
 
 from trainer.config.args import parse_train_args
@@ -246,9 +246,26 @@ def test_with_several_processes_a_refresh_keeps_the_nan_for_the_next_save_check(
         meter.check(3)
 
 
+def test_a_picture_that_decodes_only_partly_stops_the_run_before_the_model_loads(tiny_sd1_dir, train_data_dir,
+                                                                                    tmp_path, monkeypatch):
+    """Its header is fine, so the size scan passes; the start-up decode of every picture finds it."""
+    from trainer.errors import DatasetError
+    from trainer.train import build
+
+    picture = train_data_dir / "10_sks shape" / "img_1.png"
+    make_image(picture, size=(256, 256), seed=7)
+    data = picture.read_bytes()
+    picture.write_bytes(data[:len(data) // 2])
+    monkeypatch.setattr(build, "load_models", lambda *a, **k: pytest.fail("the model was loaded"))
+    cfg = parse_train_args(args(tiny_sd1_dir, train_data_dir, tmp_path / "out"))
+    with pytest.raises(DatasetError, match="1 picture\\(s\\) cannot be decoded") as caught:
+        run_training(cfg, listeners=[])
+    assert str(picture) in str(caught.value) and "decoded to the end" in str(caught.value)
+
+
 def test_a_picture_unreadable_mid_run_keeps_the_steps_so_far(tiny_sd1_dir, train_data_dir, tmp_path, monkeypatch):
-    """A picture that decodes only partly passes the start-up check and fails when its batch comes; the
-    steps before it used to be thrown away (Ctrl-C kept them)."""
+    """A picture that cannot be read when its batch comes (replaced or damaged after the start-up check) stops
+    the run there; the steps before it used to be thrown away (Ctrl-C kept them)."""
     from trainer.data import dataset as dataset_module
     from trainer.errors import DatasetError
 

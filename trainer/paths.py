@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the folder holding trainer/, presets/, docs/, setup.ps1
@@ -16,3 +18,13 @@ def short_path(path: Path) -> Path:
         return Path(path).resolve().relative_to(REPO_ROOT)
     except ValueError:
         return Path(path)
+
+
+def user_cache_dir() -> Path:
+    """Where the trainer keeps what it can always rebuild (the picture checks): TRAINER_CACHE_DIR when set,
+    else %LOCALAPPDATA%\\trainer on Windows and $XDG_CACHE_HOME/trainer (~/.cache/trainer) elsewhere."""
+    if os.environ.get("TRAINER_CACHE_DIR"):
+        return Path(os.environ["TRAINER_CACHE_DIR"])
+    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "trainer"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainer"

@@ -50,6 +50,7 @@ from trainer.data.folders import (
     read_folder_captions,
     read_image_size,
 )
+from trainer.data.pictures import LoggedProgress, default_cache_file, verify_pictures
 from trainer.errors import ConfigError, DatasetError
 from trainer.files import atomic_write_text
 
@@ -115,13 +116,15 @@ def build_train_dataset(specs: list[DatasetSpec], *, seed: int, max_train_steps_
     held_out: list[ImageRecord] = []
     subsets: list[UsedSubset] = []
     plans = []
+    held_before = 0
     for index, spec in enumerate(specs):
         plan = DatasetPlan(spec)
         if spec.is_dreambooth:
             new_records = _scan_dreambooth(spec, index, plan, subsets, seed, held_out)
         else:
             new_records = _scan_finetune(spec, index, plan, subsets, seed)
-        _read_image_sizes(new_records)
+        _check_pictures(new_records + held_out[held_before:])
+        held_before = len(held_out)
         first = len(records)
         records.extend(new_records)
         _assign_buckets(plan, records, range(first, len(records)))
@@ -311,6 +314,16 @@ def _read_image_sizes(records: list[ImageRecord]) -> None:
     for record in records:
         if record.image_size is None:
             record.image_size = read_image_size(record.path)
+
+
+def _check_pictures(records: list[ImageRecord]) -> None:
+    """Every picture decoded once before training (cached: trainer.data.pictures), so a damaged one stops the
+    run now, with all of them named, instead of at its batch; the stored sizes come with it."""
+    facts = verify_pictures([record.path for record in records], cache_file=default_cache_file(),
+                            progress=LoggedProgress())
+    for record, fact in zip(records, facts):
+        if record.image_size is None:
+            record.image_size = (fact.width, fact.height)
 
 
 def _assign_buckets(plan: DatasetPlan, records: list[ImageRecord], indices: range) -> None:

@@ -39,9 +39,11 @@ LAYOUT_EXAMPLE = (
 
 
 def list_images(directory: str | Path) -> list[Path]:
-    """Image files directly inside `directory` (no recursion), any letter case, sorted by name."""
+    """Image files directly inside `directory` (no recursion), any letter case, sorted by name. Hidden files
+    are left out, as sd-scripts' glob leaves them: macOS writes `._name.png` metadata beside every copied picture."""
     directory = Path(directory)
-    files = [p for p in directory.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    files = [p for p in directory.iterdir()
+             if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()]
     return sorted(files, key=lambda p: p.name)
 
 

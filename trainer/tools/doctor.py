@@ -8,6 +8,7 @@ doctor still runs, and says to run setup, when torch is missing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.metadata
 import json
@@ -192,19 +193,33 @@ def check_config(config: str, importer: Importer = importlib.import_module) -> l
     return [Check(OK, "config", f"{config} parses")]
 
 
-def check_dataset(config: str) -> list[Check]:
-    """The pre-flight check the GUI's Check button shows (trainer.tools.preflight): the base model's path,
-    files the config names, the picture folders (repeats, images, captions, the trigger word) and the steps."""
-    try:  # lazy: the doctor runs, and says to run setup, before the requirements are installed
-        from trainer.tools.preflight import check_config as preflight
-    except ImportError as e:
-        return [Check(NOTE, "pre-flight", f"not checked ({e})", SETUP_HINT)]
-    report = preflight(config)
+def check_dataset(config: str, report=None) -> list[Check]:
+    """The pre-flight check the GUI's Check button shows (trainer.tools.preflight, with the dataset doctor):
+    the base model's path, files the config names, the picture folders and every picture and caption in them,
+    the buckets, and the steps. `report`: that check already made (see `dataset_report`)."""
+    report = report or dataset_report(config)
+    if isinstance(report, Check):
+        return [report]
     checks = [Check(FAIL, "pre-flight", problem) for problem in report.problems]  # each message names its fix
     for note in report.notes:
         warning = "Warning: " in note  # a folder's line may end in one
         checks.append(Check(WARN if warning else NOTE, "pre-flight", note.removeprefix("Warning: ")))
+    if report.dataset and report.dataset.buckets:
+        checks.append(Check(NOTE, "buckets", "; ".join(
+            f"{b['resolution']}: {b['pictures']} picture(s) ({b['with_repeats']} with repeats)"
+            for b in report.dataset.buckets)))
+    if report.dataset and report.dataset.top_tags:
+        checks.append(Check(NOTE, "top tags", ", ".join(f"{t} ({n})" for t, n in report.dataset.top_tags)))
     return checks
+
+
+def dataset_report(config: str):
+    """trainer.tools.preflight's CheckReport for `config`, or a Check saying why it could not be made."""
+    try:  # lazy: the doctor runs, and says to run setup, before the requirements are installed
+        from trainer.tools.preflight import check_config as preflight
+    except ImportError as e:
+        return Check(NOTE, "pre-flight", f"not checked ({e})", SETUP_HINT)
+    return preflight(config)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,16 +322,19 @@ def step_down_advice(config: str | Path, card_gb: float, presets_dir: Path = PRE
     return "; or ".join(memory_advice(cfg, family, "train", card_gb))
 
 
-def run_checks(args: argparse.Namespace) -> list[Check]:
+def run_checks(args: argparse.Namespace) -> tuple[list[Check], object]:
+    """(every check, the pre-flight report of --config or None)."""
     checks = check_python() + check_venv() + check_torch() + check_modules() + check_clip_vocab()
     checks += check_paths({"trainer folder": REPO_ROOT, "current folder": Path.cwd(), "Python env": Path(sys.prefix)})
     checks += check_long_paths() + check_disk(REPO_ROOT)
+    found = None
     if args.config:
         config_checks = check_config(args.config)
         checks += config_checks
         if all(c.level == OK for c in config_checks):
-            checks += check_dataset(args.config) + check_vram(args.config)
-    return checks
+            found = dataset_report(args.config)
+            checks += check_dataset(args.config, found) + check_vram(args.config)
+    return checks, found
 
 
 def report(checks: Sequence[Check], say: Callable[[str], None] = print) -> int:
@@ -335,6 +353,21 @@ def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer doctor",
                                 description="Check Python, torch/CUDA, libraries, paths and disk; say how to fix "
                                             "what is wrong.")
-    p.add_argument("--config", help="also check that this training TOML parses and fits this GPU's memory")
+    p.add_argument("--config", help="also check this training TOML: it parses, its pictures and captions (the "
+                                    "dataset doctor), and it fits this GPU's memory")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON (for the GUI and other programs)")
     args = p.parse_args(list(argv))
-    return report(run_checks(args))
+    checks, found = run_checks(args)
+    if args.json:
+        return print_json(checks, found)
+    return report(checks)
+
+
+def print_json(checks: Sequence[Check], found: object) -> int:
+    """{"ok", "checks": [{level, name, detail, fix}], "config": the pre-flight report or null}; exit code as
+    `report`."""
+    failed = any(c.level == FAIL for c in checks)
+    data = {"ok": not failed, "checks": [dataclasses.asdict(c) for c in checks],
+            "config": found.to_json() if hasattr(found, "to_json") else None}
+    sys.stdout.write(json.dumps(data, indent=1) + "\n")  # ASCII escapes: safe on any Windows console code page
+    return 1 if failed else 0

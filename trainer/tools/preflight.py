@@ -15,11 +15,20 @@ from typing import Any, Iterator
 
 from trainer.config import args as A
 from trainer.data.config import load_dataset_config, resolve_datasets
-from trainer.data.folders import caption_candidates, list_images, read_finetune_metadata, read_folder_captions
+from trainer.data.folders import (
+    caption_candidates,
+    list_images,
+    read_caption,
+    read_finetune_metadata,
+    read_folder_captions,
+)
 from trainer.demo import demo_pictures_pending
 from trainer.errors import ConfigError, UserError
 from trainer.files import strip_path
 from trainer.models.load import detect_model_family, looks_like_hub_id, missing_path_error
+from trainer.models.tokenizer import openai_clip_tokenizer
+from trainer.tools import dataset_doctor
+from trainer.tools.dataset_doctor import DatasetFindings, SubsetScan
 
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
@@ -29,6 +38,7 @@ class CheckReport:
 
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    dataset: DatasetFindings | None = None  # the dataset doctor's findings and tables, when the folders were read
 
     @property
     def ok(self) -> bool:
@@ -39,7 +49,16 @@ class CheckReport:
         parts += [_bullet(p) for p in self.problems]
         if self.notes:
             parts += ["", "**Found:**"] + [_bullet(n) for n in self.notes]
+        if self.dataset and self.dataset.tables_markdown():
+            parts += ["", self.dataset.tables_markdown()]
         return "\n".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        """For the GUI and other programs (`doctor --config --json`)."""
+        warnings = [n.removeprefix("Warning: ") for n in self.notes if n.startswith("Warning: ")]
+        return {"ok": self.ok, "problems": self.problems, "warnings": warnings,
+                "notes": [n for n in self.notes if not n.startswith("Warning: ")],
+                "dataset": self.dataset.to_json() if self.dataset else None}
 
 
 def _bullet(text: str) -> str:
@@ -182,17 +201,39 @@ def _check_dataset(args: Any, trigger: str, trigger_fix: str, report: CheckRepor
         report.problems += getattr(e, "problems", None) or [str(e)]
         return
     train_images = steps_per_epoch = 0
-    for spec in specs:
-        counted = [_scan_subset(subset, trigger, trigger_fix, report) for subset in spec.subsets]
+    scans: list[SubsetScan] = []
+    for index, spec in enumerate(specs):
+        found = [_scan_subset(spec, index, subset, trigger, trigger_fix, report) for subset in spec.subsets]
+        scans += [scan for scan in found if scan is not None]
+        counted = [len(scan.images) if scan else 0 for scan in found]
         train = sum(n * s.num_repeats for n, s in zip(counted, spec.subsets) if not s.is_reg)
         has_reg = any(n for n, s in zip(counted, spec.subsets) if s.is_reg)
         train_images += train
         steps_per_epoch += math.ceil(train * (2 if has_reg else 1) / spec.batch_size)  # reg images match train
+    _examine(args, scans, report)
     if not train_images:
         report.problems.append("No training images found in any dataset folder. Images (png, jpg, webp, bmp) must "
                                "be directly inside the '<repeats>_<class tokens>' folders (or image_dir).")
         return
     report.notes.append(_steps_note(args, steps_per_epoch))
+
+
+def _examine(args: Any, scans: list[SubsetScan], report: CheckReport) -> None:
+    """The dataset doctor's findings on the pictures and captions, as problems and notes of this report."""
+    found = dataset_doctor.examine(scans, max_token_length=args.max_token_length, tokenizer=_tokenizer())
+    for finding in found.findings:
+        if finding.level == dataset_doctor.PROBLEM:
+            report.problems.append(finding.text())
+        else:
+            report.notes.append(("Warning: " if finding.level == dataset_doctor.WARNING else "") + finding.text())
+    report.dataset = found
+
+
+def _tokenizer() -> Any:
+    try:
+        return openai_clip_tokenizer()
+    except (UserError, ImportError):
+        return None
 
 
 def _steps_note(args: Any, batches: int) -> str:
@@ -205,50 +246,60 @@ def _steps_note(args: Any, batches: int) -> str:
             "(aspect-ratio buckets can add a few).")
 
 
-def _scan_subset(subset: Any, trigger: str, trigger_fix: str, report: CheckReport) -> int:
-    """One line per folder: images, repeats, caption files, captions with the trigger. Returns the image count."""
+def _scan_subset(spec: Any, index: int, subset: Any, trigger: str, trigger_fix: str,
+                 report: CheckReport) -> SubsetScan | None:
+    """One line per folder: images, repeats, caption files, captions with the trigger. Returns what the
+    dataset doctor examines (None when there is nothing to examine)."""
     if subset.metadata_file:
         try:
             entries, _ = read_finetune_metadata(subset.metadata_file, subset.image_dir, subset.caption_separator,
                                                 subset.enable_wildcard)
         except UserError as e:
             report.problems.append(str(e))
-            return 0
+            return None
+        captions = [c for _, c, _ in entries]
         report.notes.append(f"train {subset.metadata_file}: {len(entries)} image(s) x {subset.num_repeats} "
-                            f"repeat(s){_trigger_part(subset, [c for _, c, _ in entries], trigger, trigger_fix)}")
-        return len(entries)
+                            f"repeat(s){_trigger_part(subset, captions, trigger, trigger_fix)}")
+        return SubsetScan(spec, subset, [Path(p) for p, _, _ in entries], captions, index)
     folder = Path(subset.image_dir)
     role = "reg" if subset.is_reg else "train"
     if not folder.is_dir():
         report.problems.append(f"Image folder not found: {folder}. Check image_dir (or --train_data_dir); relative "
                                f"paths are taken from the current folder {Path.cwd()}.")
-        return 0
+        return None
     images = list_images(folder)
     if not images:
         subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir())
         hint = (f"; it has subfolders ({', '.join(subfolders[:5])}), but images must be directly inside it"
                 if subfolders else "")
         report.notes.append(f"Warning: {role} folder {folder} has no images and is skipped{hint}.")
-        return 0
-    try:
-        captions, files = _captions(subset, images)
-    except UserError as e:
-        report.problems.append(str(e))
-        return len(images)
+        return None
+    captions, files = _captions(subset, images)
     report.notes.append(f"{role} {folder.name}: {len(images)} image(s) x {subset.num_repeats} repeat(s) = "
                         f"{len(images) * subset.num_repeats}, {files} caption file(s) ({subset.caption_extension})"
                         + ("" if subset.is_reg else _trigger_part(subset, captions, trigger, trigger_fix)))
-    return len(images)
+    return SubsetScan(spec, subset, images, captions, index)
 
 
 def _captions(subset: Any, images: list[Path]) -> tuple[list[str], int]:
     """Each image's caption as training reads it (caption file, else the folder's class tokens) and how many
-    caption files there are; the trainer's own warning names the images without one."""
-    captions = read_folder_captions(images, subset.caption_extension, subset.class_tokens, subset.enable_wildcard,
-                                    Path(subset.image_dir))
+    caption files there are; the trainer's own warning names the images without one. A caption file training
+    would stop on reads as empty here: the dataset doctor names every such file, not only the first."""
     files = sum(1 for image in images
                 if any(c.is_file() for c in caption_candidates(image, subset.caption_extension)))
-    return captions, files
+    try:
+        return read_folder_captions(images, subset.caption_extension, subset.class_tokens, subset.enable_wildcard,
+                                    Path(subset.image_dir)), files
+    except UserError:
+        return [_readable_caption(image, subset) for image in images], files
+
+
+def _readable_caption(image: Path, subset: Any) -> str:
+    try:
+        caption = read_caption(image, subset.caption_extension, enable_wildcard=subset.enable_wildcard)
+    except UserError:
+        return ""
+    return (subset.class_tokens or "") if caption is None else caption
 
 
 def _trigger_part(subset: Any, captions: list[str], trigger: str, fix: str) -> str:
