@@ -166,6 +166,23 @@ def test_corrupt_image_is_an_error_naming_the_file(root):
     assert str(folder / "broken.png") in str(caught.value) and "re-save" in str(caught.value)
 
 
+def test_a_picture_cut_short_stops_the_build_and_a_sideways_one_is_a_warning(root, caplog):
+    from PIL import Image
+
+    folder = make_dreambooth_folder(root, "1_pics", n=2, size=(16, 16))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone photo: stored sideways, shown upright
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(folder / "phone.jpg", exif=exif)
+    with caplog.at_level("WARNING"):
+        build_train_dataset([dataset(subset(folder, 1), resolution=(16, 16))], seed=0)
+    assert "stored sideways" in caplog.text and "phone.jpg" in caplog.text
+    big = make_image(folder / "cut.png", size=(128, 128), seed=3)
+    big.write_bytes(big.read_bytes()[:len(big.read_bytes()) // 2])
+    with pytest.raises(DatasetError, match="1 picture\\(s\\) cannot be decoded") as caught:
+        build_train_dataset([dataset(subset(folder, 1), resolution=(16, 16))], seed=0)
+    assert str(big) in str(caught.value)
+
+
 def test_no_upscale_image_thinner_than_a_step_is_an_error_naming_it(root):
     folder = root / "1_thin"
     make_image(folder / "細い.png", size=(100, 40))

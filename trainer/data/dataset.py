@@ -50,7 +50,7 @@ from trainer.data.folders import (
     read_folder_captions,
     read_image_size,
 )
-from trainer.data.pictures import LoggedProgress, default_cache_file, verify_pictures
+from trainer.data.pictures import WARNING, LoggedProgress, default_cache_file, picture_findings, verify_pictures
 from trainer.errors import ConfigError, DatasetError
 from trainer.files import atomic_write_text
 
@@ -123,7 +123,7 @@ def build_train_dataset(specs: list[DatasetSpec], *, seed: int, max_train_steps_
             new_records = _scan_dreambooth(spec, index, plan, subsets, seed, held_out)
         else:
             new_records = _scan_finetune(spec, index, plan, subsets, seed)
-        _check_pictures(new_records + held_out[held_before:])
+        _check_pictures(new_records + held_out[held_before:], subsets)
         held_before = len(held_out)
         first = len(records)
         records.extend(new_records)
@@ -316,11 +316,17 @@ def _read_image_sizes(records: list[ImageRecord]) -> None:
             record.image_size = read_image_size(record.path)
 
 
-def _check_pictures(records: list[ImageRecord]) -> None:
+def _check_pictures(records: list[ImageRecord], subsets: list[UsedSubset]) -> None:
     """Every picture decoded once before training (cached: trainer.data.pictures), so a damaged one stops the
-    run now, with all of them named, instead of at its batch; the stored sizes come with it."""
+    run now, with all of them named, instead of at its batch; the stored sizes come with it. What trains but
+    not as the user thinks (a picture stored sideways, transparency) is a warning."""
     facts = verify_pictures([record.path for record in records], cache_file=default_cache_file(),
                             progress=LoggedProgress())
+    masked = {str(record.path) for record in records if subsets[record.subset].spec.alpha_mask}
+    for level, message, files in picture_findings(facts, masked):
+        if level == WARNING:
+            more = f" and {len(files) - 5} more" if len(files) > 5 else ""
+            logger.warning("%s: %s%s", message, ", ".join(Path(f).name for f in files[:5]), more)
     for record, fact in zip(records, facts):
         if record.image_size is None:
             record.image_size = (fact.width, fact.height)

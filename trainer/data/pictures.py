@@ -18,7 +18,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from trainer.errors import DatasetError
 from trainer.files import atomic_write_text
@@ -31,6 +31,11 @@ HASH_SIDE = 16  # a 16x16 difference hash: 256 bits
 NEAR_DUPLICATE_BITS = 20  # at most this many of the 256 bits differ: the same picture resized, re-encoded, retouched
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 Progress = Callable[[int, int], None]  # (done, total)
+PROBLEM, WARNING, NOTE = "problem", "warning", "note"  # stops the run / trains, but not as the user thinks / FYI
+Finding = tuple[str, str, list[str]]  # (level, message with its fix, files)
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+ROTATIONS = {2: "mirrored", 3: "upside down", 4: "mirrored upside down", 5: "sideways and mirrored",
+             6: "sideways", 7: "sideways and mirrored", 8: "sideways"}
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,8 @@ def inspect_picture(path: str | Path) -> PictureFacts:
     try:
         image = Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return PictureFacts(str(path), digest=digest, error="not a picture Pillow can open (a damaged header, or another kind of file under a picture's name)")
+        return PictureFacts(str(path), digest=digest, error="not a picture Pillow can open (a damaged header, or "
+                                                            "another kind of file under a picture's name)")
     facts = dict(path=str(path), width=image.width, height=image.height, mode=image.mode, digest=digest,
                  has_alpha=image.mode in ALPHA_MODES or "transparency" in image.info,
                  orientation=_orientation(image))
@@ -221,6 +227,43 @@ def undecodable_message(bad: list[PictureFacts]) -> str:
     return (f"{len(bad)} picture(s) cannot be decoded, and training would stop when their batch comes:\n{shown}{more}\n"
             "Delete them, or open each in an image editor and re-save it (PNG or JPEG); a file cut short by a "
             "copy or download must be copied again.")
+
+
+def picture_findings(facts: Sequence[PictureFacts], alpha_masked: set[str] = frozenset()) -> list[Finding]:
+    """What the pictures themselves get wrong, each with its fix: the dataset doctor reports them all, `train`
+    logs the warnings. `alpha_masked`: the pictures of alpha_mask subsets, whose transparency is used."""
+    good = [f for f in facts if f.ok]
+    found: list[Finding] = []
+    bad = [f.path for f in facts if not f.ok]
+    if bad:
+        found.append((PROBLEM, undecodable_message([f for f in facts if not f.ok]), bad))
+    by_rotation: dict[str, list[str]] = {}
+    for f in good:
+        if f.orientation in ROTATIONS:
+            by_rotation.setdefault(ROTATIONS[f.orientation], []).append(f.path)
+    for how, files in by_rotation.items():
+        found.append((WARNING, f"Picture(s) are stored {how}: viewers turn them by their EXIF tag, training (like "
+                               "sd-scripts) does not, so it learns them that way. Rotate the pixels and save (most "
+                               "editors do this on 'rotate' + save), or delete them", files))
+    checks = [
+        (WARNING, lambda f: f.mode in SIXTEEN_BIT_MODES,
+         "16-bit or float greyscale picture(s): converting them to RGB clips every value above 255, so they train "
+         "as nearly white pictures. Save them as 8-bit PNG or JPEG"),
+        (WARNING, lambda f: f.mode == "CMYK",
+         "CMYK picture(s) (print colours) are converted to RGB without a colour profile, so their colours can "
+         "shift. Save them as RGB"),
+        (WARNING, lambda f: f.has_alpha and f.path not in alpha_masked,
+         "Picture(s) with transparency: training drops the alpha channel, so transparent parts become whatever "
+         "colour is stored under them (often black). Put them on a background, or set alpha_mask = true to train "
+         "on the opaque part only"),
+        (NOTE, lambda f: f.mode in ("P", "1") and not f.has_alpha,
+         "Palette or 1-bit picture(s) are converted to RGB (fine, if they look right)"),
+    ]
+    for level, applies, message in checks:
+        files = [f.path for f in good if applies(f)]
+        if files:
+            found.append((level, message, files))
+    return found
 
 
 def exact_duplicates(facts: Iterable[PictureFacts]) -> list[list[PictureFacts]]:

@@ -21,6 +21,9 @@ from trainer.data.captions import count_tags
 from trainer.data.config import DatasetSpec, SubsetSpec
 from trainer.data.folders import IMAGE_EXTENSIONS, caption_candidates
 from trainer.data.pictures import (
+    NOTE,
+    PROBLEM,
+    WARNING,
     LoggedProgress,
     PictureFacts,
     Progress,
@@ -28,20 +31,16 @@ from trainer.data.pictures import (
     exact_duplicates,
     inspect_pictures,
     near_duplicates,
-    undecodable_message,
+    picture_findings,
 )
 
 logger = logging.getLogger(__name__)
 
-PROBLEM, WARNING, NOTE = "problem", "warning", "note"
 OTHER_PICTURE_EXTENSIONS = {".gif", ".tif", ".tiff", ".heic", ".heif", ".jfif", ".jxl", ".avif", ".psd", ".ico",
                             ".jpe", ".svg", ".dng", ".raw"} - set(IMAGE_EXTENSIONS)
 SYSTEM_FILES = {"thumbs.db", "desktop.ini", ".ds_store"}
 MOST_CROPPED = 0.2  # a bucket that cuts away more than a fifth of the resized picture
 MOST_UPSCALED = 1.5  # a picture blown up more than this is visibly soft
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-ROTATIONS = {2: "mirrored", 3: "upside down", 4: "mirrored upside down", 5: "sideways and mirrored",
-             6: "sideways", 7: "sideways and mirrored", 8: "sideways"}
 SHOWN_FILES = 5
 SHOWN_GROUPS = 5
 
@@ -229,34 +228,8 @@ def top_tags(scans: Sequence[SubsetScan], count: int = 15) -> list[tuple[str, in
 # ---- pictures --------------------------------------------------------------------------------------------
 
 def check_pictures(facts: Sequence[PictureFacts], alpha_masked: set[str], report: DatasetFindings) -> None:
-    bad = [f for f in facts if not f.ok]
-    if bad:
-        report.add(PROBLEM, undecodable_message(bad), [f.path for f in bad])
-    good = [f for f in facts if f.ok]
-    by_rotation: dict[str, list[str]] = {}
-    for f in good:
-        if f.orientation in ROTATIONS:
-            by_rotation.setdefault(ROTATIONS[f.orientation], []).append(f.path)
-    for how, files in by_rotation.items():
-        report.add(WARNING, f"Picture(s) are stored {how}: viewers turn them by their EXIF tag, training (like "
-                            "sd-scripts) does not, so it learns them that way. Rotate the pixels and save (most "
-                            "editors do this on 'rotate' + save), or delete them", files)
-    sixteen = [f.path for f in good if f.mode in SIXTEEN_BIT_MODES]
-    if sixteen:
-        report.add(WARNING, "16-bit or float greyscale picture(s): converting them to RGB clips every value above "
-                            "255, so they train as nearly white pictures. Save them as 8-bit PNG or JPEG", sixteen)
-    cmyk = [f.path for f in good if f.mode == "CMYK"]
-    if cmyk:
-        report.add(WARNING, "CMYK picture(s) (print colours) are converted to RGB without a colour profile, so "
-                            "their colours can shift. Save them as RGB", cmyk)
-    alpha = [f.path for f in good if f.has_alpha and f.path not in alpha_masked]
-    if alpha:
-        report.add(WARNING, "Picture(s) with transparency: training drops the alpha channel, so transparent parts "
-                            "become whatever colour is stored under them (often black). Put them on a background, "
-                            "or set alpha_mask = true to train on the opaque part only", alpha)
-    palette = [f.path for f in good if f.mode in ("P", "1") and not f.has_alpha]
-    if palette:
-        report.add(NOTE, "Palette or 1-bit picture(s) are converted to RGB (fine, if they look right)", palette)
+    for level, message, files in picture_findings(facts, alpha_masked):
+        report.add(level, message, files)
 
 
 def check_buckets(scans: Sequence[SubsetScan], facts: dict[Path, PictureFacts], report: DatasetFindings) -> None:
