@@ -293,7 +293,7 @@ def near_duplicates(facts: Iterable[PictureFacts], max_bits: int = NEAR_DUPLICAT
 
     for i, a in enumerate(items):
         for j in range(i + 1, len(items)):
-            if bin(a.dhash ^ items[j].dhash).count("1") <= max_bits:
+            if (a.dhash ^ items[j].dhash).bit_count() <= max_bits:
                 parent[root(j)] = root(i)
     groups: dict[int, list[PictureFacts]] = {}
     for i, f in enumerate(items):
