@@ -162,3 +162,18 @@ def test_doctor_config_runs_the_same_pre_flight_as_the_gui_check(train_data_dir,
                        encoding="utf-8")
     assert any(c.level == FAIL and "no/such/folder" in c.detail.replace("\\", "/")
                for c in doctor.check_dataset(str(missing)))
+
+
+def test_picture_progress_shows_only_when_many_pictures_are_decoded():
+    import io
+
+    out = io.StringIO()
+    line = doctor.ProgressLine(quiet_below=3, stream=out)
+    for done in range(0, 5):
+        line(done, 4)
+    assert out.getvalue().endswith("checking pictures 4/4\n")
+    quiet = io.StringIO()
+    cached = doctor.ProgressLine(quiet_below=3, stream=quiet)
+    for done in (3, 4):  # three of four came from the cache
+        cached(done, 4)
+    assert quiet.getvalue() == ""

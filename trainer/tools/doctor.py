@@ -219,7 +219,24 @@ def dataset_report(config: str):
         from trainer.tools.preflight import check_config as preflight
     except ImportError as e:
         return Check(NOTE, "pre-flight", f"not checked ({e})", SETUP_HINT)
-    return preflight(config)
+    return preflight(config, progress=ProgressLine())
+
+
+class ProgressLine:
+    """`checking pictures 400/1000` on stderr, rewritten in place, when many pictures must be decoded (the
+    first check of a folder; later ones read the cache)."""
+
+    def __init__(self, quiet_below: int = 200, stream=None) -> None:
+        self.quiet_below, self.stream, self.first = quiet_below, stream or sys.stderr, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.first is None:
+            self.first = done
+        if total - self.first < self.quiet_below:
+            return
+        end = "\n" if done == total else ""
+        self.stream.write(f"\rchecking pictures {done}/{total}{end}")
+        self.stream.flush()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from trainer.data.folders import (
     read_finetune_metadata,
     read_folder_captions,
 )
+from trainer.data.pictures import Progress
 from trainer.demo import demo_pictures_pending
 from trainer.errors import ConfigError, UserError
 from trainer.files import strip_path
@@ -69,18 +70,21 @@ def _bullet(text: str) -> str:
 TRIGGER_FIX = "add it to the caption files, or set caption_prefix = \"TRIGGER, \""
 
 
-def check_config(path: str | Path, trigger: str | None = None, *, trigger_fix: str = TRIGGER_FIX) -> CheckReport:
+def check_config(path: str | Path, trigger: str | None = None, *, trigger_fix: str = TRIGGER_FIX,
+                 progress: Progress | None = None) -> CheckReport:
     """Everything that can be told without loading a model: the config parsed exactly as `train` parses it,
     the base model's path (and family when that is cheap), and the dataset folders: repeats, images, caption
     files, and how many captions hold the trigger word (default: the config's metadata_trigger_phrase);
-    `trigger_fix` says how to add a missing trigger (the GUI names its tick box)."""
+    `trigger_fix` says how to add a missing trigger (the GUI names its tick box); `progress(done, total)`
+    follows the pictures as they are decoded."""
     report = CheckReport()
     with _collected_warnings() as warnings:
         args = _parse(path, report)
         if args is not None:
             _check_model(args, report)
             _check_files(args, report)
-            _check_dataset(args, (trigger or args.metadata_trigger_phrase or "").strip(), trigger_fix, report)
+            _check_dataset(args, (trigger or args.metadata_trigger_phrase or "").strip(), trigger_fix, report,
+                           progress)
             _check_output(args, report)
     report.notes += [f"Warning: {w}" for w in dict.fromkeys(warnings)]
     report.problems = list(dict.fromkeys(report.problems))
@@ -183,7 +187,8 @@ def _check_output(args: Any, report: CheckReport) -> None:
 # ---- the dataset ---------------------------------------------------------------------------------------
 
 
-def _check_dataset(args: Any, trigger: str, trigger_fix: str, report: CheckReport) -> None:
+def _check_dataset(args: Any, trigger: str, trigger_fix: str, report: CheckReport,
+                   progress: Progress | None = None) -> None:
     if args.dataset_class:
         report.notes.append(f"The dataset comes from the class {args.dataset_class}; it is not scanned here.")
         return
@@ -210,7 +215,7 @@ def _check_dataset(args: Any, trigger: str, trigger_fix: str, report: CheckRepor
         has_reg = any(n for n, s in zip(counted, spec.subsets) if s.is_reg)
         train_images += train
         steps_per_epoch += math.ceil(train * (2 if has_reg else 1) / spec.batch_size)  # reg images match train
-    _examine(args, scans, report)
+    _examine(args, scans, report, progress)
     if not train_images:
         report.problems.append("No training images found in any dataset folder. Images (png, jpg, webp, bmp) must "
                                "be directly inside the '<repeats>_<class tokens>' folders (or image_dir).")
@@ -218,9 +223,10 @@ def _check_dataset(args: Any, trigger: str, trigger_fix: str, report: CheckRepor
     report.notes.append(_steps_note(args, steps_per_epoch))
 
 
-def _examine(args: Any, scans: list[SubsetScan], report: CheckReport) -> None:
+def _examine(args: Any, scans: list[SubsetScan], report: CheckReport, progress: Progress | None) -> None:
     """The dataset doctor's findings on the pictures and captions, as problems and notes of this report."""
-    found = dataset_doctor.examine(scans, max_token_length=args.max_token_length, tokenizer=_tokenizer())
+    found = dataset_doctor.examine(scans, max_token_length=args.max_token_length, tokenizer=_tokenizer(),
+                                   progress=progress)
     for finding in found.findings:
         if finding.level == dataset_doctor.PROBLEM:
             report.problems.append(finding.text())
