@@ -1,5 +1,5 @@
-"""The page's Tools tab: each form's values become the command line a console user would type, and the Run
-button runs exactly that command."""
+"""The Dataset tools and LoRA tools tabs: each form's values become the command line a console user would
+type, and the Run button runs exactly that command."""
 
 from __future__ import annotations
 
