@@ -510,3 +510,49 @@ def test_check_names_where_an_advanced_setting_it_blames_is_on_the_page(tmp_path
     assert app.page_problem("resolution too small", fields) == "resolution too small"  # main fields: no hint
     missing = "--train_data_dir: folder not found: C:\\my pics. Check the path (quote it if it has spaces)."
     assert app.page_problem(missing, fields).endswith("Check the path.")  # a form field needs no quotes
+
+
+# ---------------------------------------------------------------------------------------------------
+# The LoRA tools tab: a finished run's file
+
+
+def test_a_finished_run_gives_its_lora_file_once_absolute(tmp_path, fields, slot):
+    assert app.finished_lora(slot, None) is None  # no run
+    app.start_training(slot, tmp_path / "configs", None, fields, shown_for(fields), "", False)
+    run = FakeRun.made[-1]
+    assert app.finished_lora(slot, None) is None  # still going
+    run.status.state, run.status.output = "finished", "output/demo.safetensors"
+    path = str(tmp_path / "output" / "demo.safetensors")
+    assert app.finished_lora(slot, None) == path
+    assert app.finished_lora(slot, path) is None  # already filled in: what the user types next stays
+    run.status.state, run.status.output = "failed", None
+    assert app.finished_lora(slot, path) is None
+
+
+def test_the_page_fills_the_lora_tools_file_boxes_when_its_run_finishes(tmp_path, fields, slot):
+    from trainer.gui import tools
+
+    blocks = app.build_app(presets_dir=PRESETS, configs_dir=tmp_path / "configs", cwd=tmp_path, slot=slot)
+    timer = next(b for b in blocks.blocks.values() if isinstance(b, gr.Timer))
+    tick = next(f for f in blocks.fns.values() if any(t[0] == timer._id for t in f.targets))
+    lora_tab = next(b for b in blocks.blocks.values() if isinstance(b, gr.Tab) and b.id == "lora_tools")
+    in_lora_tab = set()
+    stack = list(lora_tab.children)
+    while stack:
+        block = stack.pop()
+        in_lora_tab.add(block._id)
+        stack += getattr(block, "children", [])
+    boxes = [i for i, block in enumerate(tick.outputs) if block._id in in_lora_tab]
+    file_labels = {f"{s.label} (--{s.option})" if s.option else s.label
+                   for t in tools.tools_of(tools.LORA_TAB) for s in t.fields if s.run_output}
+    assert {tick.outputs[i].label for i in boxes} == file_labels
+    assert len(boxes) == sum(s.run_output for t in tools.tools_of(tools.LORA_TAB) for s in t.fields) == 6
+    remembered = max(i for i, block in enumerate(tick.outputs) if isinstance(block, gr.State))
+
+    app.start_training(slot, tmp_path / "configs", None, fields, shown_for(fields), "", False)
+    FakeRun.made[-1].status.state, FakeRun.made[-1].status.output = "finished", "output/demo.safetensors"
+    result = tick.fn([], None)
+    path = str(tmp_path / "output" / "demo.safetensors")
+    assert [result[i] for i in boxes] == [path] * len(boxes) and result[remembered] == path
+    again = tick.fn([], path)  # the next second: the boxes are left alone, so what the user types stays
+    assert [again[i] for i in boxes] == [gr.skip()] * len(boxes)

@@ -28,7 +28,7 @@ from trainer.errors import UserError
 from trainer.files import atomic_write_text
 from trainer.gui import form
 from trainer.gui.runner import RunStatus, TrainingRun, status_markdown
-from trainer.gui.tools import tools_tab
+from trainer.gui.tools import DATASET_TAB, LORA_TAB, tools_tab
 from trainer.tools.doctor import check_vram
 from trainer.tools.preflight import CheckReport, check_config
 
@@ -383,6 +383,17 @@ def page_opened(slot: RunSlot, presets_dir: Path, configs_dir: Path,
     return choices, config, "training"
 
 
+def finished_lora(slot: RunSlot, prefilled: str | None) -> str | None:
+    """The LoRA file the page's run finished with (absolute: the run's paths are from its folder), when it
+    is not the one already put in the LoRA tools' file boxes; else None (the boxes keep what was typed)."""
+    status = slot.poll()
+    if status is None or status.state != "finished" or not status.output:
+        return None
+    path = Path(status.output)
+    path = str(path if path.is_absolute() else slot.cwd / path)
+    return None if path == prefilled else path
+
+
 def poll_training(slot: RunSlot, shown_samples: Sequence[str]) -> tuple[str, str, list[tuple[str, str]] | None,
                                                                          list[str], bool]:
     """The progress area: (status markdown, log tail, samples to show or None when unchanged, the sample
@@ -439,8 +450,13 @@ def build_app(presets_dir: Path | None = None, configs_dir: Path | None = None, 
                 ui = settings_tab(gr, fields, shown, choices, source, trigger, add, prompts_of(fields, shown, cwd))
             with gr.Tab("Training", id="training"):
                 progress = training_tab(gr)
-            with gr.Tab("Tools", id="tools"):
-                tools_tab(gr, cwd)
+            with gr.Tab("Dataset tools", id="tools"):  # the id of the page's first Tools tab, kept for links
+                tools_tab(gr, cwd, DATASET_TAB)
+            with gr.Tab("LoRA tools", id="lora_tools"):
+                gr.Markdown("What to do with a LoRA file after training: check it, read its metadata, resize, "
+                            "merge, extract, bake it into a model, compare epochs. When a run of this page "
+                            "finishes, its LoRA file is filled in below.")
+                progress["lora_files"] = tools_tab(gr, cwd, LORA_TAB)
         wire_events(gr, app, tabs, ui, progress, fields=fields, slot=slot, presets_dir=presets_dir,
                     configs_dir=configs_dir, cwd=cwd)
     return app
@@ -513,6 +529,7 @@ def training_tab(gr: Any) -> dict[str, Any]:
         progress["log"] = gr.Textbox(label="trainer output (last lines)", lines=14, max_lines=30,
                                      autoscroll=True, interactive=False)
     progress["shown_samples"] = gr.State([])
+    progress["prefilled"] = gr.State(None)  # the finished run's LoRA file last put in the LoRA tools' boxes
     progress["timer"] = gr.Timer(POLL_SECONDS)
     return progress
 
@@ -564,12 +581,16 @@ def wire_events(gr: Any, app: Any, tabs: Any, ui: dict, progress: dict, *, field
             return message, gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return message, gr.Tabs(selected="training"), message, status_markdown(slot.poll()), listed()
 
-    def on_poll(shown_samples):
+    lora_boxes = progress["lora_files"]
+
+    def on_poll(shown_samples, prefilled):
         text, log, samples, paths, running = poll_training(slot, shown_samples or [])
         gallery = gr.skip() if samples is None else gallery_items(samples, slot.cwd)
         message = gr.skip() if running else ""  # "Started ..." / "Stopping ..." are over once the run ends
+        lora = finished_lora(slot, prefilled)
+        filled = [gr.skip()] * (len(lora_boxes) + 1) if lora is None else [lora] * (len(lora_boxes) + 1)
         return (text, log, gallery, paths, gr.Button(interactive=running), gr.Button(interactive=not running),
-                message)
+                message, *filled)
 
     ui["source"].change(on_source, ui["source"], [*ui["fields"], ui["trigger"], ui["add_trigger"], ui["prompts"],
                                                   ui["message"]])
@@ -581,9 +602,10 @@ def wire_events(gr: Any, app: Any, tabs: Any, ui: dict, progress: dict, *, field
                                               ui["source"]])
     progress["stop"].click(lambda: stop_training(slot), None, progress["message"])
     poll_outputs = [progress["status"], progress["log"], progress["gallery"], progress["shown_samples"],
-                    progress["stop"], ui["start"], progress["message"]]
-    progress["timer"].tick(on_poll, progress["shown_samples"], poll_outputs, show_progress="hidden")
-    app.load(on_poll, progress["shown_samples"], poll_outputs, show_progress="hidden")
+                    progress["stop"], ui["start"], progress["message"], progress["prefilled"], *lora_boxes]
+    poll_inputs = [progress["shown_samples"], progress["prefilled"]]
+    progress["timer"].tick(on_poll, poll_inputs, poll_outputs, show_progress="hidden")
+    app.load(on_poll, poll_inputs, poll_outputs, show_progress="hidden")
     app.load(on_open, ui["source"], [ui["source"], tabs], show_progress="hidden")
 
 
