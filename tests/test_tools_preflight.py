@@ -119,3 +119,18 @@ def test_check_sdxl_preset_with_an_sd_model(train_data_dir, tmp_path):
     report = check_config(F.write_config(tmp_path / "x.toml", values))
     assert any("cache_text_encoder_outputs works for SDXL models only" in p for p in report.problems)
     assert any("sd15-* preset" in n for n in report.notes)
+
+
+def test_eta_comes_from_the_speed_the_last_run_measured(train_data_dir, tmp_path):
+    import json
+
+    settings = write_settings(tmp_path, train_data_dir=str(train_data_dir))
+    before = "\n".join(check_config(settings).notes)
+    assert "ETA: known once a run has measured the speed" in before
+    events = tmp_path / "out" / "lora.events.jsonl"
+    events.parent.mkdir()
+    lines = [{"kind": "run_started"}, {"kind": "step", "step": 1, "it_per_s": None},
+             {"kind": "step", "step": 2, "it_per_s": 0.5}, {"kind": "finished"}]
+    events.write_text("\n".join(json.dumps(line) for line in lines) + "\n{\"kind\": \"st", encoding="utf-8")
+    notes = "\n".join(check_config(settings).notes)
+    assert "40 steps (2 epoch(s))" in notes and "ETA: about 1 min at 0.50 it/s" in notes  # 40 steps / 0.5 = 80 s

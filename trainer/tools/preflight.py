@@ -5,6 +5,7 @@ caption files, and how many captions hold the trigger word."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from contextlib import contextmanager
@@ -249,7 +250,37 @@ def _steps_note(args: Any, batches: int) -> str:
     else:
         total, epochs = args.max_train_steps, math.ceil(args.max_train_steps / per_epoch)
     return (f"Training: about {per_epoch} steps per epoch, {total} steps ({epochs} epoch(s)) in all "
-            "(aspect-ratio buckets can add a few).")
+            f"(aspect-ratio buckets can add a few). {_eta(args, total)}")
+
+
+def _eta(args: Any, total_steps: int) -> str:
+    """From the speed the last run with this output name measured (its events file): there is no honest
+    speed for a card before one run of these settings on it."""
+    speed = measured_speed(Path(args.output_dir or "output") / f"{args.output_name or 'last'}.events.jsonl")
+    if not speed:
+        return ("ETA: known once a run has measured the speed (the progress bar shows it; "
+                "`python -m trainer bench --config` measures it without training).")
+    minutes = total_steps / speed / 60
+    return (f"ETA: about {minutes:.0f} min at {speed:.2f} it/s, the speed the last run with this output_name "
+            "measured (other settings change it).")
+
+
+def measured_speed(events: Path, tail_bytes: int = 200_000) -> float | None:
+    """The last it/s a training run wrote to its events file, reading only the file's end (runs append)."""
+    try:
+        with open(events, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - tail_bytes))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # the cut first line, or a line being written
+        if isinstance(event, dict) and event.get("kind") == "step" and event.get("it_per_s"):
+            return float(event["it_per_s"])
+    return None
 
 
 def _scan_subset(spec: Any, index: int, subset: Any, trigger: str, trigger_fix: str,
