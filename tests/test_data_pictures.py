@@ -74,6 +74,18 @@ def test_duplicates_exact_and_near_but_not_unrelated(tmp_path):
     assert near == [{"1.png", "bigger.jpg"}]  # the exact copy is not reported again
 
 
+def test_the_same_shape_in_another_colour_is_not_a_near_duplicate(tmp_path):
+    shape = np.zeros((64, 64, 3), np.uint8)
+    shape[16:48, 16:48] = (220, 30, 30)
+    Image.fromarray(shape).save(tmp_path / "red.png")
+    shape[16:48, 16:48] = (30, 30, 220)
+    Image.fromarray(shape).save(tmp_path / "blue.png")
+    Image.fromarray(shape).resize((128, 128)).save(tmp_path / "blue big.png")
+    near = [{os.path.basename(f.path) for f in g} for g in P.near_duplicates(P.inspect_pictures(
+        sorted(tmp_path.iterdir())))]
+    assert near == [{"blue.png", "blue big.png"}]
+
+
 def test_the_cache_reads_each_unchanged_picture_once(tmp_path, monkeypatch):
     paths = [distinct_picture(tmp_path / "pics" / f"{i}.png", i) for i in range(3)]
     broken = cut_short(distinct_picture(tmp_path / "pics" / "broken.png", 9, size=(256, 256)))

@@ -133,4 +133,4 @@ def test_eta_comes_from_the_speed_the_last_run_measured(train_data_dir, tmp_path
              {"kind": "step", "step": 2, "it_per_s": 0.5}, {"kind": "finished"}]
     events.write_text("\n".join(json.dumps(line) for line in lines) + "\n{\"kind\": \"st", encoding="utf-8")
     notes = "\n".join(check_config(settings).notes)
-    assert "40 steps (2 epoch(s))" in notes and "ETA: about 1 min at 0.50 it/s" in notes  # 40 steps / 0.5 = 80 s
+    assert "40 steps (2 epoch(s))" in notes and "ETA: about 80 s at 0.50 it/s" in notes  # 40 steps / 0.5 = 80 s

@@ -26,9 +26,10 @@ from trainer.paths import user_cache_dir
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # raise it when PictureFacts or the hash change: older caches are then ignored
+CACHE_VERSION = 2  # raise it when PictureFacts or the hash change: older caches are then ignored
 HASH_SIDE = 16  # a 16x16 difference hash: 256 bits
 NEAR_DUPLICATE_BITS = 20  # at most this many of the 256 bits differ: the same picture resized, re-encoded, retouched
+NEAR_DUPLICATE_COLOUR = 24  # and no quarter's mean colour differs by more (of 255) in any channel
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 Progress = Callable[[int, int], None]  # (done, total)
 PROBLEM, WARNING, NOTE = "problem", "warning", "note"  # stops the run / trains, but not as the user thinks / FYI
@@ -52,7 +53,8 @@ class PictureFacts:
     orientation: int = 1
     error: str | None = None
     digest: str | None = None  # sha1 of the file's bytes
-    dhash: int | None = None  # 256-bit difference hash of the decoded pixels
+    dhash: int | None = None  # 256-bit difference hash of the decoded pixels (shapes, not colours)
+    colours: str | None = None  # the mean colour of each quarter, hex RGB x 4 (the hash is blind to colour)
 
     @property
     def ok(self) -> bool:
@@ -81,7 +83,7 @@ def inspect_picture(path: str | Path) -> PictureFacts:
                  orientation=_orientation(image))
     try:
         image.load()  # every byte decoded: a truncated file fails here, as it would in its batch
-        return PictureFacts(**facts, dhash=_difference_hash(image))
+        return PictureFacts(**facts, dhash=_difference_hash(image), colours=_quarter_colours(image))
     except (OSError, ValueError, SyntaxError, MemoryError) as error:
         return PictureFacts(**facts, error=f"cannot be decoded to the end ({error})")
 
@@ -106,6 +108,18 @@ def _difference_hash(image) -> int:
             left, right = pixels[row * (HASH_SIDE + 1) + col], pixels[row * (HASH_SIDE + 1) + col + 1]
             bits = (bits << 1) | (left > right)
     return bits
+
+
+def _quarter_colours(image) -> str:
+    from PIL import Image
+
+    return image.convert("RGB").resize((2, 2), Image.Resampling.BOX).tobytes().hex()
+
+
+def _same_colours(a: str | None, b: str | None, tolerance: int = NEAR_DUPLICATE_COLOUR) -> bool:
+    if not a or not b:
+        return True  # nothing to tell them apart by
+    return max(abs(x - y) for x, y in zip(bytes.fromhex(a), bytes.fromhex(b))) <= tolerance
 
 
 # ---- many pictures, cached ------------------------------------------------------------------------------
@@ -293,7 +307,8 @@ def near_duplicates(facts: Iterable[PictureFacts], max_bits: int = NEAR_DUPLICAT
 
     for i, a in enumerate(items):
         for j in range(i + 1, len(items)):
-            if (a.dhash ^ items[j].dhash).bit_count() <= max_bits:
+            b = items[j]
+            if (a.dhash ^ b.dhash).bit_count() <= max_bits and _same_colours(a.colours, b.colours):
                 parent[root(j)] = root(i)
     groups: dict[int, list[PictureFacts]] = {}
     for i, f in enumerate(items):

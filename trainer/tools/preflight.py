@@ -260,9 +260,16 @@ def _eta(args: Any, total_steps: int) -> str:
     if not speed:
         return ("ETA: known once a run has measured the speed (the progress bar shows it; "
                 "`python -m trainer bench --config` measures it without training).")
-    minutes = total_steps / speed / 60
-    return (f"ETA: about {minutes:.0f} min at {speed:.2f} it/s, the speed the last run with this output_name "
-            "measured (other settings change it).")
+    return (f"ETA: about {_duration(total_steps / speed)} at {speed:.2f} it/s, the speed the last run with this "
+            "output_name measured (other settings change it).")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds // 3600:.0f} h {seconds % 3600 / 60:.0f} min"
 
 
 def measured_speed(events: Path, tail_bytes: int = 200_000) -> float | None:
