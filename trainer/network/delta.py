@@ -13,7 +13,36 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class WeightDeltaModule(nn.Module):
+class HookedModule(nn.Module):
+    """A network module that adds its output to one base layer's output through a forward hook on that layer,
+    so the base model's code and modules stay as they are. A subclass provides `_add_output`."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        # A plain attribute, not a child module: the base layer must never appear in our state_dict.
+        object.__setattr__(self, "base_layer", base)
+        self._hook = None
+
+    def attach(self) -> None:
+        """Start adding this module's output to the base layer's output."""
+        if self._hook is None:
+            self._hook = self.base_layer.register_forward_hook(self._add_output, with_kwargs=True)
+
+    def remove(self) -> None:
+        """Stop adding it; the base layer behaves exactly as before `attach`."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    @property
+    def attached(self) -> bool:
+        return self._hook is not None
+
+    def _add_output(self, base, args, kwargs, output):
+        raise NotImplementedError
+
+
+class WeightDeltaModule(HookedModule):
     """One Linear or Conv2d with a trainable weight delta. `alpha` is a 0-dim buffer saved next to the factors."""
 
     PARAMETER_NAMES: tuple[str, ...] = ()  # every tensor name a file may hold for one module, alpha excluded
@@ -21,7 +50,7 @@ class WeightDeltaModule(nn.Module):
     def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float | int | None, *,
                  rank_dropout: float | None = None, module_dropout: float | None = None,
                  multiplier: float = 1.0, name: str = ""):
-        super().__init__()
+        super().__init__(base)
         if rank < 1:
             raise ValueError(f"network rank must be at least 1, got {rank}")
         if not isinstance(base, (nn.Linear, nn.Conv2d)):
@@ -39,8 +68,6 @@ class WeightDeltaModule(nn.Module):
         self.module_dropout = module_dropout
         self.multiplier = multiplier
         self.lora_name = name
-        object.__setattr__(self, "base_layer", base)  # never a child: the base must not be in our state_dict
-        self._hook = None
 
     # -- what a subclass provides -----------------------------------------------------------------
 
@@ -60,19 +87,6 @@ class WeightDeltaModule(nn.Module):
         return list(self.parameters())
 
     # -- attaching -------------------------------------------------------------------------------
-
-    def attach(self) -> None:
-        if self._hook is None:
-            self._hook = self.base_layer.register_forward_hook(self._add_output, with_kwargs=True)
-
-    def remove(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    @property
-    def attached(self) -> bool:
-        return self._hook is not None
 
     def _add_output(self, base, args, kwargs, output):
         if self.multiplier == 0:

@@ -23,7 +23,7 @@ from trainer.config.args import network_module_type
 from trainer.config.blocks import BlockDims, block_index
 from trainer.errors import ModelLoadError
 from trainer.files import atomic_path
-from trainer.network.delta import WeightDeltaModule
+from trainer.network.delta import HookedModule, WeightDeltaModule
 from trainer.network.keys import (
     UNET_PREFIX,
     LoraTarget,
@@ -46,7 +46,7 @@ class NetworkWeightsError(ModelLoadError):
     """A LoRA weights file that cannot be used with this network (unknown keys, other shapes, unreadable)."""
 
 
-class LoRAModule(nn.Module):
+class LoRAModule(HookedModule):
     """The low-rank update of one Linear or Conv2d: `base(x) + up(down(x)) * multiplier * alpha / rank`.
 
     Shapes as sd-scripts saves them: Linear down [r, in], up [out, r]; Conv2d down [r, in, kh, kw] with the base's
@@ -56,7 +56,7 @@ class LoRAModule(nn.Module):
     def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float | int | None, *,
                  dropout: float | None = None, rank_dropout: float | None = None,
                  module_dropout: float | None = None, multiplier: float = 1.0, name: str = ""):
-        super().__init__()
+        super().__init__(base)
         if rank < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
         device = base.weight.device
@@ -82,28 +82,10 @@ class LoRAModule(nn.Module):
         self.module_dropout = module_dropout
         self.multiplier = multiplier
         self.lora_name = name
-        # A plain attribute, not a child module: the base layer must never appear in our state_dict.
-        object.__setattr__(self, "base_layer", base)
-        self._hook = None
 
-    # -- attaching -------------------------------------------------------------------------------
+    # -- attaching (HookedModule) -----------------------------------------------------------------
 
-    def attach(self) -> None:
-        """Start adding the LoRA output to the base layer's output (a forward hook on the base layer)."""
-        if self._hook is None:
-            self._hook = self.base_layer.register_forward_hook(self._add_lora_output, with_kwargs=True)
-
-    def remove(self) -> None:
-        """Stop adding the LoRA output; the base layer behaves exactly as before `attach`."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    @property
-    def attached(self) -> bool:
-        return self._hook is not None
-
-    def _add_lora_output(self, base, args, kwargs, output):
+    def _add_output(self, base, args, kwargs, output):
         # Runs for every hooked layer in every forward pass, so it avoids work it does not need: the LoRA
         # layers are called through `forward` (not nn.Module.__call__, whose hook bookkeeping costs as much as
         # a small kernel launch), and the scale is applied by the add itself (one kernel, no temporary).
