@@ -84,6 +84,17 @@ def read_lora(path) -> tuple[dict, dict]:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
+def lora_file_deltas(path) -> dict:
+    """Each module's weight delta (up @ down x alpha / rank) in a saved LoRA file, by module name."""
+    from trainer.network import lora_math
+    from trainer.network.lora import read_weights_file
+
+    tensors = read_weights_file(path)
+    return {key[: -len(".lora_down.weight")]: lora_math.lora_delta(
+        tensors[key], tensors[key.replace("lora_down", "lora_up")], tensors.get(key.replace("lora_down.weight", "alpha")))
+        for key in tensors if key.endswith(".lora_down.weight")}
+
+
 def assert_same_weights(a, b, dtype=None):
     """Same keys and exactly equal tensors (after casting `a`'s floating ones to `dtype` when given)."""
     sa, sb = a.state_dict(), b.state_dict()

@@ -9,24 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import read_lora
-from test_network_keys import build_meta, read_spec_list
+from test_network_keys import meta_models, read_spec_list  # noqa: F401 (meta_models: a fixture)
 from torch import nn
 
 from trainer.cli import main
 from trainer.network.loha import LoHaModule
 from trainer.network.lora import LoRANetwork, network_from_args
-
-
-@pytest.fixture(scope="module")
-def meta_models():
-    cache: dict[str, tuple] = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = build_meta(family)
-        return cache[family]
-
-    return get
 
 
 def expected_loha_shapes(name: str, dim_in: int, dim_out: int, kind: str, rank: int, conv_rank: int) -> dict:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import read_lora
+from tests.conftest import lora_file_deltas, read_lora
 from trainer.cli import main as cli_main
 from trainer.errors import ConfigError
 from trainer.network import lora_math
@@ -29,13 +29,6 @@ def trained_like(tiny_sd1, path: Path, seed: int, *, rank: int, alpha, conv_rank
     return path
 
 
-def deltas(path: Path) -> dict[str, torch.Tensor]:
-    tensors = read_weights_file(path)
-    return {key[: -len(".lora_down.weight")]: lora_math.lora_delta(
-        tensors[key], tensors[key.replace("lora_down", "lora_up")], tensors.get(key.replace("lora_down.weight", "alpha")))
-        for key in tensors if key.endswith(".lora_down.weight")}
-
-
 @pytest.fixture
 def two_loras(tiny_sd1, tmp_path) -> tuple[Path, Path]:
     # Different ranks, alphas (int and float), a LoCon and a UNet-only file: every folding case at once.
@@ -48,7 +41,7 @@ def test_concatenated_merge_is_exactly_the_weighted_sum_of_deltas(two_loras, tmp
     a, b = two_loras
     out = tmp_path / "ab.safetensors"
     assert main(["--models", str(a), str(b), "--ratios", "0.7", "-0.5", "--save_to", str(out)]) == 0
-    da, db, merged = deltas(a), deltas(b), deltas(out)
+    da, db, merged = lora_file_deltas(a), lora_file_deltas(b), lora_file_deltas(out)
     assert merged.keys() == da.keys() | db.keys()
     for name, delta in merged.items():
         expected = 0.7 * da.get(name, 0) - 0.5 * db.get(name, 0)
@@ -78,7 +71,7 @@ def test_svd_merge_is_the_best_rank_k_of_the_summed_delta(two_loras, tmp_path):
     out = tmp_path / "svd.safetensors"
     main(["--models", str(a), str(b), "--ratios", "1", "0.5", "--new_rank", "3", "--new_conv_rank", "1",
           "--clamp_quantile", "1", "--save_to", str(out), "--device", "cpu"])
-    da, db, merged = deltas(a), deltas(b), deltas(out)
+    da, db, merged = lora_file_deltas(a), lora_file_deltas(b), lora_file_deltas(out)
     for name, delta in merged.items():
         summed = da.get(name, 0) + 0.5 * db.get(name, 0)
         rank = 1 if summed.dim() == 4 and summed.shape[2] == 3 else 3
@@ -109,7 +102,7 @@ def test_merged_file_loads_into_a_lora_network_and_the_cli_runs_it(tiny_sd1, two
                      "--save_precision", "bf16"]) == 0
     assert {t.dtype for t in read_lora(out)[0].values()} == {torch.bfloat16}
     network = LoRANetwork.from_weights([tiny_sd1["text_encoder"]], tiny_sd1["unet"], read_weights_file(out))
-    assert len(network.lora_modules()) == len(deltas(a).keys() | deltas(b).keys())
+    assert len(network.lora_modules()) == len(lora_file_deltas(a).keys() | lora_file_deltas(b).keys())
 
 
 def test_files_for_different_models_or_other_networks_are_refused(two_loras, tmp_path):

@@ -10,10 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import read_lora
+from tests.conftest import lora_file_deltas, read_lora
 from trainer.cli import main as cli_main
 from trainer.errors import ConfigError
-from trainer.network import lora_math
 from trainer.network.lora import LoRANetwork, read_weights_file
 from trainer.network.metadata import sshs_hashes
 from trainer.tools.resize_lora import main
@@ -37,13 +36,6 @@ def planted_lora(tiny_sd1, path: Path, *, rank=8, conv_rank=None, alpha=4, comme
     return path
 
 
-def deltas(path: Path) -> dict[str, torch.Tensor]:
-    tensors = read_weights_file(path)
-    return {key[: -len(".lora_down.weight")]: lora_math.lora_delta(
-        tensors[key], tensors[key.replace("lora_down", "lora_up")], tensors.get(key.replace("lora_down.weight", "alpha")))
-        for key in tensors if key.endswith(".lora_down.weight")}
-
-
 @pytest.fixture
 def locon(tiny_sd1, tmp_path) -> Path:
     return planted_lora(tiny_sd1, tmp_path / "in" / "cats.safetensors", conv_rank=6)
@@ -52,7 +44,7 @@ def locon(tiny_sd1, tmp_path) -> Path:
 def test_resize_to_the_delta_rank_keeps_every_delta(locon, tmp_path):
     out = tmp_path / "small.safetensors"
     assert main(["--model", str(locon), "--save_to", str(out), "--new_rank", "3", "--new_conv_rank", "3"]) == 0
-    before, after = deltas(locon), deltas(out)
+    before, after = lora_file_deltas(locon), lora_file_deltas(out)
     assert before.keys() == after.keys()
     assert {tuple(t.shape) for t in before.values()} >= {(32, 32, 1, 1), (32, 32, 3, 3), (32, 32)}
     for name in before:
@@ -64,7 +56,7 @@ def test_resize_to_the_delta_rank_keeps_every_delta(locon, tmp_path):
 def test_lower_rank_is_torchs_best_rank_k_of_each_delta(locon, tmp_path):
     out = tmp_path / "rank2.safetensors"
     main(["--model", str(locon), "--save_to", str(out), "--new_rank", "2", "--new_conv_rank", "1"])
-    before, after = deltas(locon), deltas(out)
+    before, after = lora_file_deltas(locon), lora_file_deltas(out)
     for name, delta in before.items():
         rank = 1 if delta.dim() == 4 and delta.shape[2] == 3 else 2
         u, s, vh = torch.linalg.svd(delta.flatten(1), full_matrices=False)
@@ -95,9 +87,9 @@ def test_resized_file_of_our_trainer_loads_back_into_a_lora_network(tiny_sd1, lo
     assert {t.dtype for t in tensors.values()} == {torch.float16}
     network = LoRANetwork.from_weights([tiny_sd1["text_encoder"]], tiny_sd1["unet"], read_weights_file(out))
     result = network.load_weights(out)
-    assert result["loaded"] == len(deltas(locon)) and not result["missing"]
+    assert result["loaded"] == len(lora_file_deltas(locon)) and not result["missing"]
     module = network.lora_modules()[0]
-    torch.testing.assert_close(module.delta_weight(), deltas(locon)[module.lora_name], rtol=0, atol=2e-3)
+    torch.testing.assert_close(module.delta_weight(), lora_file_deltas(locon)[module.lora_name], rtol=0, atol=2e-3)
 
 
 def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
