@@ -26,6 +26,7 @@ from typing import Any, Sequence
 from trainer.config.args import read_config_file
 from trainer.errors import ConfigError
 from trainer.paths import REPO_ROOT
+from trainer.train.events import events_file
 
 STATES = ("idle", "running", "finished", "failed", "interrupted")
 MAX_WARNINGS = 20
@@ -299,7 +300,7 @@ def status_markdown(status: RunStatus) -> str:
 
 def _output_files(config: Path, extra_args: list[str], cwd: Path) -> tuple[Path, Path]:
     """The events file the trainer will append to (`<output_dir>/<output_name>.events.jsonl`, as
-    trainer.train.run.events_file names it) and the console log beside it. Read from the TOML without
+    trainer.train.events.events_file names it) and the console log beside it. Read from the TOML without
     checking it: a broken config must still get a log that says what is wrong."""
     try:
         _, values = read_config_file(str(config))
@@ -312,7 +313,7 @@ def _output_files(config: Path, extra_args: list[str], cwd: Path) -> tuple[Path,
     folder = str(given.output_dir or values.get("output_dir") or "output")
     name = str(given.output_name or values.get("output_name") or "last")
     folder_path = Path(folder) if Path(folder).is_absolute() else cwd / folder
-    return folder_path / f"{name}.events.jsonl", folder_path / f"{name}.gui.log"
+    return events_file(folder_path, name), folder_path / f"{name}.gui.log"
 
 
 def child_env() -> dict[str, str]:

@@ -31,6 +31,7 @@ from trainer.models.load import detect_model_family, looks_like_hub_id, missing_
 from trainer.models.tokenizer import openai_clip_tokenizer
 from trainer.tools import dataset_doctor
 from trainer.tools.dataset_doctor import DatasetFindings, SubsetScan
+from trainer.train.events import events_file
 
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
@@ -51,8 +52,9 @@ class CheckReport:
         parts += [_bullet(p) for p in self.problems]
         if self.notes:
             parts += ["", "**Found:**"] + [_bullet(n) for n in self.notes]
-        if self.dataset and self.dataset.tables_markdown():
-            parts += ["", self.dataset.tables_markdown()]
+        tables = self.dataset.tables_markdown() if self.dataset else ""
+        if tables:
+            parts += ["", tables]
         return "\n".join(parts)
 
     def to_json(self) -> dict[str, Any]:
@@ -256,7 +258,7 @@ def _steps_note(args: Any, batches: int) -> str:
 def _eta(args: Any, total_steps: int) -> str:
     """From the speed the last run with this output name measured (its events file): there is no honest
     speed for a card before one run of these settings on it."""
-    speed = measured_speed(Path(args.output_dir or "output") / f"{args.output_name or 'last'}.events.jsonl")
+    speed = measured_speed(events_file(args.output_dir, args.output_name))
     if not speed:
         return ("ETA: known once a run has measured the speed (the progress bar shows it; "
                 "`python -m trainer bench --config` measures it without training).")

@@ -11,6 +11,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 
+def events_file(output_dir: str | Path | None, output_name: str | None) -> Path:
+    """`<output_dir>/<output_name>.events.jsonl`: where a run appends its events, and where the pre-flight
+    reads the speed the last run measured."""
+    return Path(output_dir or "output") / f"{output_name or 'last'}.events.jsonl"
+
+
 @dataclass(frozen=True)
 class Event:
     kind: str  # "run_started" | "step" | "validation" | "saved" | "warning" | "finished" | "failed" |

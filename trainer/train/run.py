@@ -12,7 +12,7 @@ from trainer.demo import maybe_write_demo_dataset
 from trainer.errors import UserError
 from trainer.train.build import prepare_training
 from trainer.train.debug_dataset import debug_dataset
-from trainer.train.events import ConsoleListener, JsonlListener, Listener, Reporter
+from trainer.train.events import ConsoleListener, JsonlListener, Listener, Reporter, events_file
 from trainer.train.loop import train
 from trainer.train.oom import OUT_OF_MEMORY, out_of_memory_error
 from trainer.train.step import NonFiniteLoss
@@ -36,10 +36,6 @@ class WarningsToEvents(logging.Handler):
         self.reporter.emit("warning", message=record.getMessage(), source=record.name)
 
 
-def events_file(cfg: TrainConfig) -> Path:
-    return Path(cfg.output_dir or "output") / f"{cfg.output_name or 'last'}.events.jsonl"
-
-
 def is_main_process() -> bool:
     """Before the Accelerator exists: `accelerate launch` / torchrun set RANK for each process."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -49,7 +45,7 @@ def default_listeners(cfg: TrainConfig) -> list[Listener]:
     """The console bar, and the JSON-lines file beside the LoRA for other programs to follow."""
     listeners: list[Listener] = [ConsoleListener()]
     try:
-        listeners.append(JsonlListener(events_file(cfg)))
+        listeners.append(JsonlListener(events_file(cfg.output_dir, cfg.output_name)))
     except OSError:
         pass  # an unwritable output folder is reported with its fix by the pre-flight check
     return listeners
