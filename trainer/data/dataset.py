@@ -50,7 +50,14 @@ from trainer.data.folders import (
     read_folder_captions,
     read_image_size,
 )
-from trainer.data.pictures import WARNING, LoggedProgress, default_cache_file, picture_findings, verify_pictures
+from trainer.data.pictures import (
+    WARNING,
+    LoggedProgress,
+    default_cache_file,
+    name_files,
+    picture_findings,
+    verify_pictures,
+)
 from trainer.errors import ConfigError, DatasetError
 from trainer.files import atomic_write_text
 
@@ -325,8 +332,7 @@ def _check_pictures(records: list[ImageRecord], subsets: list[UsedSubset]) -> No
     masked = {str(record.path) for record in records if subsets[record.subset].spec.alpha_mask}
     for level, message, files in picture_findings(facts, masked):
         if level == WARNING:
-            more = f" and {len(files) - 5} more" if len(files) > 5 else ""
-            logger.warning("%s: %s%s", message, ", ".join(Path(f).name for f in files[:5]), more)
+            logger.warning("%s: %s", message, name_files(files))
     for record, fact in zip(records, facts):
         if record.image_size is None:
             record.image_size = (fact.width, fact.height)

@@ -235,6 +235,13 @@ def verify_pictures(paths: Iterable[str | Path], *, cache_file: Path | None = No
     return facts
 
 
+def name_files(files: Sequence[str | Path], shown: int = 5) -> str:
+    """`10_sks dog/img1.png, 10_sks dog/img2.png and 3 more`: the folder says which subset."""
+    paths = [Path(f) for f in files]
+    names = ", ".join(f"{p.parent.name}/{p.name}" if p.parent.name else p.name for p in paths[:shown])
+    return names + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+
 def undecodable_message(bad: list[PictureFacts]) -> str:
     shown = "\n".join(f"  {f.path}: {f.error}" for f in bad[:20])
     more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
@@ -248,9 +255,9 @@ def picture_findings(facts: Sequence[PictureFacts], alpha_masked: set[str] = fro
     logs the warnings. `alpha_masked`: the pictures of alpha_mask subsets, whose transparency is used."""
     good = [f for f in facts if f.ok]
     found: list[Finding] = []
-    bad = [f.path for f in facts if not f.ok]
+    bad = [f for f in facts if not f.ok]
     if bad:
-        found.append((PROBLEM, undecodable_message([f for f in facts if not f.ok]), bad))
+        found.append((PROBLEM, undecodable_message(bad), [f.path for f in bad]))
     by_rotation: dict[str, list[str]] = {}
     for f in good:
         if f.orientation in ROTATIONS:

@@ -30,6 +30,7 @@ from trainer.data.pictures import (
     default_cache_file,
     exact_duplicates,
     inspect_pictures,
+    name_files,
     near_duplicates,
     picture_findings,
 )
@@ -41,7 +42,6 @@ OTHER_PICTURE_EXTENSIONS = {".gif", ".tif", ".tiff", ".heic", ".heif", ".jfif", 
 SYSTEM_FILES = {"thumbs.db", "desktop.ini", ".ds_store"}
 MOST_CROPPED = 0.2  # a bucket that cuts away more than a fifth of the resized picture
 MOST_UPSCALED = 1.5  # a picture blown up more than this is visibly soft
-SHOWN_FILES = 5
 SHOWN_GROUPS = 5
 
 
@@ -54,18 +54,10 @@ class Finding:
     def text(self) -> str:
         if not self.files:
             return self.message
-        names = ", ".join(_short(f) for f in self.files[:SHOWN_FILES])
-        more = f" and {len(self.files) - SHOWN_FILES} more" if len(self.files) > SHOWN_FILES else ""
-        return f"{self.message}: {names}{more}"
+        return f"{self.message}: {name_files(self.files)}"
 
     def to_json(self) -> dict[str, Any]:
         return {"level": self.level, "message": self.message, "files": list(self.files)}
-
-
-def _short(file: str) -> str:
-    """`10_sks dog/img1.png`: the folder says which subset, the full path is in the JSON."""
-    path = Path(file)
-    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
 @dataclass(frozen=True)
