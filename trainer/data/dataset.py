@@ -122,21 +122,20 @@ def build_train_dataset(specs: list[DatasetSpec], *, seed: int, max_train_steps_
     records: list[ImageRecord] = []
     held_out: list[ImageRecord] = []
     subsets: list[UsedSubset] = []
-    plans = []
-    held_before = 0
+    plans, ranges = [], []
     for index, spec in enumerate(specs):
         plan = DatasetPlan(spec)
         if spec.is_dreambooth:
             new_records = _scan_dreambooth(spec, index, plan, subsets, seed, held_out)
         else:
             new_records = _scan_finetune(spec, index, plan, subsets, seed)
-        _check_pictures(new_records + held_out[held_before:], subsets)
-        held_before = len(held_out)
-        first = len(records)
+        ranges.append(range(len(records), len(records) + len(new_records)))
         records.extend(new_records)
-        _assign_buckets(plan, records, range(first, len(records)))
-        _log_plan(index, plan)
         plans.append(plan)
+    _check_pictures(records + held_out, subsets)  # every dataset's bad pictures named at once
+    for index, (plan, indices) in enumerate(zip(plans, ranges)):
+        _assign_buckets(plan, records, indices)
+        _log_plan(index, plan)
     if not any(plan.batches for plan in plans):
         raise DatasetError("No training images found in any dataset. Check image_dir / --train_data_dir: images "
                            f"({', '.join(IMAGE_EXTENSIONS)}) must be directly inside the subset folders.")
@@ -294,8 +293,8 @@ def _scan_finetune(spec: DatasetSpec, index: int, plan: DatasetPlan, subsets: li
 def _validation_dataset(held_out: list[ImageRecord], subsets: list[UsedSubset], specs: list[DatasetSpec],
                         seed: int) -> "TrainDataset":
     """The held-out images once each (no repeats, no reg images), in buckets made by the training rules,
-    with every augmentation and caption randomness off, so each validation sees the same batches."""
-    _read_image_sizes(held_out)
+    with every augmentation and caption randomness off, so each validation sees the same batches (their sizes
+    were read with the training pictures'; `_check_pictures`)."""
     counts = Counter(record.subset for record in held_out)
     plain = [UsedSubset(spec, used.dataset, counts[i], CaptionRules.from_subset(spec))
              for i, used in enumerate(subsets) for spec in [_without_randomness(used.spec)]]
@@ -315,12 +314,6 @@ def _without_randomness(subset: SubsetSpec) -> SubsetSpec:
     return dataclasses.replace(subset, num_repeats=1, flip_aug=False, color_aug=False, random_crop=False,
                                face_crop_aug_range=None, shuffle_caption=False, caption_dropout_rate=0.0,
                                caption_dropout_every_n_epochs=0, caption_tag_dropout_rate=0.0, token_warmup_step=0)
-
-
-def _read_image_sizes(records: list[ImageRecord]) -> None:
-    for record in records:
-        if record.image_size is None:
-            record.image_size = read_image_size(record.path)
 
 
 def _check_pictures(records: list[ImageRecord], subsets: list[UsedSubset]) -> None:
